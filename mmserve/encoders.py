@@ -1,0 +1,160 @@
+"""Prompted towers: run open_clip's own image and text blocks with deep prompt tokens swapped in at every layer.
+
+Prompts are per sample: a batch may carry samples of different tasks, each with its own prompts, as a
+(B, K, P, d) tensor (K prompted layers, P prompt tokens per layer, d the tower width). A (K, P, d) tensor is
+shared by the whole batch. Layers past K keep the prompt tokens of the previous layer (MaPLe's depth rule).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+from mmserve.backbone import Backbone
+from mmserve.errors import PromptConfigError
+
+PLACEHOLDER = "X"  # CoOp/MaPLe: template words whose token positions are overwritten by text prompts
+
+
+def _per_sample(prompts: torch.Tensor | None, batch: int, width: int, what: str) -> torch.Tensor | None:
+    """Validate deep prompts and broadcast shared (K, P, d) prompts to (B, K, P, d)."""
+    if prompts is None or prompts.shape[-2] == 0:
+        return None
+    if prompts.dim() == 3:
+        prompts = prompts.unsqueeze(0).expand(batch, -1, -1, -1)
+    if prompts.dim() != 4 or prompts.shape[0] != batch or prompts.shape[-1] != width:
+        raise PromptConfigError(
+            f"{what} prompts must be (K, P, {width}) or ({batch}, K, P, {width}), got {tuple(prompts.shape)}"
+        )
+    return prompts
+
+
+class _FrozenTower(nn.Module):
+    """Base for the prompted towers: the wrapped open_clip modules always stay in eval mode."""
+
+    def train(self, mode: bool = True) -> _FrozenTower:
+        """Ignore train(): the backbone is frozen and has no train-time behaviour to switch on."""
+        return super().train(False)
+
+
+class PromptedImageEncoder(_FrozenTower):
+    """open_clip's VisionTransformer with deep prompts: tokens [CLS, prompts, patches] at every layer."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.visual = backbone.model.visual
+        self.width = backbone.vision_width
+        self.layers = backbone.vision_layers
+        self.eval()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + class embeddings with ln_pre applied: (B, 1 + N, d_v)."""
+        return self.visual._embeds(images)
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor | None = None, normalize: bool = True
+                ) -> torch.Tensor:
+        """Image features (B, embed_dim) with per-layer prompts (B, K, P, d_v) or (K, P, d_v) inserted after CLS."""
+        x = self.embed(images)  # (B, 1 + N, d_v), ln_pre already applied by open_clip
+        return self.forward_embeds(x, prompts, normalize)
+
+    def forward_embeds(self, x: torch.Tensor, prompts: torch.Tensor | None = None, normalize: bool = True
+                       ) -> torch.Tensor:
+        """Run the blocks and the pool on embeddings from `embed` (lets callers reuse them, e.g. for routing)."""
+        batch = x.shape[0]
+        prompts = _per_sample(prompts, batch, self.width, "visual")
+        n_prompt = 0 if prompts is None else prompts.shape[2]
+        depth = 0 if prompts is None else prompts.shape[1]
+        if depth > self.layers:
+            raise PromptConfigError(f"visual prompts have depth {depth} but the image tower has {self.layers} layers")
+        transformer = self.visual.transformer
+        if n_prompt:
+            x = torch.cat([x[:, :1], prompts[:, 0].to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, d_v)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for i, block in enumerate(transformer.resblocks):
+            if 0 < i < depth:
+                p = prompts[:, i].to(x.dtype)
+                if transformer.batch_first:
+                    x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
+                else:
+                    x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n_prompt:]], dim=0)
+            x = block(x)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        if n_prompt:
+            x = torch.cat([x[:, :1], x[:, 1 + n_prompt:]], dim=1)  # prompts never enter the pool ('tok' or 'avg')
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+class PromptedTextEncoder(_FrozenTower):
+    """open_clip's text transformer with deep prompts overwriting the placeholder positions 1..P at every layer."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        model = backbone.model
+        self.token_embedding = model.token_embedding
+        self.transformer = model.transformer
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+        self.pool_type = model.text_pool_type
+        self.eos_id = getattr(model, "text_eos_id", None)
+        self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+        self.positional_embedding = model.positional_embedding
+        self.tokenizer = backbone.tokenizer
+        self.width = backbone.text_width
+        self.layers = backbone.text_layers
+        self.context_length = backbone.context_length
+        self.placeholder_id = int(self.tokenizer([PLACEHOLDER])[0, 1])
+        self.eval()
+
+    def tokenize(self, texts: list[str], n_prompt: int) -> torch.Tensor:
+        """Token ids (B, L) of "X X ... X <text>" with `n_prompt` placeholders right after SOT."""
+        prefix = " ".join([PLACEHOLDER] * n_prompt)
+        tokens = self.tokenizer([f"{prefix} {t}" if n_prompt else t for t in texts])
+        if n_prompt and not bool((tokens[:, 1:1 + n_prompt] == self.placeholder_id).all()):
+            raise PromptConfigError(f"placeholder '{PLACEHOLDER}' did not tokenize to {n_prompt} single tokens")
+        if bool((tokens[:, -1] != 0).any()):
+            raise PromptConfigError(f"text longer than the context length {self.context_length} with {n_prompt} "
+                                    f"prompt tokens: {texts[int((tokens[:, -1] != 0).nonzero()[0])]!r}")
+        return tokens
+
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None, normalize: bool = True
+                ) -> torch.Tensor:
+        """Text features (B, embed_dim); prompts (B, K, P, d_l) or (K, P, d_l) replace token positions 1..P."""
+        batch = tokens.shape[0]
+        prompts = _per_sample(prompts, batch, self.width, "text")
+        n_prompt = 0 if prompts is None else prompts.shape[2]
+        depth = 0 if prompts is None else prompts.shape[1]
+        if depth > self.layers:
+            raise PromptConfigError(f"text prompts have depth {depth} but the text tower has {self.layers} layers")
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(tokens).to(cast_dtype)  # (B, L, d_l)
+        if n_prompt:
+            x = torch.cat([x[:, :1], prompts[:, 0].to(cast_dtype), x[:, 1 + n_prompt:]], dim=1)
+        x = x + self.positional_embedding.to(cast_dtype)
+        if not self.transformer.batch_first:
+            x = x.transpose(0, 1)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 0 < i < depth:
+                p = prompts[:, i].to(cast_dtype)
+                if self.transformer.batch_first:
+                    x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
+                else:
+                    x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n_prompt:]], dim=0)
+            x = block(x, attn_mask=self.attn_mask)
+        if not self.transformer.batch_first:
+            x = x.transpose(0, 1)
+        x = self.ln_final(x)  # (B, L, d_l)
+        # the sequence length never changes, so the EOT position (argmax of ids) is the true one
+        pooled = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            if isinstance(self.text_projection, nn.Linear):
+                pooled = self.text_projection(pooled)
+            else:
+                pooled = pooled @ self.text_projection
+        return F.normalize(pooled, dim=-1) if normalize else pooled

@@ -1,0 +1,307 @@
+"""The prompt registry: a directory with manifest.json and safetensors weights, written atomically, loaded strictly.
+
+Layout:
+    <root>/manifest.json                      schema, backbone fingerprint, groups, tasks
+    <root>/groups/<group>-<sha12>.safetensors group-shared prompt weights, once per group
+    <root>/tasks/<task>-<sha12>.safetensors   task-specific prompt weights (fusion: MoPE + head)
+
+Weight files are content-addressed and written before the manifest, which is replaced last with an atomic
+rename: a reader sees either the old registry or the new one, never a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mmserve.errors import PromptConfigError, RegistryError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("classify", "fuse")
+
+
+@dataclass
+class BackboneRef:
+    """The backbone a registry was trained on: prompts only make sense on exactly these weights."""
+
+    model: str
+    fingerprint: str
+    pretrained: str | None = None
+
+
+@dataclass
+class GroupEntry:
+    """A group-shared prompt: one weights file serving every task of the group."""
+
+    name: str
+    tasks: list[str]
+    prompt_config: dict
+    trainable_params: int
+    weights: str = ""
+    sha256: str = ""
+
+
+@dataclass
+class TaskEntry:
+    """One servable task: its classes, prompt config and weights (plus head and encoder for fusion)."""
+
+    name: str
+    kind: str  # "classify" or "fuse"
+    classes: list[str]
+    prompt_config: dict
+    trainable_params: int
+    template: str = "a photo of a {}."
+    group: str | None = None  # classify: the group whose shared prompt is concatenated before this task's
+    metrics: dict = field(default_factory=dict)
+    created: str = ""
+    head: str | None = None  # fuse: "multiclass" or "multilabel"
+    complementary: dict | None = None  # fuse: encoder spec, e.g. {"kind": "clip_text"}
+    psi_dim: int | None = None  # fuse: width of the complementary feature
+    threshold: float = 0.5  # fuse multilabel: labels with probability above it are returned
+    weights: str = ""
+    sha256: str = ""
+
+
+@dataclass
+class Manifest:
+    """manifest.json: everything needed to validate and rebuild a registry except the tensors."""
+
+    backbone: BackboneRef
+    groups: list[GroupEntry]
+    tasks: list[TaskEntry]
+    schema_version: int = SCHEMA_VERSION
+    version: str = ""
+    created: str = ""
+
+    def task(self, name: str) -> TaskEntry:
+        """The entry of task `name` (KeyError if absent)."""
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def group(self, name: str) -> GroupEntry:
+        """The entry of group `name` (KeyError if absent)."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+@dataclass
+class Registry:
+    """A loaded registry: its manifest and the tensors of every group and task."""
+
+    root: Path
+    manifest: Manifest
+    group_weights: dict[str, dict[str, torch.Tensor]]
+    task_weights: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def version(self) -> str:
+        """Content hash of the manifest: changes whenever anything in the registry changes."""
+        return self.manifest.version
+
+
+def now_iso() -> str:
+    """UTC time stamp for manifests."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """Write a content-addressed safetensors file; return (relative path, sha256)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        digest = _sha256(Path(tmp))
+        rel = f"{sub}/{name}-{digest[:12]}.safetensors"
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, root / rel)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return rel, digest
+
+
+def _manifest_version(manifest: Manifest) -> str:
+    payload = asdict(manifest)
+    payload.pop("version")
+    payload.pop("created")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str, dict[str, torch.Tensor]],
+                  task_weights: dict[str, dict[str, torch.Tensor]]) -> Registry:
+    """Write weights then atomically replace manifest.json; unreferenced old weight files are removed after."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _check_names(manifest, root / MANIFEST)
+    for g in manifest.groups:
+        if g.name not in group_weights:
+            raise RegistryError(f"{root / MANIFEST}: groups[{g.name}]: no tensors given to save")
+        g.weights, g.sha256 = _write_tensors(root, "groups", g.name, group_weights[g.name])
+    for t in manifest.tasks:
+        if t.name not in task_weights:
+            raise RegistryError(f"{root / MANIFEST}: tasks[{t.name}]: no tensors given to save")
+        t.weights, t.sha256 = _write_tensors(root, "tasks", t.name, task_weights[t.name])
+        t.created = t.created or now_iso()
+    manifest.schema_version = SCHEMA_VERSION
+    manifest.version = _manifest_version(manifest)
+    manifest.created = now_iso()
+    _atomic_write_bytes(root / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
+    referenced = {g.weights for g in manifest.groups} | {t.weights for t in manifest.tasks}
+    for sub in ("groups", "tasks"):
+        for f in (root / sub).glob("*.safetensors"):
+            if f"{sub}/{f.name}" not in referenced:
+                f.unlink(missing_ok=True)
+    return Registry(root, manifest, dict(group_weights), dict(task_weights))
+
+
+def _build(cls, data, where: str):
+    """Construct dataclass `cls` from a dict, naming `where` and the field on any mismatch."""
+    if not isinstance(data, dict):
+        raise RegistryError(f"{where}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise RegistryError(f"{where}: unknown field(s) {sorted(unknown)}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = required - set(data)
+    if missing:
+        raise RegistryError(f"{where}: missing field(s) {sorted(missing)}")
+    return cls(**data)
+
+
+def _check_names(manifest: Manifest, path: Path) -> None:
+    seen: set[str] = set()
+    for t in manifest.tasks:
+        if t.name in seen:
+            raise RegistryError(f"{path}: tasks: duplicate task name '{t.name}'")
+        seen.add(t.name)
+        if t.kind not in KINDS:
+            raise RegistryError(f"{path}: tasks[{t.name}].kind: '{t.kind}' is not one of {KINDS}")
+        if not t.classes or len(set(t.classes)) != len(t.classes):
+            raise RegistryError(f"{path}: tasks[{t.name}].classes: must be a non-empty list of distinct names")
+    groups = [g.name for g in manifest.groups]
+    if len(set(groups)) != len(groups):
+        raise RegistryError(f"{path}: groups: duplicate group name")
+    for t in manifest.tasks:
+        if t.group is not None and t.group not in groups:
+            raise RegistryError(f"{path}: tasks[{t.name}].group: unknown group '{t.group}'")
+    for g in manifest.groups:
+        for name in g.tasks:
+            if name not in seen:
+                raise RegistryError(f"{path}: groups[{g.name}].tasks: unknown task '{name}'")
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Parse and structurally validate manifest.json (no tensors read)."""
+    path = Path(root) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: no manifest (not a registry directory)") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: expected a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RegistryError(f"{path}: schema_version: unsupported value {version!r} (this mmserve reads "
+                            f"{SCHEMA_VERSION})")
+    for key in ("backbone", "groups", "tasks"):
+        if key not in data:
+            raise RegistryError(f"{path}: missing field '{key}'")
+    manifest = _build(Manifest, {
+        **data,
+        "backbone": _build(BackboneRef, data["backbone"], f"{path}: backbone"),
+        "groups": [_build(GroupEntry, g, f"{path}: groups[{i}]") for i, g in enumerate(data["groups"])],
+        "tasks": [_build(TaskEntry, t, f"{path}: tasks[{i}]") for i, t in enumerate(data["tasks"])],
+    }, str(path))
+    _check_names(manifest, path)
+    return manifest
+
+
+def _load_weights(root: Path, rel: str, sha: str, where: str) -> dict[str, torch.Tensor]:
+    path = root / rel
+    if not rel or not path.is_file():
+        raise RegistryError(f"{root / MANIFEST}: {where}.weights: file '{rel}' is missing")
+    if _sha256(path) != sha:
+        raise RegistryError(f"{path}: sha256 does not match {where}.sha256 in the manifest (corrupt or replaced)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise RegistryError(f"{path}: unreadable safetensors: {exc}") from None
+
+
+def check_tensors(path: str, expected: dict[str, torch.Size], got: dict[str, torch.Tensor]) -> None:
+    """Compare a weights file with the module its config builds: missing, unexpected or wrongly shaped tensors."""
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise RegistryError(f"{path}: missing tensor(s) {missing}")
+    unexpected = sorted(set(got) - set(expected))
+    if unexpected:
+        raise RegistryError(f"{path}: unexpected tensor(s) {unexpected}")
+    for key, shape in expected.items():
+        if tuple(got[key].shape) != tuple(shape):
+            raise RegistryError(f"{path}: tensor '{key}' has shape {tuple(got[key].shape)}, the config needs "
+                                f"{tuple(shape)}")
+
+
+def load_registry(root: str | Path, backbone=None) -> Registry:
+    """Load and validate a registry; with `backbone`, also check its fingerprint and every tensor's shape."""
+    from mmserve.builders import expected_shapes  # late import: builders depends on this file's dataclasses
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    if backbone is not None and manifest.backbone.fingerprint != backbone.fingerprint:
+        raise RegistryError(
+            f"{root / MANIFEST}: backbone.fingerprint: registry was trained on {manifest.backbone.model} "
+            f"({manifest.backbone.fingerprint}), but the loaded backbone is {backbone.spec.model} "
+            f"({backbone.fingerprint})"
+        )
+    groups = {g.name: _load_weights(root, g.weights, g.sha256, f"groups[{g.name}]") for g in manifest.groups}
+    tasks = {t.name: _load_weights(root, t.weights, t.sha256, f"tasks[{t.name}]") for t in manifest.tasks}
+    if backbone is not None:
+        try:
+            for g in manifest.groups:
+                check_tensors(str(root / g.weights), expected_shapes(g.prompt_config, backbone), groups[g.name])
+            for t in manifest.tasks:
+                check_tensors(str(root / t.weights), expected_shapes(t, backbone), tasks[t.name])
+        except PromptConfigError as exc:
+            raise RegistryError(f"{root / MANIFEST}: prompt_config: {exc}") from None
+    return Registry(root, manifest, groups, tasks)
