@@ -1,0 +1,47 @@
+"""Image-tower runtimes: the one piece of a request's forward pass that differs between torch and onnxruntime."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from mmserve.backbone import Backbone
+from mmserve.encoders import PromptedImageEncoder
+from mmserve.fusion import FusionModel
+
+
+class ImageRuntime(Protocol):
+    """Runs the prompted image tower (and the MoPE fusion path) on a batch; torch and ONNX implement it."""
+
+    name: str
+
+    def encode(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        """Normalised image features (B, E) for images (B, 3, H, W) with per-sample prompts (B, K, P, d_v)."""
+        ...
+
+    def fuse(self, task: str, model: FusionModel, images: torch.Tensor, psi: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fusion logits (B, C) and routing scores (B, K, k) of fusion task `task` for images and psi (B, d_psi)."""
+        ...
+
+
+class TorchImageRuntime:
+    """Eager PyTorch runtime: open_clip's blocks called by the prompted image encoder."""
+
+    name = "torch"
+
+    def __init__(self, backbone: Backbone):
+        self.encoder = PromptedImageEncoder(backbone)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        """Normalised image features (B, E)."""
+        return self.encoder(images, prompts)
+
+    @torch.inference_mode()
+    def fuse(self, task: str, model: FusionModel, images: torch.Tensor, psi: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fusion logits and routing scores."""
+        out = model(self.encoder, images, psi)
+        return out.logits, out.routing
