@@ -135,11 +135,11 @@ def importance_loss(routing: torch.Tensor, threshold: float = 0.05) -> torch.Ten
 
 def routing_entropy(routing: torch.Tensor) -> float:
     """Mean entropy (nats) of the per-sample routing distributions: log k = uniform, 0 = one expert."""
-    p = routing.clamp_min(1e-12)
+    p = routing.detach().clamp_min(1e-12)
     return float(-(p * p.log()).sum(dim=-1).mean())
 
 
 def expert_importance(routing: torch.Tensor) -> list[list[float]]:
     """Per layer, each expert's share of the summed routing scores (rows sum to 1)."""
-    importance = routing.sum(dim=0)
+    importance = routing.detach().sum(dim=0)
     return (importance / importance.sum(dim=-1, keepdim=True).clamp_min(1e-12)).tolist()

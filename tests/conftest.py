@@ -1,0 +1,15 @@
+"""Shared fixtures: the tiny random-initialised backbone used by unit tests (never for claimed results)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmserve.backbone import TINY_MODEL, Backbone, BackboneSpec, load_backbone
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    """The tiny open_clip model (2+2 layers, width 64), random weights from seed 0."""
+    torch.set_num_threads(2)
+    return load_backbone(BackboneSpec(TINY_MODEL, seed=0))

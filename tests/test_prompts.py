@@ -1,0 +1,148 @@
+"""Prompt generators: MmAP's Kronecker structure and parameter count, MoPE routing and importance loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmserve.errors import PromptConfigError
+from mmserve.fusion import FusionModel
+from mmserve.prompts import DeepPrompt, DeepPromptConfig, MmAP, MmAPConfig, count_params, mmap_param_count
+from mmserve.prompts.mope import MoPE, MoPEConfig, expert_importance, importance_loss, routing_entropy
+
+
+@pytest.mark.parametrize(
+    ("b", "m", "n", "d_l", "d_v", "layers", "depth"),
+    [(4, 2, 8, 64, 64, 2, None), (8, 4, 16, 512, 768, 12, None), (6, 3, 4, 256, 256, 6, 3), (2, 1, 1, 8, 12, 3, 1)],
+)
+def test_mmap_parameter_count_equals_formula(b, m, n, d_l, d_v, layers, depth):
+    cfg = MmAPConfig(n_tokens=b, source_rows=m, source_cols=n, depth=depth)
+    mmap = MmAP(cfg, d_l, d_v, layers, layers)
+    k = depth or layers
+    assert count_params(mmap) == k * (m * n + (b // m) * (d_l // n) + (b // m) * (d_v // n))
+    assert count_params(mmap) == mmap_param_count(cfg, d_l, d_v, k)
+    prompts = mmap()
+    assert prompts.text.shape == (k, b, d_l)
+    assert prompts.vision.shape == (k, b, d_v)
+
+
+def test_mmap_prompts_are_kronecker_products():
+    mmap = MmAP(MmAPConfig(n_tokens=4, source_rows=2, source_cols=4), 16, 24, 3, 3)
+    prompts = mmap()
+    for k in range(3):
+        assert torch.allclose(prompts.text[k], torch.kron(mmap.scale_text[k], mmap.source[k]))
+        assert torch.allclose(prompts.vision[k], torch.kron(mmap.scale_vision[k], mmap.source[k]))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (MmAPConfig(n_tokens=5, source_rows=2), "b=5 must be divisible by source_rows m=2"),
+        (MmAPConfig(source_cols=7), "d_l=64 must be divisible by source_cols n=7"),
+        (MmAPConfig(depth=3), "depth 3 must be between 1 and 2"),
+    ],
+)
+def test_mmap_divisibility_errors_are_clear(cfg, message):
+    with pytest.raises(PromptConfigError, match=message):
+        MmAP(cfg, 64, 64, 2, 2)
+
+
+def test_deep_prompt_ablation_feeds_one_tower():
+    text_only = DeepPrompt(DeepPromptConfig(tower="text", n_tokens=3), 64, 32, 2, 4)()
+    vision_only = DeepPrompt(DeepPromptConfig(tower="vision", n_tokens=3), 64, 32, 2, 4)()
+    assert text_only.text.shape == (2, 3, 64) and text_only.vision is None
+    assert vision_only.vision.shape == (4, 3, 32) and vision_only.text is None
+
+
+def _mope(**overrides) -> MoPE:
+    cfg = MoPEConfig(prompt_len=2, n_experts=4, mapped_len=1, mapper_hidden=16, **overrides)
+    return MoPE(cfg, vision_width=32, vision_layers=3, psi_dim=8)
+
+
+def test_mope_shapes_and_per_sample_prompts():
+    torch.manual_seed(0)
+    mope = _mope().eval()
+    psi = torch.randn(5, 8)
+    out = mope(psi)
+    assert out.prompts.shape == (5, 3, 2 * 2 + 1, 32)
+    assert out.routing.shape == (5, 3, 4)
+    assert torch.allclose(out.routing.sum(-1), torch.ones(5, 3))
+    # static part identical across samples, dynamic and mapped parts differ with psi
+    assert torch.equal(out.prompts[0, :, :2], out.prompts[1, :, :2])
+    assert (out.prompts[0, :, 2:] - out.prompts[1, :, 2:]).abs().max() > 1e-6
+
+
+def test_mope_router_noise_only_in_training():
+    torch.manual_seed(0)
+    mope = _mope()
+    psi = torch.randn(4, 8)
+    mope.eval()
+    assert torch.equal(mope(psi).routing, mope(psi).routing)
+    mope.train()
+    assert not torch.equal(mope(psi).routing, mope(psi).routing)
+
+
+def test_mope_top1_routing_keeps_one_expert():
+    mope = _mope(routing="top1").eval()
+    routing = mope(torch.randn(6, 8)).routing
+    assert ((routing > 0).sum(-1) == 1).all()
+
+
+def test_mope_router_can_use_image_summary():
+    mope = _mope(router_uses_image=True).eval()
+    with pytest.raises(PromptConfigError, match="image_summary"):
+        mope(torch.randn(2, 8))
+    assert mope(torch.randn(2, 8), torch.randn(2, 32)).prompts.shape == (2, 3, 5, 32)
+
+
+def test_importance_loss_zero_without_gradient_when_balanced():
+    logits = torch.zeros(8, 3, 4, requires_grad=True)  # uniform routing: CV^2 = 0
+    routing = logits.softmax(-1)
+    loss = importance_loss(routing, threshold=0.05)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.abs().max() == 0
+    # slightly unbalanced but below gamma: still zero and no gradient
+    logits2 = (torch.randn(64, 3, 4) * 0.05).requires_grad_()
+    loss2 = importance_loss(logits2.softmax(-1), threshold=0.05)
+    assert loss2.item() == 0.0
+    loss2.backward()
+    assert logits2.grad.abs().max() == 0
+
+
+def test_importance_loss_positive_with_gradient_when_one_expert_dominates():
+    logits = torch.zeros(8, 3, 4)
+    logits[..., 0] = 5.0
+    logits.requires_grad_()
+    routing = logits.softmax(-1)
+    loss = importance_loss(routing, threshold=0.05)
+    share = routing.sum(0)[0]
+    expected = (share.var(unbiased=False) / share.mean() ** 2).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() > 1.0
+    loss.backward()
+    assert logits.grad.abs().max() > 0
+    assert routing_entropy(routing) < math.log(4)
+    assert expert_importance(routing)[0][0] > 0.9
+
+
+def test_fusion_model_heads():
+    from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
+    from mmserve.encoders import PromptedImageEncoder
+
+    backbone = load_backbone(BackboneSpec(TINY_MODEL))
+    enc = PromptedImageEncoder(backbone)
+    cfg = MoPEConfig(prompt_len=2, n_experts=4, mapper_hidden=16)
+    for head in ("multiclass", "multilabel"):
+        model = FusionModel(cfg, 64, 2, backbone.embed_dim, 8, n_classes=3, head=head).eval()
+        out = model(enc, torch.randn(2, 3, 32, 32), torch.randn(2, 8))
+        probs = out.probabilities(model.multilabel)
+        assert probs.shape == (2, 3)
+        if head == "multiclass":
+            assert torch.allclose(probs.sum(-1), torch.ones(2))
+        else:
+            assert ((probs > 0) & (probs < 1)).all()
+    with pytest.raises(PromptConfigError, match="fusion head"):
+        FusionModel(cfg, 64, 2, 32, 8, 3, head="softmax")

@@ -1,0 +1,188 @@
+"""Registry: save -> load round trip gives identical outputs; every corruption fails naming file and field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmserve import registry as registry_mod
+from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
+from mmserve.builders import classify_prompt_module, fusion_module, load_classify_prompts, load_fusion
+from mmserve.complementary import ClipTextComplement
+from mmserve.encoders import PromptedImageEncoder, PromptedTextEncoder
+from mmserve.errors import RegistryError
+from mmserve.prompts import MmAPConfig, count_params
+from mmserve.prompts.mope import MoPEConfig
+from mmserve.registry import (
+    MANIFEST,
+    BackboneRef,
+    GroupEntry,
+    Manifest,
+    TaskEntry,
+    load_registry,
+    read_manifest,
+    save_registry,
+)
+
+MMAP = MmAPConfig(n_tokens=2, source_rows=1, source_cols=8).to_dict()
+
+
+def _write(root: Path, backbone) -> dict:
+    torch.manual_seed(0)
+    group = classify_prompt_module(MMAP, backbone)
+    t1, t2 = classify_prompt_module(MMAP, backbone), classify_prompt_module(MMAP, backbone)
+    comp = ClipTextComplement(backbone)
+    fuse = TaskEntry(name="pairs", kind="fuse", classes=["x", "y", "z"],
+                     prompt_config=MoPEConfig(prompt_len=2, n_experts=4, mapper_hidden=16).to_dict(),
+                     trainable_params=0, head="multiclass", complementary=comp.spec, psi_dim=comp.dim)
+    fusion = fusion_module(fuse, backbone)
+    fuse.trainable_params = count_params(fusion)
+    manifest = Manifest(
+        backbone=BackboneRef(backbone.spec.model, backbone.fingerprint),
+        groups=[GroupEntry("colour", ["clipart", "photo"], MMAP, count_params(group))],
+        tasks=[
+            TaskEntry("clipart", "classify", ["cat", "dog"], MMAP, count_params(t1), group="colour"),
+            TaskEntry("photo", "classify", ["cat", "dog"], MMAP, count_params(t2), group="colour",
+                      metrics={"top1": 0.5}),
+            fuse,
+        ],
+    )
+    save_registry(root, manifest, {"colour": group.state_dict()},
+                  {"clipart": t1.state_dict(), "photo": t2.state_dict(), "pairs": fusion.state_dict()})
+    return {"group": group, "clipart": t1, "fusion": fusion, "comp": comp}
+
+
+@pytest.fixture()
+def saved(tmp_path, tiny_backbone):
+    root = tmp_path / "reg"
+    modules = _write(root, tiny_backbone)
+    return root, modules
+
+
+def test_round_trip_gives_identical_outputs(saved, tiny_backbone):
+    root, modules = saved
+    reg = load_registry(root, tiny_backbone)
+    assert [t.name for t in reg.manifest.tasks] == ["clipart", "photo", "pairs"]
+    assert reg.manifest.task("photo").metrics == {"top1": 0.5}
+    image_enc, text_enc = PromptedImageEncoder(tiny_backbone), PromptedTextEncoder(tiny_backbone)
+    images = torch.randn(2, 3, 32, 32)
+    loaded = load_classify_prompts(reg, "clipart", tiny_backbone)()
+    with torch.no_grad():
+        original_v = torch.cat([modules["group"]().vision, modules["clipart"]().vision], dim=1)
+        assert torch.equal(image_enc(images, loaded.vision), image_enc(images, original_v))
+        tokens = text_enc.tokenize(["a cat."], n_prompt=4)
+        original_t = torch.cat([modules["group"]().text, modules["clipart"]().text], dim=1)
+        assert torch.equal(text_enc(tokens, loaded.text), text_enc(tokens, original_t))
+        psi = modules["comp"].encode(["a cat", "a dog"])
+        fusion = load_fusion(reg, "pairs", tiny_backbone)
+        expected = modules["fusion"].eval()(image_enc, images, psi).logits
+        assert torch.equal(fusion(image_enc, images, psi).logits, expected)
+
+
+def test_version_changes_with_content_and_old_files_are_removed(saved, tiny_backbone):
+    root, _ = saved
+    first = read_manifest(root)
+    reg = load_registry(root)
+    manifest = reg.manifest
+    manifest.task("photo").metrics = {"top1": 0.9}
+    save_registry(root, manifest, reg.group_weights, reg.task_weights)
+    assert read_manifest(root).version != first.version
+    reg.task_weights["photo"] = {k: v + 1 for k, v in reg.task_weights["photo"].items()}
+    save_registry(root, manifest, reg.group_weights, reg.task_weights)
+    files = sorted(p.name for p in (root / "tasks").iterdir())
+    assert len(files) == 3 and not any(f.startswith(".") for f in files)
+    load_registry(root, tiny_backbone)
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    data = json.loads((root / MANIFEST).read_text())
+    edit(data)
+    (root / MANIFEST).write_text(json.dumps(data))
+
+
+def _corrupt_tensor(root: Path, task: str, edit) -> None:
+    data = json.loads((root / MANIFEST).read_text())
+    entry = next(t for t in data["tasks"] if t["name"] == task)
+    path = root / entry["weights"]
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    entry["sha256"] = registry_mod._sha256(path)
+    (root / MANIFEST).write_text(json.dumps(data))
+
+
+CORRUPTIONS = {
+    "schema": (lambda r: _edit_manifest(r, lambda d: d.update(schema_version=99)), r"schema_version: unsupported"),
+    "duplicate": (lambda r: _edit_manifest(r, lambda d: d["tasks"].append(dict(d["tasks"][0]))),
+                  r"duplicate task name 'clipart'"),
+    "unknown_field": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(colour="red")),
+                      r"tasks\[0\]: unknown field\(s\) \['colour'\]"),
+    "missing_field": (lambda r: _edit_manifest(r, lambda d: d["tasks"][1].pop("classes")),
+                      r"tasks\[1\]: missing field\(s\) \['classes'\]"),
+    "bad_kind": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(kind="detect")),
+                 r"tasks\[clipart\]\.kind"),
+    "unknown_group": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(group="mono")),
+                      r"tasks\[clipart\]\.group: unknown group 'mono'"),
+    "missing_file": (lambda r: next((r / "tasks").glob("photo-*")).unlink(),
+                     r"tasks\[photo\]\.weights: file .* missing"),
+    "sha": (lambda r: next((r / "groups").glob("*")).write_bytes(b"garbage"),
+            r"sha256 does not match groups\[colour\]"),
+    "missing_tensor": (lambda r: _corrupt_tensor(r, "clipart", lambda t: t.pop("source")),
+                       r"clipart-.*safetensors: missing tensor\(s\) \['source'\]"),
+    "wrong_shape": (lambda r: _corrupt_tensor(r, "photo", lambda t: t.update(source=torch.zeros(2, 1, 4))),
+                    r"photo-.*safetensors: tensor 'source' has shape \(2, 1, 4\), the config needs \(2, 1, 8\)"),
+    "fusion_shape": (lambda r: _corrupt_tensor(r, "pairs", lambda t: t.update({"head.bias": torch.zeros(5)})),
+                     r"pairs-.*tensor 'head.bias' has shape \(5,\)"),
+    "not_json": (lambda r: (r / MANIFEST).write_text("{"), r"manifest.json: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corruption_raises_clear_error(saved, tiny_backbone, case):
+    root, _ = saved
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(root)
+    with pytest.raises(RegistryError, match=message) as info:
+        load_registry(root, tiny_backbone)
+    assert str(root) in str(info.value)
+
+
+def test_backbone_mismatch_is_refused(saved):
+    root, _ = saved
+    other = load_backbone(BackboneSpec(TINY_MODEL, seed=7))
+    with pytest.raises(RegistryError, match=r"backbone.fingerprint: registry was trained on mmserve-tiny"):
+        load_registry(root, other)
+
+
+def test_failed_save_leaves_previous_registry_intact(saved, tiny_backbone, monkeypatch):
+    root, _ = saved
+    before = (root / MANIFEST).read_text()
+    reg = load_registry(root)
+    calls = {"n": 0}
+    real_save = registry_mod.save_file
+
+    def failing_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(registry_mod, "save_file", failing_save)
+    changed = {k: {n: t + 1 for n, t in v.items()} for k, v in reg.task_weights.items()}
+    with pytest.raises(OSError, match="disk full"):
+        save_registry(root, reg.manifest, reg.group_weights, changed)
+    assert (root / MANIFEST).read_text() == before
+    assert not [p for p in root.rglob(".*") if p.is_file()]  # no temp files left behind
+    load_registry(root, tiny_backbone)
+
+
+def test_copy_of_registry_loads_elsewhere(saved, tmp_path, tiny_backbone):
+    root, _ = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert load_registry(copy, tiny_backbone).version == load_registry(root, tiny_backbone).version
