@@ -1,0 +1,178 @@
+"""Seeded, disjoint train/test splits with k shots per class, saved to (and reused from) a split JSON file.
+
+The file holds every item (image path relative to the data root, label, text) of every task, so evaluation
+needs nothing but the file and the images. Drawing is deterministic: each class is shuffled by a
+`random.Random` seeded with "<seed>:<task>:<class>" (string seeds do not depend on PYTHONHASHSEED).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from training.config import SplitConfig
+from training.data import ClassTask, Item, default_class_name
+
+SPLIT_FORMAT = "mmserve-split"
+SPLIT_VERSION = 1
+
+
+@dataclass
+class SplitTask:
+    """One task's classes (ids and prompt names), head kind and its disjoint train and test items."""
+
+    classes: list[str]
+    class_names: list[str]
+    train: list[Item]
+    test: list[Item]
+    head: str = "multiclass"  # "multiclass" or "multilabel"
+
+    def name_of(self) -> dict[str, str]:
+        """Class id -> prompt name."""
+        return dict(zip(self.classes, self.class_names, strict=True))
+
+
+@dataclass
+class Split:
+    """A split file: kind ('classify' or 'fuse'), data root, how it was drawn, and its tasks."""
+
+    kind: str
+    root: str
+    config: SplitConfig
+    tasks: dict[str, SplitTask] = field(default_factory=dict)
+
+
+def _n_test(n: int, cfg: SplitConfig) -> int:
+    if n < 2 or cfg.test_fraction <= 0:
+        return 0
+    k = min(n - 1, max(1, round(n * cfg.test_fraction)))
+    return k if cfg.max_test is None else min(k, cfg.max_test)
+
+
+def _key(item: Item, cfg: SplitConfig) -> str:
+    return Path(item.image).stem if cfg.split_by == "stem" else item.image
+
+
+def split_per_class(tasks: dict[str, list[Item]], cfg: SplitConfig) -> dict[str, tuple[list[Item], list[Item]]]:
+    """Per task and class: test = a seeded fraction of the keys, train = `shots` seeded picks from the rest.
+
+    With split_by='stem' the test keys of a class are drawn once over all tasks, so an identity (file stem)
+    is test in every task or in none: no task trains on what another is tested on.
+    """
+    if cfg.split_by not in ("file", "stem"):
+        raise ValueError(f"split_by must be 'file' or 'stem', got {cfg.split_by!r}")
+    pools: dict[tuple[str, str], set[str]] = {}
+    for task, items in tasks.items():
+        for it in items:
+            scope = "*" if cfg.split_by == "stem" else task
+            pools.setdefault((scope, str(it.label)), set()).add(_key(it, cfg))
+    test_keys: dict[tuple[str, str], set[str]] = {}
+    for (scope, label), keys in pools.items():
+        ordered = sorted(keys)
+        random.Random(f"{cfg.seed}:{scope}:{label}:test").shuffle(ordered)
+        test_keys[(scope, label)] = set(ordered[:_n_test(len(ordered), cfg)])
+    out = {}
+    for task, items in tasks.items():
+        by_class: dict[str, list[Item]] = {}
+        for it in items:
+            by_class.setdefault(str(it.label), []).append(it)
+        train, test = [], []
+        for label in sorted(by_class):
+            scope = "*" if cfg.split_by == "stem" else task
+            chosen = test_keys[(scope, label)]
+            members = sorted(by_class[label], key=lambda it: it.image)
+            test += [it for it in members if _key(it, cfg) in chosen]
+            pool = [it for it in members if _key(it, cfg) not in chosen]
+            random.Random(f"{cfg.seed}:{task}:{label}").shuffle(pool)
+            train += sorted(pool[:cfg.shots] if cfg.shots is not None else pool, key=lambda it: it.image)
+        out[task] = (train, test)
+    return out
+
+
+def split_samples(items: list[Item], cfg: SplitConfig, task: str) -> tuple[list[Item], list[Item]]:
+    """Multi-label data has no single class per sample: a seeded test fraction of the samples, the rest train."""
+    ordered = sorted(items, key=lambda it: (it.image, it.text or ""))
+    random.Random(f"{cfg.seed}:{task}:samples").shuffle(ordered)
+    n_test = _n_test(len(ordered), SplitConfig(test_fraction=cfg.test_fraction, max_test=None))
+    return ordered[n_test:], ordered[:n_test]
+
+
+def classify_split(root: str | Path, tasks: dict[str, ClassTask], cfg: SplitConfig) -> Split:
+    """Draw the split of image-folder tasks."""
+    parts = split_per_class({name: t.items for name, t in tasks.items()}, cfg)
+    split = Split("classify", str(Path(root).resolve()), cfg)
+    for name, t in tasks.items():
+        train, test = parts[name]
+        split.tasks[name] = SplitTask(t.classes, t.class_names, train, test)
+    return split
+
+
+def labels_of(items: list[Item]) -> list[str]:
+    """Sorted distinct labels of single- or multi-label items."""
+    return sorted({x for it in items for x in (it.label if isinstance(it.label, list) else [it.label])})
+
+
+def fusion_split(name: str, items: list[Item], cfg: SplitConfig, test_items: list[Item] | None = None,
+                 classes: list[str] | None = None, head: str | None = None) -> Split:
+    """Split fusion items (or take `test_items` as the test part, then only train is k-shot sampled)."""
+    multilabel = any(isinstance(it.label, list) for it in items + (test_items or []))
+    head = head or ("multilabel" if multilabel else "multiclass")
+    if head == "multiclass" and multilabel:
+        raise ValueError(f"task {name}: list labels need --head multilabel")
+    if head == "multilabel":
+        items = [it if isinstance(it.label, list) else Item(it.image, [it.label], it.text) for it in items]
+        test_items = None if test_items is None else [
+            it if isinstance(it.label, list) else Item(it.image, [it.label], it.text) for it in test_items]
+    if test_items is None:
+        if head == "multilabel":
+            train, test = split_samples(items, cfg, name)
+        else:
+            train, test = split_per_class({name: items}, cfg)[name]
+    else:
+        test = list(test_items)
+        if head == "multilabel":
+            train = list(items)
+        else:
+            train, _ = split_per_class({name: items}, SplitConfig(cfg.shots, 0.0, None, "file", cfg.seed))[name]
+    classes = classes or labels_of(train + test)
+    split = Split("fuse", "", cfg)
+    split.tasks[name] = SplitTask(classes, [default_class_name(c) for c in classes], train, test, head)
+    return split
+
+
+def write_split(path: str | Path, split: Split) -> None:
+    """Write the split JSON (atomically)."""
+    path = Path(path)
+    data = {
+        "format": SPLIT_FORMAT, "version": SPLIT_VERSION, "kind": split.kind, "root": split.root,
+        "config": asdict(split.config),
+        "tasks": {name: {"classes": t.classes, "class_names": t.class_names, "head": t.head,
+                         "train": [it.to_dict() for it in t.train], "test": [it.to_dict() for it in t.test]}
+                  for name, t in split.tasks.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def read_split(path: str | Path) -> Split:
+    """Read a split JSON written by write_split; a clear error names the file when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable split file ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT or data.get("version") != SPLIT_VERSION:
+        raise ValueError(f"{path}: not a {SPLIT_FORMAT} v{SPLIT_VERSION} file")
+    split = Split(data["kind"], data["root"], SplitConfig(**data["config"]))
+    for name, t in data["tasks"].items():
+        train = [Item.from_dict(d) for d in t["train"]]
+        test = [Item.from_dict(d) for d in t["test"]]
+        overlap = {it.image for it in train} & {it.image for it in test}
+        if overlap and split.kind == "classify":
+            raise ValueError(f"{path}: task {name}: train and test share {len(overlap)} image(s)")
+        split.tasks[name] = SplitTask(t["classes"], t["class_names"], train, test, t.get("head", "multiclass"))
+    return split
