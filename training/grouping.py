@@ -1,0 +1,223 @@
+"""Gradient-driven task grouping (MmAP sec. 3.3, eq. 8) and the ablation groupings.
+
+1. Train one global shared prompt on all tasks (summed losses, SGD). Every `every` steps (from step 0) take
+   each task's gradient w.r.t. the shared prompt; S_ij = mean over snapshots of <g_i, g_j> (or cosine).
+2. Partition the tasks into disjoint groups maximising the total within-group similarity
+   sum_groups sum_{i<j in group} S_ij. Exact for up to `exact_limit` tasks: a depth-first enumeration of every
+   set partition (Bell(10) = 115,975) with incremental scores. Beyond that, a heuristic: agglomerative merging of
+   the pair of groups whose cross similarity is largest while it is positive (or until `n_groups` remain),
+   then single-task moves between groups while any move raises the score.
+
+With unconstrained group counts, conflicting tasks (negative S_ij) end up apart and agreeing tasks together;
+when every pair agrees the optimum is a single group: pass `n_groups` to ask for exactly that many.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmserve.prompts import build_prompt
+from training.classify import Towers
+from training.multitask import Batcher, TaskData, multitask_step
+from training.progress import EpochBar
+
+MODES = ("auto", "all", "single", "random", "file")
+
+
+@dataclass
+class GroupingConfig:
+    """How tasks are grouped: 'auto' (gradient similarity), 'all', 'single', 'random' or 'file'."""
+
+    mode: str = "auto"
+    file: str | None = None  # mode 'file': JSON [[task, ...], ...] or {"group": [task, ...]}
+    n_groups: int | None = None  # auto: exactly this many groups (None = best of any count); random: default 2
+    steps: int = 50  # training steps of the global shared prompt
+    every: int = 5  # take a gradient snapshot every this many steps
+    similarity: str = "dot"  # "dot" (eq. 8) or "cosine"
+    exact_limit: int = 10  # exact partition search up to this many tasks
+    lr: float | None = None  # SGD lr of the global prompt (None = the run's lr)
+    batch_size: int | None = None  # per task (None = the run's batch size)
+
+
+def partition_score(sim: list[list[float]], groups: list[list[int]]) -> float:
+    """Total within-group similarity: sum over groups of sum_{i<j} S_ij."""
+    return sum(sim[a][b] for g in groups for i, a in enumerate(g) for b in g[i + 1:])
+
+
+def exact_partition(sim: list[list[float]], n_groups: int | None = None) -> tuple[list[list[int]], float]:
+    """The best set partition by exhaustive depth-first search (restricted growth strings)."""
+    n = len(sim)
+    best: tuple[float, list[list[int]]] = (float("-inf"), [])
+    groups: list[list[int]] = []
+
+    def visit(i: int, score: float) -> None:
+        nonlocal best
+        if n_groups is not None and len(groups) + (n - i) < n_groups:
+            return  # too few tasks left to open the groups still needed
+        if i == n:
+            if (n_groups is None or len(groups) == n_groups) and score > best[0] + 1e-12:
+                best = (score, [list(g) for g in groups])
+            return
+        for g in groups:
+            gain = sum(sim[i][j] for j in g)
+            g.append(i)
+            visit(i + 1, score + gain)
+            g.pop()
+        if n_groups is None or len(groups) < n_groups:
+            groups.append([i])
+            visit(i + 1, score)
+            groups.pop()
+
+    visit(0, 0.0)
+    return best[1], best[0]
+
+
+def heuristic_partition(sim: list[list[float]], n_groups: int | None = None) -> tuple[list[list[int]], float]:
+    """Agglomerative merging by largest positive cross similarity (or down to `n_groups`), then local moves."""
+    groups = [[i] for i in range(len(sim))]
+    while len(groups) > 1:
+        cross = [(sum(sim[a][b] for a in groups[x] for b in groups[y]), x, y)
+                 for x in range(len(groups)) for y in range(x + 1, len(groups))]
+        gain, x, y = max(cross)
+        if (len(groups) <= n_groups) if n_groups is not None else gain <= 0:
+            break
+        groups[x] += groups.pop(y)
+    improved = True
+    while improved:
+        improved = False
+        for task in range(len(sim)):
+            src = next(g for g in groups if task in g)
+            if len(src) == 1 and n_groups is not None:
+                continue  # moving it would close a group
+            loss = sum(sim[task][j] for j in src if j != task)
+            for dst in groups:
+                if dst is not src and sum(sim[task][j] for j in dst) > loss + 1e-12:
+                    src.remove(task)
+                    dst.append(task)
+                    improved = True
+                    break
+            groups = [g for g in groups if g]
+    groups = [sorted(g) for g in groups]
+    return sorted(groups), partition_score(sim, groups)
+
+
+def best_partition(sim: list[list[float]], n_groups: int | None = None, exact_limit: int = 10
+                   ) -> tuple[list[list[int]], float, str]:
+    """Exact search up to `exact_limit` tasks, the heuristic beyond; returns groups, score and the method."""
+    if n_groups is not None and not 1 <= n_groups <= len(sim):
+        raise ValueError(f"n_groups must be between 1 and {len(sim)}, got {n_groups}")
+    if len(sim) <= exact_limit:
+        groups, score = exact_partition(sim, n_groups)
+        return groups, score, "exact"
+    groups, score = heuristic_partition(sim, n_groups)
+    return groups, score, "agglomerative+moves"
+
+
+@dataclass
+class Affinity:
+    """Task-gradient similarity of a global shared prompt: mean dot products and cosines over snapshots."""
+
+    tasks: list[str]
+    dot: list[list[float]]
+    cosine: list[list[float]]
+    snapshots: int
+    losses: list[float]
+
+
+def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: GroupingConfig, lr: float,
+                  batch_size: int, template: str, seed: int = 0, progress: bool = True) -> Affinity:
+    """Train one global shared prompt on all tasks and average the tasks' gradient Gram matrices."""
+    bb = towers.backbone
+    torch.manual_seed(seed)
+    shared = build_prompt(prompt_config, bb.text_width, bb.vision_width, bb.text_layers, bb.vision_layers)
+    shared = shared.to(towers.device)
+    params = [p for p in shared.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    batcher = Batcher([len(t.train) for t in tasks], batch_size, seed + 1_000_000)
+    gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    cos = torch.zeros_like(gram)
+    snapshots, losses = 0, []
+    bar = EpochBar(range(cfg.steps), 1, 1, progress)
+    bar.bar.set_description("grouping")
+    for step in bar:
+        prompts = shared()
+        out = multitask_step(towers, tasks, [prompts] * len(tasks), batcher.next(), template)
+        grads = []
+        for loss in out.losses:
+            g = torch.autograd.grad(loss, params, retain_graph=True)
+            grads.append(torch.cat([x.reshape(-1) for x in g]).double())
+        if step % cfg.every == 0:
+            g = torch.stack(grads)
+            gram += g @ g.T
+            unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-20)
+            cos += unit @ unit.T
+            snapshots += 1
+        total = torch.stack(grads).sum(dim=0)
+        offset = 0
+        for p in params:
+            p.grad = total[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(torch.stack(out.losses).detach().sum())
+        losses.append(loss)
+        bar.update(loss, sum(out.correct) / sum(out.counts), sum(out.counts))
+    bar.close()
+    return Affinity([t.name for t in tasks], (gram / snapshots).tolist(), (cos / snapshots).tolist(), snapshots,
+                    losses)
+
+
+def read_groups_file(path: str | Path, names: list[str]) -> list[list[str]]:
+    """Groups from JSON: a list of task lists or {group: [tasks]}; every task exactly once."""
+    data = json.loads(Path(path).read_text())
+    groups = list(data.values()) if isinstance(data, dict) else data
+    groups = data.get("groups", groups) if isinstance(data, dict) and "groups" in data else groups
+    flat = [t for g in groups for t in g]
+    if sorted(flat) != sorted(names):
+        raise ValueError(f"{path}: groups must cover every task exactly once; tasks {sorted(names)}, "
+                         f"file has {sorted(flat)}")
+    return [list(g) for g in groups]
+
+
+def random_groups(names: list[str], n_groups: int, seed: int) -> list[list[str]]:
+    """A seeded random partition into `n_groups` non-empty groups."""
+    n_groups = max(1, min(n_groups, len(names)))
+    order = list(names)
+    random.Random(f"{seed}:groups").shuffle(order)
+    groups = [order[i::n_groups] for i in range(n_groups)]
+    return [sorted(g) for g in groups]
+
+
+def choose_groups(cfg: GroupingConfig, names: list[str], affinity: Affinity | None = None, seed: int = 0
+                  ) -> tuple[list[list[str]], dict]:
+    """The groups for `cfg.mode` and a record of how they were chosen (saved with the run)."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"grouping must be one of {MODES}, got {cfg.mode!r}")
+    info: dict = {"mode": cfg.mode}
+    if cfg.mode == "all":
+        groups = [list(names)]
+    elif cfg.mode == "single":
+        groups = [[n] for n in names]
+    elif cfg.mode == "random":
+        groups = random_groups(names, cfg.n_groups or 2, seed)
+    elif cfg.mode == "file":
+        if not cfg.file:
+            raise ValueError("grouping 'file' needs a groups file")
+        groups = read_groups_file(cfg.file, names)
+        info["file"] = str(cfg.file)
+    else:
+        if affinity is None:
+            raise ValueError("grouping 'auto' needs the task affinity")
+        sim = affinity.dot if cfg.similarity == "dot" else affinity.cosine
+        index_groups, score, method = best_partition(sim, cfg.n_groups, cfg.exact_limit)
+        groups = [[affinity.tasks[i] for i in g] for g in index_groups]
+        info |= {"similarity_kind": cfg.similarity, "score": score, "method": method, "tasks": affinity.tasks,
+                 "similarity": affinity.dot, "cosine": affinity.cosine, "snapshots": affinity.snapshots,
+                 "global_prompt_losses": affinity.losses}
+    info["groups"] = groups
+    return groups, info

@@ -1,0 +1,333 @@
+"""Multi-task prompt training: group-shared + task-specific MmAP (eq. 9-12) and its ablations.
+
+Each task's prompts are concat(group-shared, task-specific) per layer (builders.ClassifyPrompts). One step
+sums every task's cross-entropy: a group-shared prompt thus gets the sum of its tasks' gradients (eq. 11),
+a task-specific prompt only its own task's (eq. 12); groups are disjoint, so one optimiser serves them all.
+
+Ablations (PromptSpec):
+- kind 'text': CoOp/MaPLe-style deep text prompts only (DeepPromptConfig(tower='text'));
+- kind 'vision': VPT-deep visual prompts only (DeepPromptConfig(tower='vision')).
+  Budget match: the same number of prompt tokens per layer (n_tokens) at the same depth and in the same
+  group/task positions as the MmAP they replace. The parameter counts then differ (MmAP factorises its tokens
+  through Kronecker products: K*(m*n + (b/m)*(d_l/n + d_v/n)) versus K*b*d for one tower), so every run reports
+  its trainable parameters (per task, per group, and in total) next to its accuracy.
+- sharing 'task': task-specific prompts only, every task alone (no grouping);
+- sharing 'group': group-shared prompts only; each task entry then stores its group's prompt as its own
+  (the registry has no prompt-free task entry), and `shared_with` in its metrics names the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmserve.backbone import load_backbone
+from mmserve.builders import ClassifyPrompts
+from mmserve.prompts import DeepPromptConfig, MmAPConfig, build_prompt, count_params
+from mmserve.registry import GroupEntry, Manifest, TaskEntry, save_registry
+from training.classify import DEFAULT_TEMPLATE, Towers
+from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.data import BadFiles, discover_image_tasks
+from training.grouping import GroupingConfig, choose_groups, task_affinity
+from training.multitask import Batcher, TaskData, evaluate_task, multitask_step
+from training.optim import make_optimizer, make_scheduler
+from training.progress import EpochBar, log
+from training.runs import (
+    RunResult,
+    backbone_ref,
+    epoch_seed,
+    load_checkpoint,
+    save_checkpoint,
+    to_jsonable,
+    write_json,
+)
+from training.splits import Split, classify_split, read_split, write_split
+from training.tensors import part_tensors
+from training.zeroshot import zero_shot_metrics
+
+PROMPT_KINDS = ("mmap", "text", "vision")
+SHARING = ("group+task", "task", "group")
+
+
+@dataclass
+class PromptSpec:
+    """Prompt kind (mmap | text | vision), sharing (group+task | task | group) and the size of each prompt."""
+
+    kind: str = "mmap"
+    sharing: str = "group+task"
+    n_tokens: int = 4  # b: tokens per layer of each prompt (group-shared and task-specific alike)
+    source_rows: int = 2  # MmAP m
+    source_cols: int = 8  # MmAP n
+    depth: int | None = None  # prompted layers (None = all)
+    init_std: float = 0.02
+
+    def module_config(self) -> MmAPConfig | DeepPromptConfig:
+        """The config of every prompt module of the run."""
+        if self.kind not in PROMPT_KINDS:
+            raise ValueError(f"prompt kind must be one of {PROMPT_KINDS}, got {self.kind!r}")
+        if self.sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        if self.kind == "mmap":
+            return MmAPConfig(self.n_tokens, self.source_rows, self.source_cols, self.depth, self.init_std)
+        return DeepPromptConfig(self.kind, self.n_tokens, self.depth, self.init_std)
+
+
+@dataclass
+class MultiTaskConfig:
+    """Everything a multi-task classification run needs; saved as config.json in the run dir."""
+
+    root: str | None = None  # ROOT/<task>/<class>/<image>; may be omitted when split_file exists
+    run_dir: str = "runs/classify"
+    tasks: list[str] | None = None  # subset of the tasks (None = all)
+    split_file: str | None = None  # reused when it exists, else the drawn split is also written there
+    class_names_file: str | None = None
+    template: str = DEFAULT_TEMPLATE  # text after the prompt placeholders, with the class name
+    zero_shot_template: str = DEFAULT_TEMPLATE
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    on_bad_file: str = "skip"
+    seed: int = 0
+    cache_dir: str | None = None  # on-disk cache of preprocessed image tensors
+    progress: bool = True
+    resume: bool = False  # continue from run_dir/checkpoint.pt when it is there
+    stop_after_epoch: int | None = None  # leave after this epoch with a checkpoint (time-boxed jobs)
+    eval_each_epoch: bool = True
+
+
+class PromptBank(nn.Module):
+    """The trainable prompts of a run: one module per group and/or per task, as `sharing` says."""
+
+    def __init__(self, names: list[str], groups: list[list[str]] | None, spec: PromptSpec, backbone):
+        super().__init__()
+        config = spec.module_config()
+        self.config = config
+        self.names = list(names)
+        self.sharing = spec.sharing
+
+        def build() -> nn.Module:
+            return build_prompt(config, backbone.text_width, backbone.vision_width, backbone.text_layers,
+                                backbone.vision_layers)
+
+        use_groups = spec.sharing in ("group+task", "group")
+        self.groups = [list(g) for g in groups] if use_groups and groups else []
+        if use_groups and not self.groups:
+            raise ValueError(f"sharing '{spec.sharing}' needs task groups")
+        self.group_names = [f"group{i}" for i in range(len(self.groups))]
+        self.group_index = {t: i for i, g in enumerate(self.groups) for t in g}
+        self.group_modules = nn.ModuleList([build() for _ in self.groups])
+        self.task_modules = nn.ModuleList([build() for _ in names] if spec.sharing != "group" else [])
+
+    def composed(self, i: int) -> ClassifyPrompts:
+        """Task i's prompts as the registry will rebuild them (group then task, per layer)."""
+        group = self.group_modules[self.group_index[self.names[i]]] if self.group_modules else None
+        if not self.task_modules:
+            return ClassifyPrompts(group)  # group-only: the group's prompt is the task's
+        return ClassifyPrompts(self.task_modules[i], group)
+
+    def all_prompts(self) -> list:
+        """TowerPrompts of every task, in task order."""
+        return [self.composed(i)() for i in range(len(self.names))]
+
+    def params_used(self, i: int) -> int:
+        """Trainable parameters that shape task i's prompts (its own plus its group's)."""
+        return count_params(self.composed(i))
+
+
+def load_or_draw_split(cfg: MultiTaskConfig, bad: BadFiles) -> tuple[Split, str]:
+    """Reuse cfg.split_file when it exists; otherwise discover the tasks and draw (and save) a split."""
+    path = Path(cfg.split_file) if cfg.split_file else None
+    run_split = Path(cfg.run_dir) / "split.json"
+    if path is not None and path.is_file():
+        split = read_split(path)
+        log(f"reusing split {path}")
+    elif cfg.resume and run_split.is_file():
+        split = read_split(run_split)
+        log(f"resuming with split {run_split}")
+    else:
+        if not cfg.root:
+            raise ValueError("a data root is needed to draw a split (or pass an existing split file)")
+        found = discover_image_tasks(cfg.root, bad, cfg.tasks, cfg.class_names_file)
+        split = classify_split(cfg.root, found, cfg.split)
+        if path is not None:
+            write_split(path, split)
+    if split.kind != "classify":
+        raise ValueError(f"split {path} is a '{split.kind}' split; classification needs a 'classify' split")
+    if cfg.tasks:
+        missing = [t for t in cfg.tasks if t not in split.tasks]
+        if missing:
+            raise ValueError(f"task(s) {missing} not in the split (it has {sorted(split.tasks)})")
+        split.tasks = {t: split.tasks[t] for t in cfg.tasks}
+    return split, cfg.root or split.root
+
+
+def task_data(towers: Towers, split: Split, root: str, bad: BadFiles, cache_dir: str | None) -> list[TaskData]:
+    """Tensors of every task's train and test parts."""
+    out = []
+    for name, t in split.tasks.items():
+        pre = towers.backbone.preprocess
+        train = part_tensors(root, t.train, t.classes, pre, bad, cache_dir=cache_dir)
+        test = part_tensors(root, t.test, t.classes, pre, bad, cache_dir=cache_dir)
+        out.append(TaskData(name, t.classes, t.class_names, train, test))
+    return out
+
+
+def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData]) -> tuple[list[list[str]] | None, dict]:
+    if cfg.prompt.sharing == "task":
+        return None, {}
+    names = [t.name for t in tasks]
+    affinity = None
+    if cfg.grouping.mode == "auto" and len(tasks) > 1:
+        affinity = task_affinity(towers, tasks, cfg.prompt.module_config(), cfg.grouping,
+                                 cfg.grouping.lr or cfg.optim.lr, cfg.grouping.batch_size or cfg.optim.batch_size,
+                                 cfg.template, cfg.seed, cfg.progress)
+    if cfg.grouping.mode == "auto" and len(tasks) == 1:
+        return [names], {"mode": "auto", "groups": [names], "note": "one task"}
+    groups, info = choose_groups(cfg.grouping, names, affinity, cfg.seed)
+    log(f"groups: {groups}")
+    return groups, info
+
+
+def _evaluate(towers: Towers, bank: PromptBank, tasks: list[TaskData], template: str
+              ) -> tuple[dict[str, float], dict[str, list[int]]]:
+    bank.eval()
+    accs, preds = {}, {}
+    with torch.no_grad():
+        for i, t in enumerate(tasks):
+            accs[t.name], preds[t.name] = evaluate_task(towers, t, bank.composed(i)(), template)
+    bank.train()
+    return accs, preds
+
+
+def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData], final: dict):
+    cfg_dict = bank.config.to_dict()
+    groups = [GroupEntry(name, list(members), cfg_dict, count_params(module))
+              for name, members, module in zip(bank.group_names, bank.groups, bank.group_modules, strict=True)]
+    group_weights = {}
+    if bank.task_modules:
+        group_weights = {e.name: m.state_dict() for e, m in zip(groups, bank.group_modules, strict=True)}
+    entries, weights = [], {}
+    for i, t in enumerate(tasks):
+        composed = bank.composed(i)
+        own = composed.task
+        group = bank.group_names[bank.group_index[t.name]] if bank.group_modules else None
+        metrics = dict(final[t.name])
+        if not bank.task_modules:
+            metrics["shared_with"] = bank.groups[bank.group_index[t.name]]
+        entries.append(TaskEntry(t.name, "classify", list(t.class_names), cfg_dict, count_params(own),
+                                 template=final["template"], group=group if bank.task_modules else None,
+                                 metrics=metrics))
+        weights[t.name] = own.state_dict()
+    manifest = Manifest(backbone_ref(towers.backbone), groups if bank.task_modules else [], entries)
+    return save_registry(run_dir / "registry", manifest, group_weights, weights)
+
+
+def train_multitask(cfg: MultiTaskConfig) -> RunResult:
+    """Train (or resume) a multi-task classification run; write config, metrics, split, grouping and registry."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = to_jsonable(cfg)
+    bad = BadFiles(cfg.on_bad_file)
+    backbone = load_backbone(cfg.backbone.spec())
+    towers = Towers.of(backbone)
+    split, root = load_or_draw_split(cfg, bad)
+    write_split(run_dir / "split.json", split)
+    write_json(run_dir / "config.json", config | {"backbone_fingerprint": backbone.fingerprint, "data_root": root})
+    tasks = task_data(towers, split, root, bad, cfg.cache_dir)
+    zero = {t.name: zero_shot_metrics(towers, t.test, t.class_names, "multiclass", cfg.zero_shot_template)["accuracy"]
+            for t in tasks}
+    state = load_checkpoint(run_dir, config) if cfg.resume else None
+    if state is not None:
+        groups, grouping = state["groups"], state["grouping"]
+        log(f"resuming after epoch {state['epoch']}")
+    else:
+        groups, grouping = _groups(cfg, towers, tasks)
+    if grouping:
+        write_json(run_dir / "grouping.json", grouping)
+    torch.manual_seed(cfg.seed)
+    bank = PromptBank([t.name for t in tasks], groups, cfg.prompt, backbone).to(backbone.device)
+    params = [p for p in bank.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg.optim)
+    sizes = [len(t.train) for t in tasks]
+    steps = Batcher(sizes, cfg.optim.batch_size, 0).steps_per_epoch
+    sched = make_scheduler(opt, cfg.optim, steps)
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        bank.load_state_dict(state["bank"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"]
+    for epoch in range(start + 1, cfg.optim.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        batcher = Batcher(sizes, cfg.optim.batch_size, epoch_seed(cfg.seed, epoch))
+        bar = EpochBar(range(steps), epoch, cfg.optim.epochs, cfg.progress)
+        loss_sum = [0.0] * len(tasks)
+        correct = [0] * len(tasks)
+        seen = [0] * len(tasks)
+        lr = opt.param_groups[0]["lr"]
+        for _ in bar:
+            out = multitask_step(towers, tasks, bank.all_prompts(), batcher.next(), cfg.template)
+            loss = torch.stack(out.losses).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for i in range(len(tasks)):
+                loss_sum[i] += float(out.losses[i].detach()) * out.counts[i]
+                correct[i] += out.correct[i]
+                seen[i] += out.counts[i]
+            bar.update(float(loss.detach()) / len(tasks), sum(out.correct) / sum(out.counts), sum(out.counts))
+        bar.close()
+        record = {"epoch": epoch, "lr": lr, "train_loss": sum(loss_sum) / sum(seen),
+                  "train_accuracy": sum(correct) / sum(seen),
+                  "tasks": {t.name: {"train_loss": loss_sum[i] / seen[i], "train_accuracy": correct[i] / seen[i]}
+                            for i, t in enumerate(tasks)}}
+        if cfg.eval_each_epoch or epoch == cfg.optim.epochs:
+            accs, _ = _evaluate(towers, bank, tasks, cfg.template)
+            for name, acc in accs.items():
+                record["tasks"][name]["test_accuracy"] = acc
+            record["test_accuracy_mean"] = sum(accs.values()) / len(accs)
+        history.append(record)
+        log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f}"
+            + (f", test acc {record['test_accuracy_mean']:.3f}" if "test_accuracy_mean" in record else ""))
+        write_json(run_dir / "metrics.json", {"epochs": history, "final": None})
+        save_checkpoint(run_dir, {"epoch": epoch, "config": config, "bank": bank.state_dict(),
+                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                  "history": history, "groups": groups, "grouping": grouping})
+        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and epoch < cfg.optim.epochs:
+            log(f"stopping after epoch {epoch}; resume with --resume")
+            return RunResult(run_dir, run_dir / "registry", {"stopped_after_epoch": epoch}, history,
+                             count_params(bank), groups, {}, bad.seen)
+    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad)
+
+
+def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData],
+            zero: dict[str, float], history: list[dict], groups, bad: BadFiles) -> RunResult:
+    accs, preds = _evaluate(towers, bank, tasks, cfg.template)
+    final: dict = {"template": cfg.template}
+    for i, t in enumerate(tasks):
+        final[t.name] = {"accuracy": accs[t.name], "zero_shot_accuracy": zero[t.name], "n_train": len(t.train),
+                         "n_test": len(t.test), "shots": cfg.split.shots, "split_seed": cfg.split.seed,
+                         "prompt": cfg.prompt.kind, "sharing": cfg.prompt.sharing,
+                         "params_used": bank.params_used(i)}
+    total = count_params(bank)
+    summary = {"accuracy_mean": sum(accs.values()) / len(accs),
+               "zero_shot_accuracy_mean": sum(zero.values()) / len(zero), "trainable_params": total, "groups": groups}
+    _save_registry(run_dir, towers, bank, tasks, final)
+    names = {t.name: [t.class_names[k] for k in preds[t.name]] for t in tasks}
+    write_json(run_dir / "predictions.json", {t.name: [{"image": it.image, "label": it.label, "predicted": p}
+                                                       for it, p in zip(t.test.items, names[t.name], strict=True)]
+                                              for t in tasks})
+    tasks_final = {k: v for k, v in final.items() if k != "template"}
+    write_json(run_dir / "metrics.json", {"epochs": history, "final": {"tasks": tasks_final, **summary},
+                                          "skipped_files": bad.seen})
+    log(f"done: mean test accuracy {summary['accuracy_mean']:.4f} (zero-shot {summary['zero_shot_accuracy_mean']:.4f}),"
+        f" {total} trainable parameters; registry {run_dir / 'registry'}")
+    return RunResult(run_dir, run_dir / "registry", {"tasks": tasks_final, **summary}, history, total, groups,
+                     names, bad.seen)
