@@ -1,0 +1,356 @@
+"""`mmserve-train`: prepare data, pretrain, draw splits, group tasks, train MmAP / MoPE prompts, evaluate.
+
+Examples:
+  mmserve-train split --root data/tasks/images --out split.json --shots 16
+  mmserve-train classify --root data/tasks/images --split split.json --run-dir runs/mmap \\
+      --model mmserve-vit-p12-96 --pretrained models/backbone.safetensors
+  mmserve-train classify ... --prompt text --sharing task        (CoOp-style text-only ablation)
+  mmserve-train fuse --train fusion/train.jsonl --test fusion/test.jsonl --run-dir runs/mope
+  mmserve-train eval --registry runs/mmap/registry --split split.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from mmserve.backbone import EMBEDDED_MODEL
+from mmserve.errors import MmserveError
+from mmserve.prompts.mope import MoPEConfig
+from training.config import BackboneConfig, OptimConfig, SplitConfig
+
+
+def _add_backbone(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--model", default=EMBEDDED_MODEL, help=f"open_clip model name (default {EMBEDDED_MODEL})")
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip tag or checkpoint path (default $MMSERVE_BACKBONE_PRETRAINED; 'none' = random)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_split(p: argparse.ArgumentParser, shots: int | None, test_fraction: float) -> None:
+    g = p.add_argument_group("split")
+    g.add_argument("--shots", type=lambda s: None if s == "all" else int(s), default=shots,
+                   help=f"training samples per class, or 'all' (default {shots or 'all'})")
+    g.add_argument("--test-fraction", type=float, default=test_fraction, help="per class, held out for test")
+    g.add_argument("--max-test", type=int, default=None, help="cap on test samples per class")
+    g.add_argument("--split-by", choices=("file", "stem"), default="file",
+                   help="'stem': one file stem (identity) is on one side in every task")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--on-bad-file", choices=("skip", "stop"), default="skip",
+                   help="a bad file is reported with its path, then left out (skip) or the run stops")
+
+
+def _add_optim(p: argparse.ArgumentParser, d: OptimConfig) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
+
+
+def _add_run(p: argparse.ArgumentParser, run_dir: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", default=run_dir, help="where config, metrics, split and registry go")
+    g.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed image tensors")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", action="store_true", help="continue from the run dir's last epoch checkpoint")
+    g.add_argument("--stop-after-epoch", type=int, default=None, help="leave after this epoch (resumable)")
+    g.add_argument("--no-eval-each-epoch", action="store_true", help="test only after the last epoch")
+
+
+def _backbone(a) -> BackboneConfig:
+    return BackboneConfig(a.model, a.pretrained, a.device)
+
+
+def _split(a) -> SplitConfig:
+    return SplitConfig(a.shots, a.test_fraction, a.max_test, a.split_by, a.seed)
+
+
+def _optim(a) -> OptimConfig:
+    return OptimConfig(**{f.name: getattr(a, f.name) for f in fields(OptimConfig)})
+
+
+def _tasks(value: str | None) -> list[str] | None:
+    return [t for t in value.split(",") if t] if value else None
+
+
+def cmd_prepare(a) -> int:
+    """Delegate to the data preparation (training.prepare)."""
+    try:
+        from training.prepare.__main__ import main as prepare_main
+    except ImportError as exc:
+        raise SystemExit(f"mmserve-train prepare: the data preparation is not available ({exc})") from None
+    return int(prepare_main(a.rest) or 0)
+
+
+def cmd_pretrain(a) -> int:
+    """Delegate to backbone pretraining (training.pretrain)."""
+    try:
+        from training.pretrain import pretrain
+    except ImportError as exc:
+        raise SystemExit(f"mmserve-train pretrain: backbone pretraining is not available yet ({exc})") from None
+    return int(pretrain(a.rest) or 0)
+
+
+def cmd_split(a) -> int:
+    """Draw a split file from an image-folder root or a fusion JSONL."""
+    from training.data import BadFiles, discover_image_tasks, read_fusion_jsonl
+    from training.splits import classify_split, fusion_split, write_split
+
+    bad = BadFiles(a.on_bad_file)
+    if a.root:
+        split = classify_split(a.root, discover_image_tasks(a.root, bad, _tasks(a.tasks), a.class_names), _split(a))
+    else:
+        items = read_fusion_jsonl(a.train, bad)
+        test = read_fusion_jsonl(a.test, bad) if a.test else None
+        split = fusion_split(a.name or Path(a.train).stem, items, _split(a), test)
+    write_split(a.out, split)
+    for name, t in split.tasks.items():
+        print(f"{name}: {len(t.classes)} classes, {len(t.train)} train, {len(t.test)} test")
+    print(f"split written to {a.out}")
+    return 0
+
+
+def _multitask_config(a):
+    from training.grouping import GroupingConfig
+    from training.mmap_trainer import MultiTaskConfig, PromptSpec
+
+    return MultiTaskConfig(
+        root=a.root, run_dir=a.run_dir, tasks=_tasks(a.tasks), split_file=a.split, class_names_file=a.class_names,
+        template=a.template, zero_shot_template=a.zero_shot_template, backbone=_backbone(a), split=_split(a),
+        optim=_optim(a),
+        prompt=PromptSpec(a.prompt, a.sharing, a.n_tokens, a.source_rows, a.source_cols, a.depth),
+        grouping=GroupingConfig(a.grouping, a.groups_file, a.n_groups, a.group_steps, a.group_every, a.similarity),
+        on_bad_file=a.on_bad_file, seed=a.seed, cache_dir=a.cache_dir, progress=not a.no_progress,
+        resume=a.resume, stop_after_epoch=a.stop_after_epoch, eval_each_epoch=not a.no_eval_each_epoch)
+
+
+def cmd_classify(a) -> int:
+    """Train multi-task classification prompts (MmAP or an ablation)."""
+    from training.mmap_trainer import train_multitask
+
+    result = train_multitask(_multitask_config(a))
+    print(f"run written to {result.run_dir}")
+    return 0
+
+
+def cmd_group(a) -> int:
+    """Only the task grouping: similarity matrix and groups, written to <run-dir>/grouping.json."""
+    from mmserve.backbone import load_backbone
+    from training.classify import Towers
+    from training.data import BadFiles
+    from training.grouping import choose_groups, task_affinity
+    from training.mmap_trainer import load_or_draw_split, task_data
+    from training.runs import write_json
+
+    cfg = _multitask_config(a)
+    bad = BadFiles(cfg.on_bad_file)
+    towers = Towers.of(load_backbone(cfg.backbone.spec()))
+    split, root = load_or_draw_split(cfg, bad)
+    tasks = task_data(towers, split, root, bad, cfg.cache_dir)
+    affinity = task_affinity(towers, tasks, cfg.prompt.module_config(), cfg.grouping, cfg.optim.lr,
+                             cfg.optim.batch_size, cfg.template, cfg.seed, cfg.progress)
+    groups, info = choose_groups(cfg.grouping, [t.name for t in tasks], affinity, cfg.seed)
+    write_json(Path(cfg.run_dir) / "grouping.json", info)
+    print(f"groups: {groups}\nwritten to {Path(cfg.run_dir) / 'grouping.json'}")
+    return 0
+
+
+def cmd_fuse(a) -> int:
+    """Train a MoPE fusion task."""
+    from training.mope_trainer import FuseConfig, train_mope
+
+    select = dict(s.split("=", 1) for s in a.select)
+    mope = MoPEConfig(prompt_len=a.prompt_len, n_experts=a.experts, mapped_len=a.mapped_len,
+                      mapper_hidden=a.mapper_hidden, temperature=a.temperature, routing=a.routing,
+                      router_uses_image=a.router_uses_image, importance_threshold=a.importance_threshold,
+                      importance_weight=a.importance_weight, depth=a.depth)
+    cfg = FuseConfig(train=a.train, test=a.test, name=a.name, select=select, split_file=a.split, run_dir=a.run_dir,
+                     head=a.head, complementary=a.complementary, mope=mope, backbone=_backbone(a), split=_split(a),
+                     optim=_optim(a), head_lr=a.head_lr, threshold=a.threshold, on_bad_file=a.on_bad_file,
+                     seed=a.seed, cache_dir=a.cache_dir, progress=not a.no_progress, resume=a.resume,
+                     stop_after_epoch=a.stop_after_epoch, eval_each_epoch=not a.no_eval_each_epoch)
+    result = train_mope(cfg)
+    print(f"run written to {result.run_dir}")
+    return 0
+
+
+def cmd_zeroshot(a) -> int:
+    """Zero-shot metrics of every task of a split."""
+    from mmserve.backbone import load_backbone
+    from training.data import BadFiles
+    from training.runs import write_json
+    from training.splits import read_split
+    from training.zeroshot import zero_shot
+
+    result = zero_shot(load_backbone(_backbone(a).spec()), read_split(a.split), a.root, a.template,
+                       BadFiles(a.on_bad_file), a.cache_dir)
+    write_json(a.out, result)
+    for name, m in result.items():
+        print(f"{name}: {m}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    """Evaluate a registry on a split; write JSON and a Markdown table."""
+    from mmserve.backbone import BackboneSpec
+    from training.evaluate import evaluate_registry, write_report
+
+    spec = None
+    if a.model_override or a.pretrained_override:
+        from mmserve.registry import read_manifest
+
+        ref = read_manifest(a.registry).backbone
+        spec = BackboneSpec(a.model_override or ref.model, a.pretrained_override or ref.pretrained, a.device)
+    report = evaluate_registry(a.registry, a.split, a.root, spec, a.on_bad_file, a.zero_shot_template, a.cache_dir,
+                               _tasks(a.tasks))
+    out = Path(a.out) if a.out else Path(a.registry).resolve().parent
+    json_path, md_path = write_report(report, out, a.stem)
+    print(report.to_markdown())
+    print(f"written: {json_path} {md_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="mmserve-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the data sets (training.prepare); arguments are passed on")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("pretrain", help="pretrain the embedded backbone (training.pretrain); arguments passed on")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("split", help="draw a train/test split file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--root", help="image-folder root ROOT/<task>/<class>/<image>")
+    src.add_argument("--train", help="fusion JSON lines")
+    p.add_argument("--test", help="fusion JSON lines of the test part")
+    p.add_argument("--name", help="fusion task name (default: file stem)")
+    p.add_argument("--tasks", help="comma-separated subset of tasks")
+    p.add_argument("--class-names", help="JSON mapping class folder -> prompt name")
+    p.add_argument("--out", required=True, help="split file to write")
+    _add_split(p, 16, 0.5)
+    p.set_defaults(func=cmd_split)
+
+    for name, helptext, func in (("classify", "train multi-task classification prompts", cmd_classify),
+                                 ("group", "compute task groups only", cmd_group)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--root", help="image-folder root (optional when --split exists)")
+        p.add_argument("--split", help="split file: reused when it exists, else written")
+        p.add_argument("--tasks", help="comma-separated subset of tasks")
+        p.add_argument("--class-names", help="JSON mapping class folder -> prompt name")
+        p.add_argument("--template", default="a photo of a {}.", help="class prompt after the prompt tokens")
+        p.add_argument("--zero-shot-template", default="a photo of a {}.")
+        g = p.add_argument_group("prompts")
+        g.add_argument("--prompt", choices=("mmap", "text", "vision"), default="mmap",
+                       help="mmap, or the text-only (CoOp/MaPLe) / visual-only (VPT-deep) ablation")
+        g.add_argument("--sharing", choices=("group+task", "task", "group"), default="group+task",
+                       help="group-shared + task-specific prompts, task-specific only, or group-shared only")
+        g.add_argument("--n-tokens", type=int, default=4, help="prompt tokens per layer of each prompt (b)")
+        g.add_argument("--source-rows", type=int, default=2, help="MmAP m")
+        g.add_argument("--source-cols", type=int, default=8, help="MmAP n")
+        g.add_argument("--depth", type=int, default=None, help="prompted layers (default all)")
+        g = p.add_argument_group("grouping")
+        g.add_argument("--grouping", choices=("auto", "all", "single", "random", "file"), default="auto")
+        g.add_argument("--groups-file", help="JSON groups for --grouping file")
+        g.add_argument("--n-groups", type=int, default=None, help="auto: exactly N groups; random: N (default 2)")
+        g.add_argument("--group-steps", type=int, default=50, help="steps of the global prompt for grouping")
+        g.add_argument("--group-every", type=int, default=5, help="gradient snapshot period (steps)")
+        g.add_argument("--similarity", choices=("dot", "cosine"), default="dot")
+        _add_backbone(p)
+        _add_split(p, 16, 0.5)
+        _add_optim(p, OptimConfig())
+        _add_run(p, f"runs/{name}")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("fuse", help="train a MoPE image+text fusion task")
+    p.add_argument("--train", help="fusion JSON lines (split unless --test is given)")
+    p.add_argument("--test", help="fusion JSON lines of the test part")
+    p.add_argument("--name", help="task name (default: the train file's stem)")
+    p.add_argument("--select", action="append", default=[], metavar="FIELD=VALUE",
+                   help="keep only lines whose FIELD equals VALUE (repeatable), e.g. task=noto")
+    p.add_argument("--split", help="split file: reused when it exists, else written")
+    p.add_argument("--head", choices=("multiclass", "multilabel"), default=None)
+    p.add_argument("--complementary", default="clip", help="'clip' (text tower), 'minilm', or an encoder folder")
+    p.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
+    p.add_argument("--head-lr", type=float, default=None)
+    d = MoPEConfig()
+    g = p.add_argument_group("MoPE")
+    g.add_argument("--prompt-len", type=int, default=d.prompt_len, help="l")
+    g.add_argument("--experts", type=int, default=d.n_experts, help="k")
+    g.add_argument("--mapped-len", type=int, default=d.mapped_len)
+    g.add_argument("--mapper-hidden", type=int, default=d.mapper_hidden)
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--routing", choices=("dense", "top1"), default=d.routing)
+    g.add_argument("--router-uses-image", action="store_true")
+    g.add_argument("--importance-weight", type=float, default=d.importance_weight)
+    g.add_argument("--importance-threshold", type=float, default=d.importance_threshold)
+    g.add_argument("--depth", type=int, default=None)
+    _add_backbone(p)
+    _add_split(p, None, 0.2)
+    _add_optim(p, OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=10, batch_size=32))
+    _add_run(p, "runs/fuse")
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("zeroshot", help="zero-shot baseline on a split's test part")
+    p.add_argument("--split", required=True)
+    p.add_argument("--root", default=None, help="data root (default: the split's)")
+    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--out", default="zeroshot.json")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--on-bad-file", choices=("skip", "stop"), default="skip")
+    _add_backbone(p)
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("eval", help="evaluate a registry on a split: JSON + Markdown table")
+    p.add_argument("--registry", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--root", default=None, help="data root (default: the split's)")
+    p.add_argument("--tasks", help="comma-separated subset of tasks")
+    p.add_argument("--out", default=None, help="folder for eval.json / eval.md (default: the registry's parent)")
+    p.add_argument("--stem", default="eval", help="file name stem of the outputs")
+    p.add_argument("--zero-shot-template", default="a photo of a {}.")
+    p.add_argument("--model", dest="model_override", default=None, help="backbone (default: the registry's)")
+    p.add_argument("--pretrained", dest="pretrained_override", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--on-bad-file", choices=("skip", "stop"), default="skip")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mmserve-train`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("prepare", "pretrain") and not {"-h", "--help"} & set(argv[:1]):
+        # hand every remaining argument, options included, to the delegate's own parser
+        func = cmd_prepare if argv[0] == "prepare" else cmd_pretrain
+        return func(argparse.Namespace(rest=argv[1:]))
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (MmserveError, ValueError, FileNotFoundError) as exc:
+        print(f"mmserve-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""MoPE fusion training: per-sample image-tower prompts conditioned on the text, plus a linear head.
+
+Loss: cross-entropy (multi-class) or binary cross-entropy (multi-label) + importance_weight x importance loss
+(MoPEConfig; squared CV of per-expert routing mass, zero below gamma). AdamW, lr 4e-4 (the paper's vision-side
+rate) by default. Every epoch records train/test scores, the mean routing entropy and each expert's share of the
+routing mass per layer (the paper's figures 5 and 6). The complementary encoder is frozen, so psi is computed
+once per sample and cached for the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmserve.backbone import load_backbone
+from mmserve.complementary import build_complementary
+from mmserve.fusion import FusionModel
+from mmserve.prompts import count_params
+from mmserve.prompts.mope import MoPEConfig, importance_loss
+from mmserve.registry import Manifest, TaskEntry, save_registry
+from training.classify import DEFAULT_TEMPLATE, Towers
+from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.data import BadFiles, read_fusion_jsonl
+from training.metrics import accuracy, f1_scores
+from training.multitask import Batcher
+from training.optim import make_optimizer, make_scheduler
+from training.progress import EpochBar, log
+from training.runs import (
+    RunResult,
+    backbone_ref,
+    epoch_seed,
+    load_checkpoint,
+    save_checkpoint,
+    to_jsonable,
+    write_json,
+)
+from training.splits import Split, SplitTask, fusion_split, read_split, write_split
+from training.tensors import PartTensors, part_tensors
+from training.zeroshot import zero_shot_metrics
+
+
+def _fuse_optim() -> OptimConfig:
+    return OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=10, batch_size=32)
+
+
+@dataclass
+class FuseConfig:
+    """Everything a MoPE fusion run needs; saved as config.json in the run dir."""
+
+    train: str | None = None  # JSON lines; split into train/test unless `test` is given
+    test: str | None = None  # JSON lines of the test part (then only train is k-shot sampled)
+    name: str | None = None  # task name (default: the train file's stem)
+    select: dict[str, str] = field(default_factory=dict)  # keep lines whose fields equal these values
+    split_file: str | None = None  # reused when it exists, else the drawn split is also written there
+    run_dir: str = "runs/fuse"
+    head: str | None = None  # "multiclass" or "multilabel" (None = multilabel iff any label is a list)
+    classes: list[str] | None = None  # None = the labels found; set it to report unknown labels
+    complementary: str = "clip"  # "clip" (frozen CLIP text tower), "minilm", or a sentence-encoder folder
+    mope: MoPEConfig = field(default_factory=MoPEConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(shots=None, test_fraction=0.2))
+    optim: OptimConfig = field(default_factory=_fuse_optim)
+    head_lr: float | None = None  # lr of the linear head (None = optim.lr)
+    threshold: float = 0.5  # multi-label decision threshold on sigmoid probabilities
+    zero_shot_template: str = DEFAULT_TEMPLATE
+    on_bad_file: str = "skip"
+    seed: int = 0
+    cache_dir: str | None = None
+    progress: bool = True
+    resume: bool = False
+    stop_after_epoch: int | None = None
+    eval_each_epoch: bool = True
+
+
+def complementary_spec(name: str) -> dict:
+    """The registry spec of a complementary encoder given on the command line."""
+    if name in ("clip", "clip_text"):
+        return {"kind": "clip_text"}
+    return {"kind": "sentence", "model": name}
+
+
+def load_fusion_split(cfg: FuseConfig, bad: BadFiles) -> tuple[Split, str]:
+    """Reuse cfg.split_file when it exists, else read the JSON lines and draw (and save) the split."""
+    path = Path(cfg.split_file) if cfg.split_file else None
+    run_split = Path(cfg.run_dir) / "split.json"
+    if path is not None and path.is_file():
+        split = read_split(path)
+        log(f"reusing split {path}")
+    elif cfg.resume and run_split.is_file():
+        split = read_split(run_split)
+    else:
+        if not cfg.train:
+            raise ValueError("fusion training needs --train JSONL (or an existing split file)")
+        name = cfg.name or Path(cfg.train).stem
+        items = read_fusion_jsonl(cfg.train, bad, cfg.select, cfg.classes)
+        test = read_fusion_jsonl(cfg.test, bad, cfg.select, cfg.classes) if cfg.test else None
+        split = fusion_split(name, items, cfg.split, test, cfg.classes, cfg.head)
+        if path is not None:
+            write_split(path, split)
+    if split.kind != "fuse" or len(split.tasks) != 1:
+        raise ValueError("a fusion split holds exactly one 'fuse' task")
+    return split, split.root
+
+
+@torch.no_grad()
+def encode_texts(encoder, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """psi for every text, in batches (the encoder is frozen: computed once per run)."""
+    return torch.cat([encoder.encode(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
+
+
+@dataclass
+class FusionEval:
+    """Scores, routing statistics and predictions of a fusion model on one part."""
+
+    metrics: dict
+    predictions: list
+
+
+class RoutingStats:
+    """Accumulates routing scores (B, K, k) into mean entropy and per-layer expert shares."""
+
+    def __init__(self) -> None:
+        self.mass: torch.Tensor | None = None
+        self.entropy = 0.0
+        self.count = 0
+
+    def add(self, routing: torch.Tensor) -> None:
+        """Add one batch of routing scores."""
+        routing = routing.detach().float().cpu()
+        mass = routing.sum(dim=0)
+        self.mass = mass if self.mass is None else self.mass + mass
+        p = routing.clamp_min(1e-12)
+        self.entropy += float(-(p * p.log()).sum(dim=-1).mean(dim=-1).sum())
+        self.count += routing.shape[0]
+
+    def summary(self) -> dict:
+        """Mean routing entropy (nats; log k = uniform) and each expert's share of the mass per layer."""
+        shares = self.mass / self.mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return {"routing_entropy": self.entropy / max(1, self.count), "expert_importance": shares.tolist()}
+
+
+def scores(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, threshold: float) -> dict:
+    """Accuracy (multi-class) or F1 micro/macro (multi-label) of logits against targets."""
+    if multilabel:
+        return f1_scores(logits.sigmoid() > threshold, targets.bool())
+    return {"accuracy": accuracy(logits.argmax(dim=-1), targets)}
+
+
+@torch.no_grad()
+def evaluate_fusion(model: FusionModel, towers: Towers, part: PartTensors, psi: torch.Tensor, classes: list[str],
+                    threshold: float, batch_size: int = 128) -> FusionEval:
+    """Test scores, routing statistics and predicted labels (class names, or lists of them)."""
+    was_training = model.training
+    model.eval()
+    logits, stats = [], RoutingStats()
+    for i in range(0, len(part), batch_size):
+        out = model(towers.image, part.images[i:i + batch_size].to(towers.device), psi[i:i + batch_size].to(
+            towers.device))
+        logits.append(out.logits.float().cpu())
+        stats.add(out.routing)
+    model.train(was_training)
+    logits = torch.cat(logits)
+    metrics = scores(logits, part.targets, model.multilabel, threshold) | stats.summary()
+    if model.multilabel:
+        preds = [[classes[j] for j in row.nonzero().flatten().tolist()] for row in logits.sigmoid() > threshold]
+    else:
+        preds = [classes[j] for j in logits.argmax(dim=-1).tolist()]
+    return FusionEval(metrics, preds)
+
+
+def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    task = (F.binary_cross_entropy_with_logits(out.logits, target) if model.multilabel
+            else F.cross_entropy(out.logits, target))
+    return task, importance_loss(out.routing, mope.importance_threshold)
+
+
+def train_mope(cfg: FuseConfig) -> RunResult:
+    """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = to_jsonable(cfg)
+    bad = BadFiles(cfg.on_bad_file)
+    backbone = load_backbone(cfg.backbone.spec())
+    towers = Towers.of(backbone)
+    split, root = load_fusion_split(cfg, bad)
+    write_split(run_dir / "split.json", split)
+    name, task = next(iter(split.tasks.items()))
+    multilabel = task.head == "multilabel"
+    write_json(run_dir / "config.json", config | {"backbone_fingerprint": backbone.fingerprint, "task": name,
+                                                  "head": task.head})
+    train = part_tensors(root, task.train, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
+    test = part_tensors(root, task.test, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
+    spec = complementary_spec(cfg.complementary)
+    encoder = build_complementary(spec, backbone)
+    psi_train, psi_test = encode_texts(encoder, train.texts), encode_texts(encoder, test.texts)
+    labels_per = float(train.targets.sum(dim=1).mean()) if multilabel else None
+    zero = zero_shot_metrics(towers, test, task.class_names, task.head, cfg.zero_shot_template, labels_per)
+    torch.manual_seed(cfg.seed)
+    model = FusionModel(cfg.mope, backbone.vision_width, backbone.vision_layers, backbone.embed_dim, encoder.dim,
+                        len(task.classes), task.head).to(backbone.device)
+    head_params = list(model.head.parameters())
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("head.")]},
+              {"params": head_params, "lr": cfg.head_lr or cfg.optim.lr}]
+    opt = make_optimizer(groups, cfg.optim)
+    batcher0 = Batcher([len(train)], cfg.optim.batch_size, 0)
+    steps = batcher0.steps_per_epoch
+    sched = make_scheduler(opt, cfg.optim, steps)
+    history: list[dict] = []
+    start = 0
+    state = load_checkpoint(run_dir, config) if cfg.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"]
+        log(f"resuming after epoch {start}")
+    metric = "f1" if multilabel else "acc"
+    for epoch in range(start + 1, cfg.optim.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        batcher = Batcher([len(train)], cfg.optim.batch_size, epoch_seed(cfg.seed, epoch))
+        bar = EpochBar(range(steps), epoch, cfg.optim.epochs, cfg.progress, metric)
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        sums = {"loss": 0.0, "task_loss": 0.0, "importance_loss": 0.0}
+        seen, stats, logits_all, idx_all = 0, RoutingStats(), [], []
+        for _ in bar:
+            idx = batcher.next()[0]
+            out = model(towers.image, train.images[idx].to(backbone.device), psi_train[idx].to(backbone.device))
+            target = train.targets[idx].to(backbone.device)
+            task_loss, imp = _loss(model, out, target, cfg.mope)
+            loss = task_loss + cfg.mope.importance_weight * imp
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n = len(idx)
+            for key, value in (("loss", loss), ("task_loss", task_loss), ("importance_loss", imp)):
+                sums[key] += float(value.detach()) * n
+            seen += n
+            stats.add(out.routing)
+            logits_all.append(out.logits.detach().float().cpu())
+            idx_all.append(idx)
+            step_score = scores(logits_all[-1], train.targets[idx], multilabel, cfg.threshold)
+            bar.update(float(loss.detach()), next(iter(step_score.values())), n)
+        bar.close()
+        train_scores = scores(torch.cat(logits_all), train.targets[torch.cat(idx_all)], multilabel, cfg.threshold)
+        record = {"epoch": epoch, "lr": lr, **{f"train_{k}": v / seen for k, v in sums.items()},
+                  **{f"train_{k}": v for k, v in train_scores.items()},
+                  **{f"train_{k}": v for k, v in stats.summary().items()}}
+        if cfg.eval_each_epoch or epoch == cfg.optim.epochs:
+            ev = evaluate_fusion(model, towers, test, psi_test, task.classes, cfg.threshold)
+            record |= {f"test_{k}": v for k, v in ev.metrics.items()}
+        history.append(record)
+        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and not k.endswith("importance")}
+        log(f"epoch {epoch}: {shown}")
+        write_json(run_dir / "metrics.json", {"epochs": history, "final": None})
+        save_checkpoint(run_dir, {"epoch": epoch, "config": config, "model": model.state_dict(),
+                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
+        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and epoch < cfg.optim.epochs:
+            log(f"stopping after epoch {epoch}; resume with --resume")
+            return RunResult(run_dir, run_dir / "registry", {"stopped_after_epoch": epoch}, history,
+                             count_params(model), None, {}, bad.seen)
+    ev = evaluate_fusion(model, towers, test, psi_test, task.classes, cfg.threshold)
+    return _finish(cfg, run_dir, towers, model, name, task, spec, encoder.dim, ev, zero, history, train, test, bad)
+
+
+def _finish(cfg: FuseConfig, run_dir: Path, towers: Towers, model: FusionModel, name: str, task: SplitTask,
+            spec: dict, psi_dim: int, ev: FusionEval, zero: dict, history: list[dict], train: PartTensors,
+            test: PartTensors, bad: BadFiles) -> RunResult:
+    params = count_params(model)
+    metrics = {k: v for k, v in ev.metrics.items() if k != "expert_importance"}
+    metrics |= {f"zero_shot_{k}": v for k, v in zero.items()}
+    metrics |= {"n_train": len(train), "n_test": len(test), "complementary": spec.get("model", spec["kind"])}
+    entry = TaskEntry(name, "fuse", list(task.classes), cfg.mope.to_dict(), params, head=task.head,
+                      complementary=spec, psi_dim=psi_dim, threshold=cfg.threshold, metrics=metrics)
+    save_registry(run_dir / "registry", Manifest(backbone_ref(towers.backbone), [], [entry]), {},
+                  {name: model.state_dict()})
+    write_json(run_dir / "predictions.json", {name: [{"image": it.image, "text": it.text, "label": it.label,
+                                                      "predicted": p}
+                                                     for it, p in zip(test.items, ev.predictions, strict=True)]})
+    final = {"tasks": {name: metrics | {"expert_importance": ev.metrics["expert_importance"]}},
+             "trainable_params": params}
+    write_json(run_dir / "metrics.json", {"epochs": history, "final": final, "skipped_files": bad.seen})
+    log(f"done: {name} {({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})}, {params} trainable "
+        f"parameters; registry {run_dir / 'registry'}")
+    return RunResult(run_dir, run_dir / "registry", final, history, params, None, {name: ev.predictions}, bad.seen)
