@@ -1,0 +1,47 @@
+"""The pretraining caption files: tab-separated `filepath` / `title` rows as open_clip_train's CSV loader reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .captions import clean_text
+from .splits import in_val_slice
+
+
+@dataclass
+class Pair:
+    """One pretraining picture with its caption variants and the source it came from."""
+
+    image: Path
+    captions: list[str]
+    source: str
+    extra: dict = field(default_factory=dict)
+
+
+def write_caption_csv(path: Path, pairs: list[Pair]) -> int:
+    """Write a TSV with header `filepath\\ttitle`, one row per caption variant; return the row count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("filepath\ttitle\n")
+        for pair in pairs:
+            image = str(pair.image.resolve())
+            if "\t" in image or "\n" in image:
+                raise ValueError(f"{image}: image path holds a tab or newline (field filepath)")
+            for caption in pair.captions:
+                caption = clean_text(caption)
+                if caption:
+                    f.write(f"{image}\t{caption}\n")
+                    n += 1
+    tmp.replace(path)
+    return n
+
+
+def split_pairs(pairs: list[Pair], val_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """Split pictures (all captions of a picture together) into train and a small validation slice."""
+    train, val = [], []
+    for pair in pairs:
+        (val if in_val_slice(str(pair.image), val_fraction, seed) else train).append(pair)
+    return train, val
