@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, BackboneSpec
+from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, Backbone, BackboneSpec, load_backbone
 
 PRETRAINED_ENV = "MMSERVE_BACKBONE_PRETRAINED"
 
@@ -54,3 +54,12 @@ class OptimConfig:
     schedule: str = "cosine"  # "cosine" or "constant"
     warmup_epochs: int = 0  # constant lr `warmup_lr` for this many epochs first (MaPLe uses 1 with 1e-5)
     warmup_lr: float = 1e-5
+
+
+def reuse_or_load(backbone: Backbone | None, cfg: BackboneConfig) -> Backbone:
+    """`backbone` when given (it must be the configured model), else load the configured one."""
+    if backbone is None:
+        return load_backbone(cfg.spec())
+    if backbone.spec.model != cfg.model:
+        raise ValueError(f"the backbone passed in is {backbone.spec.model}, the config names {cfg.model}")
+    return backbone

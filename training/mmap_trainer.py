@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmserve.backbone import load_backbone
+from mmserve.backbone import Backbone
 from mmserve.builders import ClassifyPrompts
 from mmserve.prompts import DeepPromptConfig, MmAPConfig, build_prompt, count_params
 from mmserve.registry import GroupEntry, Manifest, TaskEntry, save_registry
 from training.classify import DEFAULT_TEMPLATE, Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
 from training.data import BadFiles, discover_image_tasks
 from training.grouping import GroupingConfig, choose_groups, task_affinity
 from training.multitask import Batcher, TaskData, evaluate_task, multitask_step
@@ -227,13 +227,13 @@ def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[
     return save_registry(run_dir / "registry", manifest, group_weights, weights)
 
 
-def train_multitask(cfg: MultiTaskConfig) -> RunResult:
+def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> RunResult:
     """Train (or resume) a multi-task classification run; write config, metrics, split, grouping and registry."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = to_jsonable(cfg)
     bad = BadFiles(cfg.on_bad_file)
-    backbone = load_backbone(cfg.backbone.spec())
+    backbone = reuse_or_load(backbone, cfg.backbone)
     towers = Towers.of(backbone)
     split, root = load_or_draw_split(cfg, bad)
     write_split(run_dir / "split.json", split)

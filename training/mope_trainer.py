@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmserve.backbone import load_backbone
+from mmserve.backbone import Backbone
 from mmserve.complementary import build_complementary
 from mmserve.fusion import FusionModel
 from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig, importance_loss
 from mmserve.registry import Manifest, TaskEntry, save_registry
 from training.classify import DEFAULT_TEMPLATE, Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
 from training.data import BadFiles, read_fusion_jsonl
 from training.metrics import accuracy, f1_scores
 from training.multitask import Batcher
@@ -177,13 +177,13 @@ def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig) -> tu
     return task, importance_loss(out.routing, mope.importance_threshold)
 
 
-def train_mope(cfg: FuseConfig) -> RunResult:
+def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = to_jsonable(cfg)
     bad = BadFiles(cfg.on_bad_file)
-    backbone = load_backbone(cfg.backbone.spec())
+    backbone = reuse_or_load(backbone, cfg.backbone)
     towers = Towers.of(backbone)
     split, root = load_fusion_split(cfg, bad)
     write_split(run_dir / "split.json", split)
