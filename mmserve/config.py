@@ -1,0 +1,106 @@
+"""Service configuration, read once from MMSERVE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from mmserve.backbone import EMBEDDED_MODEL, BackboneSpec
+from mmserve.errors import MmserveError
+
+RUNTIMES = ("torch", "onnx")
+NO_PRETRAINED = ("", "none", "random")  # MMSERVE_BACKBONE_PRETRAINED values meaning random init (tests only)
+
+
+class ConfigError(MmserveError, ValueError):
+    """An MMSERVE_* variable has a value the service cannot use; the message names the variable."""
+
+
+def project_root() -> Path:
+    """The directory holding `mmserve/` and `models/`: the repository, or `src/` inside a built bento."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "models").is_dir() else Path.cwd()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value}: must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the service reads from its environment; see `ENV` for the variable of each field."""
+
+    registry: Path
+    backbone_model: str = EMBEDDED_MODEL
+    backbone_pretrained: str | None = None  # open_clip tag or checkpoint path; None = random init (tests)
+    backbone_seed: int = 0
+    device: str = "cpu"
+    runtime: str = "torch"
+    max_batch_size: int = 32
+    max_latency_ms: int = 1000  # BentoML's queueing deadline: requests that would wait longer get 503
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    admin_token: str | None = None
+
+    def backbone_spec(self) -> BackboneSpec:
+        """The backbone this configuration asks for."""
+        return BackboneSpec(self.backbone_model, self.backbone_pretrained, self.device, self.backbone_seed)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
+        """Read MMSERVE_* variables (defaults: the embedded backbone and registry under `models/`)."""
+        env = os.environ if env is None else env
+        root = project_root()
+        registry = Path(env.get("MMSERVE_REGISTRY") or root / "models" / "registry")
+        pretrained = env.get("MMSERVE_BACKBONE_PRETRAINED")
+        if pretrained is None:
+            pretrained = str(root / "models" / "backbone" / f"{EMBEDDED_MODEL}.safetensors")
+        elif pretrained.strip().lower() in NO_PRETRAINED:
+            pretrained = None
+        device = (env.get("MMSERVE_DEVICE") or "cpu").strip().lower()
+        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+            raise ConfigError(f"MMSERVE_DEVICE={device!r}: expected cpu, cuda or cuda:N")
+        runtime = (env.get("MMSERVE_RUNTIME") or "torch").strip().lower()
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"MMSERVE_RUNTIME={runtime!r}: expected one of {', '.join(RUNTIMES)}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        return cls(
+            registry=registry,
+            backbone_model=env.get("MMSERVE_BACKBONE_MODEL") or EMBEDDED_MODEL,
+            backbone_pretrained=pretrained,
+            backbone_seed=_int(env, "MMSERVE_BACKBONE_SEED", defaults["backbone_seed"], 0),
+            device=device,
+            runtime=runtime,
+            # BentoML requires max_batch_size > 1
+            max_batch_size=_int(env, "MMSERVE_MAX_BATCH_SIZE", defaults["max_batch_size"], 2),
+            max_latency_ms=_int(env, "MMSERVE_MAX_LATENCY_MS", defaults["max_latency_ms"], 1),
+            max_body_bytes=_int(env, "MMSERVE_MAX_BODY_BYTES", defaults["max_body_bytes"], 1024),
+            max_image_pixels=_int(env, "MMSERVE_MAX_IMAGE_PIXELS", defaults["max_image_pixels"], 1),
+            admin_token=env.get("MMSERVE_ADMIN_TOKEN") or None,
+        )
+
+
+ENV = {
+    "registry": "MMSERVE_REGISTRY",
+    "backbone_model": "MMSERVE_BACKBONE_MODEL",
+    "backbone_pretrained": "MMSERVE_BACKBONE_PRETRAINED",
+    "backbone_seed": "MMSERVE_BACKBONE_SEED",
+    "device": "MMSERVE_DEVICE",
+    "runtime": "MMSERVE_RUNTIME",
+    "max_batch_size": "MMSERVE_MAX_BATCH_SIZE",
+    "max_latency_ms": "MMSERVE_MAX_LATENCY_MS",
+    "max_body_bytes": "MMSERVE_MAX_BODY_BYTES",
+    "max_image_pixels": "MMSERVE_MAX_IMAGE_PIXELS",
+    "admin_token": "MMSERVE_ADMIN_TOKEN",
+}

@@ -1,0 +1,118 @@
+"""Decode untrusted image uploads: every way an upload can be unusable becomes an ImageError (HTTP 400).
+
+Uploads are decoded here rather than through a PIL-typed API argument so that a file that is not an image, a
+truncated one or a decompression bomb is a clear 400 for that request instead of a 500 from the framework.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmserve.backbone import Backbone
+from mmserve.errors import MmserveError
+
+ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class ImageError(MmserveError, ValueError):
+    """The upload is not a usable image; the message says why and is safe to show the client."""
+
+
+def _open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # the pixel limit below is ours; Pillow's own warning threshold would only add noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"decompression bomb refused: {exc}") from None
+        except UnidentifiedImageError:
+            raise ImageError("not an image: the upload is in no format Pillow can identify") from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # any failure to parse untrusted bytes is the upload's fault
+            raise ImageError(f"not a readable image: {exc.__class__.__name__}: {exc}") from None
+
+
+def _high_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit / float greyscale to 8-bit L (Pillow's convert() would clip instead of scale)."""
+    arr = np.asarray(img, dtype=np.float64)
+    peak = float(arr.max()) if arr.size else 0.0
+    scale = 1.0 if peak <= 1.0 and img.mode == "F" else (65535.0 if peak > 255 else 255.0)
+    return Image.fromarray(np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any decoded image; transparent pixels are composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in HIGH_BIT_MODES:
+        return _high_bit_to_l(img).convert("RGB")
+    has_alpha = img.mode in ALPHA_MODES or "transparency" in img.info
+    try:
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            canvas.alpha_composite(rgba)
+            return canvas.convert("RGB")
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"unsupported image mode {img.mode!r}: {exc}") from None
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an upload to an RGB image, refusing empty, non-image, truncated and oversized (bomb) inputs."""
+    if not data:
+        raise ImageError("empty upload: the image part has no bytes")
+    img = _open(data)
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                         f"(decompression bomb guard, MMSERVE_MAX_IMAGE_PIXELS)")
+    try:
+        img.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated files raise OSError, broken chunks SyntaxError/ValueError/EOFError
+        raise ImageError(f"truncated or corrupt image: {exc.__class__.__name__}: {exc}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not cost the image; orientation is a nicety
+        pass
+    return to_rgb(img)
+
+
+def preprocess_config(backbone: Backbone) -> dict[str, Any]:
+    """The backbone's image preprocessing as plain JSON-able data (open_clip's PreprocessCfg fields)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.model.visual.preprocess_cfg.items()}
+
+
+def preprocess_from_config(config: Mapping[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """Rebuild the backbone's eval transform from `preprocess_config` output, without loading any weights."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Upload bytes -> preprocessed float tensor (3, S, S) for the image tower."""
+
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    max_pixels: int = 40_000_000
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        """Decode, validate and preprocess one upload; raises ImageError on bad input."""
+        return self.preprocess(decode_image(data, self.max_pixels))
