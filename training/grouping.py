@@ -142,31 +142,38 @@ def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: Gro
     gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
     cos = torch.zeros_like(gram)
     snapshots, losses = 0, []
-    bar = EpochBar(range(cfg.steps), 1, 1, progress)
-    bar.bar.set_description("grouping")
+    bar = EpochBar(range(cfg.steps), 1, 1, progress, desc="grouping")
     for step in bar:
-        prompts = shared()
-        out = multitask_step(towers, tasks, [prompts] * len(tasks), batcher.next(), template)
-        grads = []
-        for loss in out.losses:
-            g = torch.autograd.grad(loss, params, retain_graph=True)
-            grads.append(torch.cat([x.reshape(-1) for x in g]).double())
-        if step % cfg.every == 0:
-            g = torch.stack(grads)
+        batches = batcher.next()
+        if step % cfg.every == 0:  # snapshot: each task alone, so each backward pass sees one task's graph
+            grads, losses_t, correct, counts = [], [], 0, 0
+            for task, batch in zip(tasks, batches, strict=True):
+                out = multitask_step(towers, [task], [shared()], [batch], template)
+                g = torch.autograd.grad(out.losses[0], params)
+                grads.append(torch.cat([x.reshape(-1) for x in g]))
+                losses_t.append(float(out.losses[0].detach()))
+                correct, counts = correct + out.correct[0], counts + out.counts[0]
+            g = torch.stack(grads).double().cpu()
             gram += g @ g.T
             unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-20)
             cos += unit @ unit.T
             snapshots += 1
-        total = torch.stack(grads).sum(dim=0)
-        offset = 0
-        for p in params:
-            p.grad = total[offset:offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
+            total = torch.stack(grads).sum(dim=0)
+            offset = 0
+            for p in params:
+                p.grad = total[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            loss = sum(losses_t) / len(losses_t)
+        else:  # an ordinary step: every task in one batched pass, summed losses
+            prompts = shared()
+            out = multitask_step(towers, tasks, [prompts] * len(tasks), batches, template)
+            total_loss = torch.stack(out.losses).sum()
+            total_loss.backward()
+            loss, correct, counts = float(total_loss.detach()) / len(tasks), sum(out.correct), sum(out.counts)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(torch.stack(out.losses).detach().sum())
-        losses.append(loss)
-        bar.update(loss, sum(out.correct) / sum(out.counts), sum(out.counts))
+        losses.append(loss)  # mean task loss
+        bar.update(loss, correct / counts, counts)
     bar.close()
     return Affinity([t.name for t in tasks], (gram / snapshots).tolist(), (cos / snapshots).tolist(), snapshots,
                     losses)

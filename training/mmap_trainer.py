@@ -321,9 +321,10 @@ def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBan
                "zero_shot_accuracy_mean": sum(zero.values()) / len(zero), "trainable_params": total, "groups": groups}
     _save_registry(run_dir, towers, bank, tasks, final)
     names = {t.name: [t.class_names[k] for k in preds[t.name]] for t in tasks}
-    write_json(run_dir / "predictions.json", {t.name: [{"image": it.image, "label": it.label, "predicted": p}
-                                                       for it, p in zip(t.test.items, names[t.name], strict=True)]
-                                              for t in tasks})
+    write_json(run_dir / "predictions.json", {
+        t.name: [{"image": it.image, "label": it.label, "label_name": t.class_names[t.classes.index(it.label)],
+                  "predicted": p} for it, p in zip(t.test.items, names[t.name], strict=True)]
+        for t in tasks})
     tasks_final = {k: v for k, v in final.items() if k != "template"}
     write_json(run_dir / "metrics.json", {"epochs": history, "final": {"tasks": tasks_final, **summary},
                                           "skipped_files": bad.seen})

@@ -34,9 +34,10 @@ class RunningMean:
 class EpochBar:
     """A tqdm bar over one epoch's steps whose postfix shows the running loss and accuracy."""
 
-    def __init__(self, steps: Iterable[int], epoch: int, epochs: int, enabled: bool = True, metric: str = "acc"):
-        self.bar = tqdm(steps, desc=f"epoch {epoch}/{epochs}", disable=not enabled, leave=False, dynamic_ncols=True,
-                        file=sys.stderr)
+    def __init__(self, steps: Iterable[int], epoch: int, epochs: int, enabled: bool = True, metric: str = "acc",
+                 desc: str | None = None):
+        self.bar = tqdm(steps, desc=desc or f"epoch {epoch}/{epochs}", disable=not enabled, leave=False,
+                        dynamic_ncols=True, file=sys.stderr)
         self.loss = RunningMean()
         self.score = RunningMean()
         self.metric = metric
