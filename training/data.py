@@ -194,7 +194,7 @@ def read_fusion_jsonl(path: str | Path, bad: BadFiles, select: dict[str, str] | 
             if known is not None and any(x not in known for x in labels):
                 bad.report(where, f"unknown label(s) {[x for x in labels if x not in known]}")
                 continue
-            image_path = path.parent / image
+            image_path = path.parent.resolve() / image
             reason = check_image(image_path) if validate else None
             if reason:
                 bad.report(f"{image_path} ({where})", reason)
