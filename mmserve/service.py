@@ -1,0 +1,477 @@
+"""BentoML service: POST /classify, POST /fuse, GET /tasks and POST /admin/reload over one frozen CLIP backbone.
+
+Serve with `bentoml serve mmserve.service:MmServe`. Two BentoML services run as one server:
+
+- `MmServe`, the front users talk to: reads query parameters from the request context, validates and decodes
+  each upload on its own (so a bad request gets its own 4xx and never reaches a batch), then calls the engine's
+  batchable API with a one-item list. It also counts requests and latency per task for /metrics.
+- `MmServeEngine`, internal (reached over a local socket, not exposed on the port): holds the backbone and the
+  registry snapshot. Its APIs are `batchable`, so BentoML's adaptive batching coalesces the one-item calls of
+  concurrent requests, of ANY tasks, into one list, which the engine answers with one mixed-task forward pass.
+
+This is the pattern BentoML 1.4 documents for batching requests that carry several parameters: a batchable
+API takes exactly one list argument, and a wrapper service with `bentoml.depends` turns single requests into
+list items. The engine answers every item separately (status + result or error), so one bad item never
+fails the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import aiohttp
+import bentoml
+import numpy as np
+import torch
+from bentoml.validators import TensorSchema
+from pydantic import BaseModel, BeforeValidator
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mmserve.config import ServeConfig
+from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
+from mmserve.errors import RegistryError
+from mmserve.images import ImageDecoder, ImageError, preprocess_from_config
+
+logger = logging.getLogger("mmserve")
+CONFIG = ServeConfig.from_env()
+NO_TASK = "-"  # metrics label for requests whose task is missing or unknown (keeps label values bounded)
+ENGINE_RESOURCES: dict[str, Any] = {"gpu": 1} if CONFIG.device.startswith("cuda") else {"cpu": "2"}
+
+Float32Array = Annotated[np.ndarray, TensorSchema("numpy-array", "float32")]
+
+
+def _as_text(value: Any) -> Any:
+    """BentoML JSON-decodes multipart text fields ('42' -> 42); turn such values back into text."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+Text = Annotated[str, BeforeValidator(_as_text)]
+
+
+class ClassifyItem(BaseModel):
+    """One classification request as the engine's batchable API receives it."""
+
+    image: Float32Array  # preprocessed (3, S, S)
+    task: str
+    top_k: int = 5
+
+
+class FuseItem(BaseModel):
+    """One fusion request as the engine's batchable API receives it."""
+
+    image: Float32Array
+    text: str
+    task: str
+
+
+class EngineMetrics:
+    """Engine-side Prometheus metrics: how many requests and distinct tasks each forward batch carried."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom  # imported in the worker, after BentoML set up multiprocess mode
+
+        buckets = (1, 2, 4, 8, 16, 32, 64, 128)
+        self.batch_size = prom.Histogram("mmserve_engine_batch_size", "Requests per engine batch",
+                                         ["endpoint"], buckets=buckets)
+        self.batch_tasks = prom.Histogram("mmserve_engine_batch_tasks", "Distinct tasks per engine batch",
+                                          ["endpoint"], buckets=buckets)
+
+    def observe(self, endpoint: str, tasks: list[str]) -> None:
+        """Record one batch."""
+        self.batch_size.labels(endpoint=endpoint).observe(len(tasks))
+        self.batch_tasks.labels(endpoint=endpoint).observe(len(set(tasks)))
+
+
+@bentoml.service(name="mmserve-engine", workers=1, threads=1, resources=ENGINE_RESOURCES, traffic={"timeout": 120})
+class MmServeEngine:
+    """Internal service: the backbone, the registry snapshot and the batchable inference APIs."""
+
+    def __init__(self) -> None:
+        self.engine = InferenceEngine.from_config(CONFIG)
+        self.metrics = EngineMetrics()
+        logger.info("engine ready: registry %s version %s, runtime %s, device %s", CONFIG.registry,
+                    self.engine.snapshot.version, self.engine.runtime.name, CONFIG.device)
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def classify_batch(self, items: list[ClassifyItem]) -> list[dict[str, Any]]:
+        """Classify a batch of independent requests (any mix of tasks) in one forward pass."""
+        self.metrics.observe("classify", [it.task for it in items])
+        requests = [ClassifyRequest(it.image, it.task, it.top_k) for it in items]
+        return [o.to_dict() for o in self.engine.classify_requests(requests)]
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def fuse_batch(self, items: list[FuseItem]) -> list[dict[str, Any]]:
+        """Fuse a batch of independent image+text requests, one pass per fusion task present."""
+        self.metrics.observe("fuse", [it.task for it in items])
+        requests = [FuseRequest(it.image, it.text, it.task) for it in items]
+        return [o.to_dict() for o in self.engine.fuse_requests(requests)]
+
+    @bentoml.api
+    async def describe(self) -> dict[str, Any]:
+        """Served registry version, tasks, preprocessing, runtime and backbone."""
+        return self.engine.describe()
+
+    @bentoml.api
+    async def reload(self, path: str | None = None) -> dict[str, Any]:
+        """Build and swap in a registry version (default: re-read the current path); refused if invalid."""
+        try:
+            result = await asyncio.to_thread(self.engine.reload, path)
+        except RegistryError as exc:
+            return {"ok": False, "error": str(exc), "serving_version": self.engine.snapshot.version}
+        logger.info("registry reloaded: %s -> %s (%s)", result.previous_version, result.version, result.root)
+        return {"ok": True, **result.to_dict()}
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """The front's copy of what the engine serves: registry version and task kinds, for request validation."""
+
+    version: str
+    kinds: Mapping[str, str]
+    data: Mapping[str, Any]
+
+    def names(self, kind: str) -> list[str]:
+        """Task names of one kind."""
+        return [name for name, k in self.kinds.items() if k == kind]
+
+
+@dataclass
+class Reply:
+    """An HTTP answer: status, JSON body and the task label for metrics."""
+
+    status: int
+    body: dict[str, Any]
+    task: str = NO_TASK
+
+    @classmethod
+    def error(cls, status: int, message: str, task: str = NO_TASK, **details: Any) -> Reply:
+        """A 4xx/5xx with a JSON message."""
+        return cls(status, {"error": message, **details}, task)
+
+
+class ServiceMetrics:
+    """Per-task request counts and latency for /metrics."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom  # imported in the worker, after BentoML set up multiprocess mode
+
+        self.requests = prom.Counter("mmserve_requests", "Requests answered, per endpoint, task and HTTP status",
+                                     ["endpoint", "task", "status"])
+        self.latency = prom.Histogram("mmserve_request_duration_seconds", "Request latency per endpoint and task",
+                                      ["endpoint", "task"],
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+    def record(self, endpoint: str, task: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(endpoint=endpoint, task=task, status=str(status)).inc()
+        self.latency.labels(endpoint=endpoint, task=task).observe(seconds)
+
+
+async def _tasks_endpoint(request: Request) -> JSONResponse:
+    """GET /tasks: every task's name, kind, group, classes and metrics, and the registry version served."""
+    service = bentoml.get_current_service()
+    try:
+        view = await service.engine_view(refresh=True)
+    except Exception:
+        logger.exception("GET /tasks: engine unavailable")
+        return JSONResponse({"error": "inference engine unavailable, retry"}, status_code=503)
+    data = view.data
+    return JSONResponse({"registry_version": data["registry_version"], "registry_loaded_at":
+                         data["registry_loaded_at"], "runtime": data["runtime"], "backbone": data["backbone"],
+                         "tasks": data["tasks"]})
+
+
+# mounted at "/": BentoML's PassiveMount only claims paths a route of this app matches, so GET /tasks works
+# without a trailing-slash redirect and nothing else is shadowed
+tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"])])
+
+
+@bentoml.service(name="mmserve", traffic={"timeout": 120})
+@bentoml.asgi_app(tasks_app, path="/")
+class MmServe:
+    """mmserve: classify images with any trained task, fuse image + text, list tasks, reload the registry."""
+
+    engine = bentoml.depends(MmServeEngine)
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)  # this process only decodes and resizes uploads; the engine owns the cores
+        self.metrics = ServiceMetrics()
+        self._view: EngineView | None = None
+        self._stale = True
+        self._lock = asyncio.Lock()
+        self._decoder: ImageDecoder | None = None
+
+    # ---- engine access -------------------------------------------------------------------------------------
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        client = getattr(self.engine, "to_async", None)  # served: a remote proxy; in-process: a local instance
+        if client is None:
+            return await asyncio.to_thread(getattr(self.engine, name), *args, **kwargs)
+        try:
+            return await getattr(client, name)(*args, **kwargs)
+        except aiohttp.ClientConnectionError:
+            # BentoML's internal client can reuse a pooled connection the engine's server already closed
+            # (bentoml/BentoML#4971); every engine API is idempotent, so one retry on a fresh connection is safe
+            logger.warning("engine connection dropped during %s; retrying once", name)
+            return await getattr(client, name)(*args, **kwargs)
+
+    async def engine_view(self, refresh: bool = False) -> EngineView:
+        """What the engine serves now (cached; refreshed after reloads and when an answer shows a new version)."""
+        async with self._lock:
+            if refresh or self._stale or self._view is None:
+                data = await self._call("describe")
+                self._view = EngineView(data["registry_version"], {t["name"]: t["kind"] for t in data["tasks"]},
+                                        data)
+                self._stale = False
+                if self._decoder is None:
+                    self._decoder = ImageDecoder(preprocess_from_config(data["preprocess"]),
+                                                 CONFIG.max_image_pixels)
+            return self._view
+
+    def task_label(self, name: str | None) -> str:
+        """Metrics label for a task name: the name when the registry has it, else '-'."""
+        view = self._view
+        return name if view is not None and name in view.kinds else NO_TASK
+
+    async def _decode(self, image: Path) -> np.ndarray:
+        decoder = self._decoder
+        assert decoder is not None
+        tensor = await asyncio.to_thread(lambda: decoder(image.read_bytes()))
+        return tensor.numpy().astype(np.float32, copy=False)
+
+    async def _infer(self, api: str, item: BaseModel, task: str, view: EngineView) -> Reply:
+        try:
+            outcome = (await self._call(api, [item]))[0]
+        except Exception as exc:  # engine overloaded (503 from BentoML's batch deadline), restarting or failing
+            status = getattr(getattr(exc, "error_code", None), "value", 500)
+            if status == 503:
+                return Reply.error(503, "server overloaded: the batch queue is past MMSERVE_MAX_LATENCY_MS; retry",
+                                   task)
+            logger.exception("engine call %s failed", api)
+            return Reply.error(500, "inference failed; see the server log", task)
+        if outcome["status"] != 200:
+            return Reply.error(outcome["status"], outcome["error"], task, **outcome["details"])
+        if outcome["result"]["registry_version"] != view.version:
+            self._stale = True  # reloaded behind our back (another front worker): refresh on the next request
+        return Reply(200, outcome["result"], task)
+
+    # ---- endpoints ------------------------------------------------------------------------------------------
+
+    async def _classify(self, image: Path, params: Mapping[str, str]) -> Reply:
+        view = await self.engine_view()
+        known = view.names("classify")
+        task = params.get("task")
+        if not task:
+            return Reply.error(422, "query parameter 'task' is required: POST /classify?task=NAME",
+                               known_tasks=known)
+        if task not in view.kinds:
+            return Reply.error(404, f"unknown task '{task}'; known classify tasks: {', '.join(known) or '(none)'}",
+                               known_tasks=known)
+        if view.kinds[task] != "classify":
+            return Reply.error(400, f"task '{task}' is a fusion task: send it to POST /fuse with an image and a "
+                                    f"text", task, known_tasks=known)
+        raw_k = params.get("top_k", "5")
+        try:
+            top_k = int(raw_k)
+            if top_k < 1:
+                raise ValueError
+        except ValueError:
+            return Reply.error(400, f"top_k must be a positive integer, got {raw_k!r}", task)
+        try:
+            pixels = await self._decode(image)
+        except ImageError as exc:
+            return Reply.error(400, str(exc), task)
+        return await self._infer("classify_batch", ClassifyItem(image=pixels, task=task, top_k=top_k), task, view)
+
+    async def _fuse(self, image: Path, text: str, task: str | None) -> Reply:
+        view = await self.engine_view()
+        known = view.names("fuse")
+        if not task:
+            if len(known) != 1:
+                return Reply.error(422, f"several fusion tasks are served: pass 'task' (form field or query "
+                                        f"parameter), one of {', '.join(known)}" if known else
+                                   "the registry has no fusion task", known_tasks=known)
+            task = known[0]
+        if task not in view.kinds:
+            return Reply.error(404, f"unknown task '{task}'; known fusion tasks: {', '.join(known) or '(none)'}",
+                               known_tasks=known)
+        if view.kinds[task] != "fuse":
+            return Reply.error(400, f"task '{task}' is a classification task: send it to POST /classify?task="
+                                    f"{task}", task, known_tasks=known)
+        if not text.strip():
+            return Reply.error(422, "field 'text' must not be empty", task)
+        try:
+            pixels = await self._decode(image)
+        except ImageError as exc:
+            return Reply.error(400, str(exc), task)
+        return await self._infer("fuse_batch", FuseItem(image=pixels, text=text, task=task), task, view)
+
+    async def _answer(self, endpoint: str, ctx: bentoml.Context, started: float, work: Any) -> dict[str, Any]:
+        try:
+            reply = await work
+        except Exception:  # a bug, or the engine still starting: never a stack trace to the client
+            logger.exception("%s failed", endpoint)
+            reply = Reply.error(503 if self._view is None else 500, "internal error; see the server log")
+        ctx.response.status_code = reply.status
+        self.metrics.record(endpoint, reply.task, reply.status, time.perf_counter() - started)
+        return reply.body
+
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, ctx: bentoml.Context) -> dict[str, Any]:
+        """Classify an uploaded image: POST /classify?task=NAME&top_k=5 with a multipart 'image' file."""
+        return await self._answer("/classify", ctx, time.perf_counter(),
+                                  self._classify(image, ctx.request.query_params))
+
+    @bentoml.api(route="/fuse")
+    async def fuse(self, image: Path, text: Text, ctx: bentoml.Context, task: Text | None = None) -> dict[str, Any]:
+        """Fuse an uploaded image with a text: multipart 'image' + 'text' (+ 'task' when several fusion tasks)."""
+        return await self._answer("/fuse", ctx, time.perf_counter(),
+                                  self._fuse(image, text, task or ctx.request.query_params.get("task")))
+
+    @bentoml.api(route="/admin/reload")
+    async def reload(self, ctx: bentoml.Context, path: str | None = None) -> dict[str, Any]:
+        """Load a new registry version without restart: JSON {"path": DIR} or no body to re-read the current one."""
+        if CONFIG.admin_token is not None:
+            given = ctx.request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {CONFIG.admin_token}".encode()):
+                ctx.response.status_code = 401
+                return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
+        result = await self._call("reload", path=path)
+        await self.engine_view(refresh=True)
+        if not result.pop("ok"):
+            ctx.response.status_code = 422
+            return {"error": f"registry refused, still serving {result['serving_version']}: {result['error']}",
+                    "serving_version": result["serving_version"]}
+        return result
+
+
+@dataclass(frozen=True)
+class FormSpec:
+    """Multipart fields an upload endpoint requires: file parts and text parts."""
+
+    files: tuple[str, ...] = ("image",)
+    texts: tuple[str, ...] = ()
+    optional_texts: tuple[str, ...] = ()
+
+
+@dataclass
+class UploadGuard:
+    """ASGI middleware in front of the APIs: body size limit (413) and multipart shape checks (400/415/422).
+
+    BentoML parses uploads before an API function runs, and some malformed bodies (no multipart boundary, a
+    text field where the image file belongs, ...) make that parser fail with a 500. The guard reads the body once
+    (refusing it past the limit), checks that it parses and has the right fields, then replays it to BentoML.
+    """
+
+    app: Any
+    max_bytes: int
+    forms: Mapping[str, FormSpec] = field(default_factory=dict)
+
+    async def _reject(self, scope: Any, receive: Any, send: Any, status: int, message: str, started: float
+                      ) -> None:
+        service = bentoml.get_current_service()
+        if isinstance(service, MmServe.inner) and scope["path"] in self.forms:
+            params = Request(scope).query_params
+            service.metrics.record(scope["path"], service.task_label(params.get("task")), status,
+                                   time.perf_counter() - started)
+        await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+
+    async def _check_form(self, scope: Any, body: bytes, spec: FormSpec) -> tuple[int, str] | None:
+        content_type = Headers(scope=scope).get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            return 415, ("send multipart/form-data with the image as a file part, e.g. curl -F image=@photo.jpg; "
+                         f"got content-type {content_type or '(none)'!r}")
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return {"type": "http.disconnect"}
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(scope, receive).form(max_files=len(spec.files) + 4, max_fields=16)
+        except Exception as exc:  # MultiPartException, bad boundary, undecodable headers...
+            return 400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}"
+        try:
+            for name in spec.files:
+                value = form.get(name)
+                if value is None:
+                    return 422, f"multipart field '{name}' (an image file) is required"
+                if not isinstance(value, UploadFile):
+                    return 400, f"multipart field '{name}' must be a file part (curl -F {name}=@photo.jpg)"
+                if value.filename is not None and len(value.filename) > 200:
+                    return 400, f"file name of '{name}' is too long"
+            for name in (*spec.texts, *spec.optional_texts):
+                value = form.get(name)
+                if value is None:
+                    if name in spec.texts:
+                        return 422, f"multipart field '{name}' is required"
+                    continue
+                if isinstance(value, UploadFile):
+                    return 400, f"multipart field '{name}' must be a text field, not a file"
+                try:
+                    json.loads(value)  # BentoML JSON-decodes text fields; pathological nesting would crash it
+                except ValueError:
+                    pass
+                except RecursionError:
+                    return 400, f"multipart field '{name}' is nested too deeply"
+        finally:
+            await form.close()
+        return None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Pass everything but POST bodies straight through; check, buffer and replay POST bodies."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        length = Headers(scope=scope).get("content-length")
+        too_big = f"request body is over the limit of {self.max_bytes} bytes (MMSERVE_MAX_BODY_BYTES)"
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(scope, receive, send, 413, f"{too_big}: {length} bytes", started)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._reject(scope, receive, send, 413, too_big, started)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        spec = self.forms.get(scope["path"])
+        if spec is not None:
+            problem = await self._check_form(scope, body, spec)
+            if problem is not None:
+                return await self._reject(scope, receive, send, *problem, started)
+        delivered = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+MmServe.add_asgi_middleware(UploadGuard, max_bytes=CONFIG.max_body_bytes, forms={
+    "/classify": FormSpec(),
+    "/fuse": FormSpec(texts=("text",), optional_texts=("task",)),
+})

@@ -1,0 +1,459 @@
+"""The BentoML service over real HTTP on loopback: `bentoml serve` on a trained tiny registry, Pillow uploads.
+
+One server per module (started once, ~15 s); the registry swap test runs last and restores v1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from _registry_fixture import (
+    COLORS,
+    SERVER_ENV,
+    Registries,
+    brightness_image,
+    build_registries,
+    color_image,
+    fusion_sample,
+    png_bytes,
+    warmth_image,
+)
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from mmserve.images import ImageError, decode_image
+
+ROOT = Path(__file__).resolve().parent.parent
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+BODY_LIMIT = 300_000
+PIXEL_LIMIT = 1_000_000
+MAKERS = {"colors": color_image, "warmth": warmth_image, "brightness": brightness_image}
+CLASSES = {"colors": list(COLORS), "warmth": ["warm", "cool"], "brightness": ["dark", "light"]}
+
+
+@dataclass
+class Server:
+    """A running `bentoml serve` on 127.0.0.1."""
+
+    url: str
+    registries: Registries
+    log: Path
+
+    def version(self, registry: Path) -> str:
+        """The manifest version of a registry directory."""
+        return json.loads((registry / "manifest.json").read_text())["version"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hermetic_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    registries = build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")
+    tmp = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = _hermetic_env(tmp / "bentoml") | SERVER_ENV | {
+        "MMSERVE_REGISTRY": str(registries.v1),
+        "MMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
+        "MMSERVE_MAX_IMAGE_PIXELS": str(PIXEL_LIMIT),
+        "MMSERVE_MAX_LATENCY_MS": "20000",  # a shared 2-core box: never shed load in tests
+    }
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([BENTOML, "serve", "mmserve.service:MmServe", "--host", "127.0.0.1", "--port",
+                                 str(port), "--working-dir", str(ROOT)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 180 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield Server(url, registries, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # our own process group (start_new_session)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def upload(data: bytes, name: str = "image.png", mime: str = "image/png") -> dict[str, Any]:
+    """httpx `files` for a multipart image upload."""
+    return {"image": (name, data, mime)}
+
+
+def image_bytes(task: str, label: str, seed: int, fmt: str = "PNG") -> bytes:
+    """A fresh synthetic image of class `label` of `task`, encoded as `fmt`."""
+    return png_bytes(MAKERS[task](label, np.random.default_rng(seed)), fmt)
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics keyed by (name, labels)."""
+    text = client.get("/metrics").text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent); labels not given are summed over."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def assert_json_error(resp: httpx.Response, status: int, fragment: str) -> dict[str, Any]:
+    """A clear JSON 4xx: the expected status, an 'error' message containing `fragment`, no stack trace."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert fragment in body["error"], body
+    assert "Traceback" not in resp.text
+    return body
+
+
+# ---- upload decoding (no server) ---------------------------------------------------------------------------------
+
+
+def test_decode_composites_transparency_on_white_and_scales_16_bit() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    out = decode_image(png_bytes(rgba), PIXEL_LIMIT)
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == (255, 255, 255) and out.getpixel((0, 0)) == (255, 0, 0)
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert decode_image(png_bytes(la), PIXEL_LIMIT).getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([0, 0, 255] * 256)
+    pal.info["transparency"] = 0
+    assert decode_image(png_bytes(pal), PIXEL_LIMIT).getpixel((0, 0)) == (255, 255, 255)
+    grey16 = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
+    assert decode_image(png_bytes(grey16), PIXEL_LIMIT).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decode_refuses_bad_uploads(monkeypatch: pytest.MonkeyPatch) -> None:
+    good = png_bytes(Image.new("RGB", (40, 30), (1, 2, 3)))
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"", PIXEL_LIMIT)
+    with pytest.raises(ImageError, match="not an image"):
+        decode_image(b"%PDF-1.4 not an image", PIXEL_LIMIT)
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(png_bytes(color_image("red", np.random.default_rng(0)))[:200], PIXEL_LIMIT)
+    with pytest.raises(ImageError, match="40x30 = 1200 pixels, over the limit of 1000"):
+        decode_image(good, 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own bomb error is mapped too
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(good, PIXEL_LIMIT)
+
+
+# ---- the running server ------------------------------------------------------------------------------------------
+
+
+def test_probes_and_task_listing(server: Server, client: httpx.Client) -> None:
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert client.get(probe).status_code == 200, probe
+    body = client.get("/tasks").json()
+    assert body["registry_version"] == server.version(server.registries.v1)
+    tasks = {t["name"]: t for t in body["tasks"]}
+    assert list(tasks) == ["colors", "warmth", "brightness", "tags", "pet"]
+    assert {n: t["kind"] for n, t in tasks.items()} == {"colors": "classify", "warmth": "classify",
+                                                        "brightness": "classify", "tags": "fuse", "pet": "fuse"}
+    assert tasks["colors"]["group"] == "synthetic" and tasks["brightness"]["group"] is None
+    assert tasks["colors"]["classes"] == list(COLORS) and tasks["tags"]["classes"][-2:] == ["cat", "dog"]
+    assert tasks["pet"]["metrics"] == {"synthetic_accuracy": 1.0} and tasks["tags"]["head"] == "multilabel"
+
+
+def test_classify_returns_the_trained_labels(server: Server, client: httpx.Client) -> None:
+    version = server.version(server.registries.v1)
+    formats = [("PNG", "image/png"), ("JPEG", "image/jpeg")]
+    for n, (task, classes) in enumerate(CLASSES.items()):
+        for m, label in enumerate(classes):
+            fmt, mime = formats[(n + m) % 2]
+            data = image_bytes(task, label, seed=500 + 10 * n + m, fmt=fmt)
+            resp = client.post("/classify", params={"task": task, "top_k": 2}, files=upload(data, "x", mime))
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["label"] == label, (task, body)
+            assert set(body) == {"task", "label", "score", "top_k", "registry_version"}
+            assert body["task"] == task and body["registry_version"] == version
+            assert [p["label"] for p in body["top_k"]][0] == label and len(body["top_k"]) == 2
+            assert body["score"] == body["top_k"][0]["score"] >= body["top_k"][1]["score"]
+    palette = MAKERS["colors"]("blue", np.random.default_rng(9)).convert("P", palette=Image.Palette.ADAPTIVE)
+    resp = client.post("/classify", params={"task": "colors"}, files=upload(png_bytes(palette)))
+    assert resp.json()["label"] == "blue" and len(resp.json()["top_k"]) == 3  # default top_k=5, 3 classes
+
+
+def test_fuse_returns_labels_from_image_and_text(client: httpx.Client) -> None:
+    for i, (img, text, color, animal) in enumerate(fusion_sample(np.random.default_rng(4321), 4)):
+        tags = client.post("/fuse", params={"task": "tags"}, data={"text": text}, files=upload(png_bytes(img)))
+        assert tags.status_code == 200, tags.text
+        body = tags.json()
+        assert {p["label"] for p in body["labels"]} == {color, animal}, (text, body)
+        assert body["head"] == "multilabel" and body["threshold"] == 0.5 and len(body["scores"]) == 5
+        assert all(p["score"] > 0.5 for p in body["labels"])
+        pet = client.post("/fuse", data={"text": text, "task": "pet"}, files=upload(png_bytes(img)))
+        assert pet.status_code == 200, pet.text
+        assert pet.json()["label"] == animal and pet.json()["head"] == "multiclass", (i, text, pet.json())
+
+
+def _bomb() -> bytes:
+    return png_bytes(Image.new("1", (1500, 1500), 0))  # 2.25 Mpx in a ~1 kB file; the test server allows 1 Mpx
+
+
+RED = image_bytes("colors", "red", seed=1)
+ERROR_CASES: list[tuple[str, str, Callable[[], dict[str, Any]], int, str]] = [
+    ("unknown task", "/classify?task=nope", lambda: {"files": upload(RED)}, 404, "unknown task 'nope'"),
+    ("missing task", "/classify", lambda: {"files": upload(RED)}, 422, "'task' is required"),
+    ("fusion task on /classify", "/classify?task=tags", lambda: {"files": upload(RED)}, 400, "POST /fuse"),
+    ("bad top_k", "/classify?task=colors&top_k=0", lambda: {"files": upload(RED)}, 400, "top_k"),
+    ("not an image", "/classify?task=colors", lambda: {"files": upload(b"just some text\n" * 20, "a.txt",
+                                                                          "text/plain")}, 400, "not an image"),
+    ("truncated image", "/classify?task=colors", lambda: {"files": upload(RED[: len(RED) // 2])}, 400, "truncated"),
+    ("empty file", "/classify?task=colors", lambda: {"files": upload(b"")}, 400, "empty upload"),
+    ("decompression bomb", "/classify?task=colors", lambda: {"files": upload(_bomb())}, 400, "decompression bomb"),
+    ("body over the limit", "/classify?task=colors", lambda: {"files": upload(os.urandom(BODY_LIMIT + 100_000))},
+     413, "over the limit"),
+    ("image sent as a text field", "/classify?task=colors", lambda: {"files": {"image": (None, b"http://x/a.png")}},
+     400, "must be a file part"),
+    ("missing image", "/classify?task=colors", lambda: {"files": {"other": ("a.png", RED, "image/png")}}, 422,
+     "'image'"),
+    ("JSON instead of multipart", "/classify?task=colors", lambda: {"json": {"image": "a.png"}}, 415,
+     "multipart/form-data"),
+    ("malformed multipart", "/classify?task=colors", lambda: {"content": b"garbage", "headers": {
+        "content-type": "multipart/form-data; boundary=xyz"}}, 400, "malformed multipart"),
+    ("missing text on /fuse", "/fuse?task=pet", lambda: {"files": upload(RED)}, 422, "'text' is required"),
+    ("empty text on /fuse", "/fuse?task=pet", lambda: {"files": upload(RED), "data": {"text": "  "}}, 422,
+     "must not be empty"),
+    ("text sent as a file", "/fuse?task=pet", lambda: {"files": {**upload(RED), "text": ("t.txt", b"a cat")}}, 400,
+     "must be a text field"),
+    ("no task with several fusion tasks", "/fuse", lambda: {"files": upload(RED), "data": {"text": "a cat"}}, 422,
+     "several fusion tasks"),
+    ("unknown fusion task", "/fuse?task=nope", lambda: {"files": upload(RED), "data": {"text": "a cat"}}, 404,
+     "unknown task 'nope'"),
+    ("classify task on /fuse", "/fuse", lambda: {"files": upload(RED), "data": {"text": "x", "task": "colors"}}, 400,
+     "POST /classify"),
+    ("not an image on /fuse", "/fuse?task=pet", lambda: {"files": upload(b"GIF89a broken"), "data": {"text": "x"}},
+     400, "not"),
+]
+
+
+@pytest.mark.parametrize(("path", "request_kwargs", "status", "fragment"),
+                         [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_bad_input_gets_a_clear_4xx(client: httpx.Client, path: str, request_kwargs: Callable, status: int,
+                                    fragment: str) -> None:
+    body = assert_json_error(client.post(path, **request_kwargs()), status, fragment)
+    if status == 404:
+        assert body["known_tasks"] in (["colors", "warmth", "brightness"], ["tags", "pet"])
+
+
+async def _burst(url: str, requests: list[tuple[str, bytes]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        return list(await asyncio.gather(*(c.post("/classify", params={"task": task}, files=upload(data))
+                                           for task, data in requests)))
+
+
+def test_mixed_task_burst_equals_single_answers_and_shares_batches(server: Server, client: httpx.Client) -> None:
+    good = [(task, image_bytes(task, label, seed=900 + i))
+            for i, (task, label) in enumerate((t, c) for t, cs in CLASSES.items() for c in cs for _ in range(3))]
+    single = [client.post("/classify", params={"task": t}, files=upload(d)).json() for t, d in good]
+    bad = [("nope", RED), ("colors", b"not an image at all"), ("tags", RED)]
+    burst = good + bad
+    order = list(range(len(burst)))
+    random.Random(0).shuffle(order)
+    before = metric_samples(client)
+    responses = asyncio.run(_burst(server.url, [burst[i] for i in order]))
+    after = metric_samples(client)
+    by_index = dict(zip(order, responses, strict=True))
+    for i, expected in enumerate(single):
+        got = by_index[i]
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert body["label"] == expected["label"] and body["task"] == expected["task"]
+        assert [p["label"] for p in body["top_k"]] == [p["label"] for p in expected["top_k"]]
+        assert [p["score"] for p in body["top_k"]] == pytest.approx([p["score"] for p in expected["top_k"]], abs=1e-4)
+    assert [by_index[len(good) + j].status_code for j in range(len(bad))] == [404, 400, 400]
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    batches = delta("mmserve_engine_batch_size_count", endpoint="classify")
+    # every good request reached the engine, no bad one did, and concurrent requests shared forward passes...
+    assert delta("mmserve_engine_batch_size_sum", endpoint="classify") == len(good)
+    assert 1 <= batches < len(good)
+    # ...including batches that mixed different tasks (bucket le=1: batches with a single distinct task)
+    single_task_batches = delta("mmserve_engine_batch_tasks_bucket", endpoint="classify", le="1.0")
+    assert single_task_batches < batches
+    assert delta("bentoml_service_adaptive_batch_size_count", method_name="classify_batch") == batches
+
+
+def test_metrics_count_requests_and_latency_per_task(client: httpx.Client) -> None:
+    before = metric_samples(client)
+    for seed in range(3):
+        assert client.post("/classify", params={"task": "warmth"},
+                           files=upload(image_bytes("warmth", "warm", seed))).status_code == 200
+    assert client.post("/classify", params={"task": "warmth"}, files=upload(b"xx")).status_code == 400
+    assert client.post("/classify", params={"task": "nope"}, files=upload(RED)).status_code == 404
+    img, text = fusion_sample(np.random.default_rng(8), 1)[0][:2]
+    assert client.post("/fuse", data={"text": text, "task": "pet"}, files=upload(png_bytes(img))).status_code == 200
+    after = metric_samples(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("mmserve_requests_total", endpoint="/classify", task="warmth", status="200") == 3
+    assert delta("mmserve_requests_total", endpoint="/classify", task="warmth", status="400") == 1
+    assert delta("mmserve_requests_total", endpoint="/classify", task="-", status="404") == 1
+    assert delta("mmserve_requests_total", endpoint="/fuse", task="pet", status="200") == 1
+    assert delta("mmserve_requests_total", task="colors") == 0
+    assert delta("mmserve_request_duration_seconds_count", endpoint="/classify", task="warmth") == 4
+    assert delta("mmserve_request_duration_seconds_sum", endpoint="/classify", task="warmth") > 0
+
+
+def test_registry_swap_while_requests_flow(server: Server, client: httpx.Client, tmp_path: Path) -> None:
+    v1, v2 = server.version(server.registries.v1), server.version(server.registries.v2)
+    expected = {v1: "red", v2: "crimson"}
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(server.registries.v1, corrupt)
+    weights = next((corrupt / "tasks").glob("colors-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    seen: list[list[tuple[int, str, str]]] = [[], []]
+    stop = threading.Event()
+
+    def traffic(out: list[tuple[int, str, str]]) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/classify", params={"task": "colors"}, files=upload(RED))
+                body = r.json()
+                out.append((r.status_code, body.get("registry_version", ""), body.get("label", r.text)))
+
+    def wait_for(predicate: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not predicate():
+            assert time.monotonic() < deadline, "traffic stalled"
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=traffic, args=(out,)) for out in seen]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: all(len(s) >= 3 for s in seen))
+        swap = client.post("/admin/reload", json={"path": str(server.registries.v2)})
+        assert swap.status_code == 200, swap.text
+        assert swap.json() | {"path": ""} == {"previous_version": v1, "version": v2, "changed": True, "path": "",
+                                              "tasks": 5}
+        mark = [len(s) for s in seen]
+        wait_for(lambda: all(len(s) >= m + 3 for s, m in zip(seen, mark, strict=True)))
+        body = assert_json_error(client.post("/admin/reload", json={"path": str(corrupt)}), 422, "sha256")
+        assert body["serving_version"] == v2 and f"still serving {v2}" in body["error"]
+        assert_json_error(client.post("/admin/reload", json={"path": str(tmp_path / "missing")}), 422, "no manifest")
+        mark = [len(s) for s in seen]
+        wait_for(lambda: all(len(s) >= m + 3 for s, m in zip(seen, mark, strict=True)))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    for answers in seen:
+        assert [a for a in answers if a[0] != 200] == []
+        assert all(expected.get(version) == label for _, version, label in answers), answers
+        versions = [version for _, version, _ in answers]
+        first_v2 = versions.index(v2)
+        assert first_v2 > 0 and set(versions[:first_v2]) == {v1} and set(versions[first_v2:]) == {v2}
+    listing = client.get("/tasks").json()
+    assert listing["registry_version"] == v2 and listing["tasks"][0]["classes"] == ["crimson", "lime", "navy"]
+    assert client.post("/admin/reload", json={"path": str(server.registries.v1)}).json()["version"] == v1
+    assert client.get("/tasks").json()["registry_version"] == v1
+
+
+# ---- packaging ---------------------------------------------------------------------------------------------------
+
+
+def test_bentoml_build_produces_a_bento_with_code_registry_and_backbone(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    registries = build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")
+    ctx = tmp_path / "ctx"
+    shutil.copytree(ROOT / "mmserve", ctx / "mmserve", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "bentofile.yaml", ctx)
+    shutil.copytree(registries.v1, ctx / "models" / "registry")
+    (ctx / "models" / "backbone").mkdir()
+    (ctx / "models" / "backbone" / "mmserve-vit-p12-96.safetensors").write_bytes(b"stand-in weights")
+    (ctx / "tests").mkdir()
+    (ctx / "tests" / "test_x.py").write_text("")
+    home = tmp_path / "home"
+    done = subprocess.run([BENTOML, "build", str(ctx)], cwd=ctx, env=_hermetic_env(home), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    bentos = [p for p in (home / "bentos" / "mmserve").iterdir() if p.name != "latest"]
+    assert len(bentos) == 1
+    bento = bentos[0]
+    meta = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert meta["name"] == "mmserve" and meta["service"] == "mmserve.service:MmServe"
+    assert {s["name"] for s in meta["services"]} == {"mmserve", "mmserve-engine"}
+    src = bento / "src"
+    assert (src / "models" / "registry" / "manifest.json").read_bytes() == \
+        (registries.v1 / "manifest.json").read_bytes()
+    assert len(list((src / "models" / "registry" / "tasks").glob("*.safetensors"))) == 5
+    assert (src / "models" / "backbone" / "mmserve-vit-p12-96.safetensors").is_file()
+    assert (src / "mmserve" / "service.py").is_file() and (src / "mmserve" / "model_configs").is_dir()
+    assert not (src / "tests").exists()
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()
+    assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements
+    # inside the bento, the default registry and backbone are the ones shipped in it
+    spec = importlib.util.spec_from_file_location("bento_config", src / "mmserve" / "config.py")
+    bento_config = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bento_config", bento_config)  # dataclasses look their module up there
+    spec.loader.exec_module(bento_config)
+    cfg = bento_config.ServeConfig.from_env({})
+    assert cfg.registry == src / "models" / "registry"
+    assert cfg.backbone_pretrained == str(src / "models" / "backbone" / "mmserve-vit-p12-96.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's, raised inside BentoML's config loader
+def test_gpu_bentofile_is_a_valid_build_config() -> None:
+    from bentoml._internal.bento.build_config import BentoBuildConfig
+
+    with open(ROOT / "bentofile.gpu.yaml") as f:
+        config = BentoBuildConfig.from_yaml(f).with_defaults()
+    assert config.docker.cuda_version == "12.6.3" and config.docker.python_version == "3.11"
+    assert "onnxruntime-gpu>=1.20" in config.python.packages
+    assert not any(p.startswith("onnxruntime>") for p in config.python.packages)
+    assert {e.name: e.value for e in config.envs}["MMSERVE_DEVICE"] == "cuda"
