@@ -99,3 +99,20 @@ def test_eval_of_a_fusion_registry(tmp_path: Path):
     assert row["kind"] == "fuse" and row["metric"] == "f1_micro"
     assert row["score"] == pytest.approx(final["f1_micro"]) and row["f1_macro"] == pytest.approx(final["f1_macro"])
     assert row["zero_shot"] == pytest.approx(final["zero_shot_f1_micro"])
+
+
+def test_compare_puts_ablations_side_by_side(classify_run: Path, capsys):
+    work = classify_run
+    assert main(["classify", "--split", str(work / "split.json"), "--run-dir", str(work / "text-only"),
+                 "--epochs", "1", "--prompt", "text", "--sharing", "task", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(work / "run"), str(work / "text-only"), "--out", str(work / "compare.md")]) == 0
+    table = (work / "compare.md").read_text()
+    assert table == capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    text_only = json.loads((work / "text-only" / "metrics.json").read_text())["final"]
+    assert rows["text-only"][1] == "text / task" and rows["text-only"][7] == str(text_only["trainable_params"])
+    assert rows["text-only"][7] == str(2 * 2 * 4 * 64)  # two tasks x K=2 layers x 4 tokens x d_l=64
+    assert rows["run"][1] == "mmap / group+task" and rows["run"][2] == "auto"
+    assert float(rows["text-only"][4]) == pytest.approx(text_only["accuracy_mean"], abs=1e-4)
+    assert main(["compare", str(work / "split.json")]) == 2  # not a run dir: a clear error, no traceback

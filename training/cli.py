@@ -7,6 +7,7 @@ Examples:
   mmserve-train classify ... --prompt text --sharing task        (CoOp-style text-only ablation)
   mmserve-train fuse --train fusion/train.jsonl --test fusion/test.jsonl --run-dir runs/mope
   mmserve-train eval --registry runs/mmap/registry --split split.json
+  mmserve-train compare runs/mmap runs/text-only runs/vision-only
 """
 
 from __future__ import annotations
@@ -220,6 +221,17 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    """One Markdown row per finished run: method, score, zero-shot, trainable parameters, per-task scores."""
+    from training.compare import compare_markdown, run_summary
+
+    table = compare_markdown([run_summary(r) for r in a.runs])
+    if a.out:
+        Path(a.out).write_text(table)
+    print(table, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mmserve-train", description=__doc__,
@@ -242,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated subset of tasks")
     p.add_argument("--class-names", help="JSON mapping class folder -> prompt name")
     p.add_argument("--out", required=True, help="split file to write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _add_split(p, 16, 0.5)
     p.set_defaults(func=cmd_split)
 
@@ -330,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--on-bad-file", choices=("skip", "stop"), default="skip")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="compare finished runs (MmAP vs ablations) in one Markdown table")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
