@@ -95,6 +95,8 @@ def test_ablation_modes(tmp_path: Path):
     assert len(random_groups) == 2 and sorted(sum(random_groups, [])) == names
     (tmp_path / "g.json").write_text(json.dumps({"first": ["a", "c"], "second": ["b", "d"]}))
     assert choose_groups(GroupingConfig("file", str(tmp_path / "g.json")), names)[0] == [["a", "c"], ["b", "d"]]
+    (tmp_path / "grouping.json").write_text(json.dumps({"mode": "auto", "groups": [["a"], ["b", "c", "d"]]}))
+    assert choose_groups(GroupingConfig("file", str(tmp_path / "grouping.json")), names)[0] == [["a"], ["b", "c", "d"]]
     (tmp_path / "bad.json").write_text(json.dumps([["a", "b"], ["b", "c", "d"]]))
     with pytest.raises(ValueError, match="exactly once"):
         choose_groups(GroupingConfig("file", str(tmp_path / "bad.json")), names)

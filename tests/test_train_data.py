@@ -147,3 +147,13 @@ def test_image_tensors_are_cached_on_disk(tree: Path, tmp_path: Path, monkeypatc
     (tree / items[0].image).touch()  # a changed file invalidates the cache
     with pytest.raises(BadFileError, match="ZeroDivisionError"):
         image_tensors(tree, items, preprocess, BadFiles("stop"), tmp_path / "cache")
+
+
+def test_fusion_lines_can_be_selected_by_field(tmp_path: Path):
+    path = write_fusion_jsonl(tmp_path / "f.jsonl", 6)
+    rows = [json.loads(line) | {"task": "noto" if i % 3 else "twemoji"} for i, line in enumerate(path.open())]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_fusion_jsonl(path, BadFiles("stop"), select={"task": "twemoji"})
+    assert [Path(it.image).name for it in items] == ["0000.png", "0003.png"]
+    with pytest.raises(ValueError, match="no usable lines"):
+        read_fusion_jsonl(path, BadFiles(), select={"task": "fluent"})

@@ -34,7 +34,7 @@ class GroupingConfig:
     """How tasks are grouped: 'auto' (gradient similarity), 'all', 'single', 'random' or 'file'."""
 
     mode: str = "auto"
-    file: str | None = None  # mode 'file': JSON [[task, ...], ...] or {"group": [task, ...]}
+    file: str | None = None  # mode 'file': [[task, ...], ...], a run's grouping.json, or {"group": [task, ...]}
     n_groups: int | None = None  # auto: exactly this many groups (None = best of any count); random: default 2
     steps: int = 50  # training steps of the global shared prompt
     every: int = 5  # take a gradient snapshot every this many steps
@@ -180,10 +180,16 @@ def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: Gro
 
 
 def read_groups_file(path: str | Path, names: list[str]) -> list[list[str]]:
-    """Groups from JSON: a list of task lists or {group: [tasks]}; every task exactly once."""
+    """Groups from JSON: [[task, ...], ...], a run's grouping.json ({"groups": [...], ...}) or {group: [tasks]}.
+
+    Every task must appear exactly once.
+    """
     data = json.loads(Path(path).read_text())
-    groups = list(data.values()) if isinstance(data, dict) else data
-    groups = data.get("groups", groups) if isinstance(data, dict) and "groups" in data else groups
+    if isinstance(data, dict):
+        groups = data["groups"] if isinstance(data.get("groups"), list) and all(
+            isinstance(g, list) for g in data["groups"]) else list(data.values())
+    else:
+        groups = data
     flat = [t for g in groups for t in g]
     if sorted(flat) != sorted(names):
         raise ValueError(f"{path}: groups must cover every task exactly once; tasks {sorted(names)}, "
