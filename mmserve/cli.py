@@ -1,0 +1,179 @@
+"""The `mmserve` command: subcommands registered in SUBCOMMANDS (add one with `register`).
+
+Heavy imports (torch, onnx, bentoml) happen inside each subcommand's `run`, so `mmserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmserve.errors import MmserveError
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand: its help line, a function adding its arguments, and the function running it (exit code)."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int]) -> None:
+    """Add subcommand `name` to `mmserve`."""
+    SUBCOMMANDS[name] = Subcommand(name, help, configure, run)
+
+
+# ---- shared arguments --------------------------------------------------------------------------------------
+
+
+def project_models_dir() -> Path:
+    """models/ next to the package (repository checkout or built bento), else ./models."""
+    root = Path(__file__).resolve().parent.parent
+    return (root if (root / "models").is_dir() else Path.cwd()) / "models"
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --pretrained, --seed: which backbone to load."""
+    from mmserve.backbone import EMBEDDED_MODEL
+
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="open_clip model name (default: %(default)s)")
+    parser.add_argument("--pretrained", default="auto",
+                        help="open_clip tag or checkpoint path; 'none' = random init; 'auto' (default) = "
+                             "models/backbone/<model>.safetensors when it exists, else random init (speed only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random init (default: %(default)s)")
+
+
+def resolve_pretrained(model: str, pretrained: str) -> tuple[str | None, str]:
+    """(pretrained for BackboneSpec, a note on what was loaded) for the --pretrained value."""
+    if pretrained.strip().lower() in ("none", "random", ""):
+        return None, "random weights (requested): speed only, accuracy figures mean nothing"
+    if pretrained == "auto":
+        path = project_models_dir() / "backbone" / f"{model}.safetensors"
+        if path.is_file():
+            return str(path), f"weights: {path}"
+        return None, f"random weights: speed only ({path} not found; accuracy figures mean nothing)"
+    return pretrained, f"weights: {pretrained}"
+
+
+def load_backbone_from_args(args: argparse.Namespace):
+    """Load the backbone named by --model/--pretrained/--seed; returns (backbone, note)."""
+    from mmserve.backbone import BackboneSpec, load_backbone
+
+    pretrained, note = resolve_pretrained(args.model, args.pretrained)
+    return load_backbone(BackboneSpec(args.model, pretrained, seed=args.seed)), note
+
+
+def _prompt_shape(text: str) -> tuple[int, int]:
+    try:
+        depth, tokens = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K,P (prompted layers, prompt tokens), got {text!r}") from None
+    if depth < 1 or tokens < 1:
+        raise argparse.ArgumentTypeError(f"K and P must be >= 1, got {text!r}")
+    return depth, tokens
+
+
+# ---- export-onnx --------------------------------------------------------------------------------------------
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: models/onnx)")
+    add_backbone_arguments(p)
+    p.add_argument("--registry", type=Path, default=None,
+                   help="export an image graph for every prompt shape in this registry and a graph per fusion task")
+    p.add_argument("--prompt-shape", type=_prompt_shape, action="append", default=[], metavar="K,P",
+                   help="also export an image graph for prompts of K layers x P tokens (repeatable); without "
+                        "--registry and --prompt-shape: every layer x 8 tokens (MmAP group + task, 4 each)")
+    p.add_argument("--optimize", action="store_true",
+                   help="also write the fused variant (attention, skip-LayerNorm, bias-GELU as onnxruntime ops)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write dynamic int8 (from the fused graph; implies --optimize)")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                   help="torch.export-based exporter (default) or the TorchScript one")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--no-unprompted", action="store_true", help="skip the unprompted graph (image-k0-p0)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from mmserve.onnx_export import ExportOptions, export_all
+    from mmserve.registry import load_registry
+
+    backbone, note = load_backbone_from_args(args)
+    print(f"backbone {backbone.spec.model} ({backbone.fingerprint}); {note}")
+    registry = load_registry(args.registry, backbone) if args.registry else None
+    shapes = list(args.prompt_shape)
+    if registry is None and not shapes:
+        shapes = [(backbone.vision_layers, 8)]
+    out = args.out or project_models_dir() / "onnx"
+    options = ExportOptions(optimize=args.optimize or args.int8, int8=args.int8, exporter=args.exporter,
+                            opset=args.opset)
+    written = export_all(backbone, out, registry, shapes, options, unprompted=not args.no_unprompted)
+    for g in written:
+        what = f"prompts K={g.depth} P={g.prompt_tokens}" if g.kind == "image" else f"fusion task {g.task}"
+        diff = "-" if g.parity_max_abs_diff is None else f"{g.parity_max_abs_diff:.1e}"
+        fused = ", ".join(f"{k} {v}" for k, v in g.fused_ops.items())
+        print(f"{out / g.file}  [{what}; max|diff| vs torch {diff}; {fused}]")
+    return 0
+
+
+register("export-onnx", "export the prompted image tower (and fusion tasks) to ONNX", _configure_export,
+         _run_export)
+
+
+# ---- bench --------------------------------------------------------------------------------------------------
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    from mmserve.bench import add_bench_arguments
+
+    add_backbone_arguments(p)
+    add_bench_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from mmserve.bench import run_from_args
+
+    return run_from_args(args)
+
+
+register("bench", "benchmark: backbone floor, prompted engine (torch / onnx), mixed tasks, HTTP", _configure_bench,
+         _run_bench)
+
+
+# ---- entry point --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="mmserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in SUBCOMMANDS.values():
+        cmd.configure(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `mmserve COMMAND ...`; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except MmserveError as exc:
+        print(f"mmserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
