@@ -15,6 +15,7 @@ task (each task has its own MoPE + head) and each group runs one pass.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -66,22 +67,28 @@ class RuntimeUnavailableError(MmserveError):
     """The configured image-tower runtime cannot be used in this installation."""
 
 
-RUNTIMES: dict[str, Callable[[Backbone], ImageRuntime]] = {"torch": TorchImageRuntime}
+def _onnx_runtime(backbone: Backbone) -> ImageRuntime:
+    """onnxruntime engine; graphs from MMSERVE_ONNX_DIR (default models/onnx), see mmserve.onnx_runtime."""
+    from mmserve.onnx_runtime import OnnxImageRuntime
+
+    return OnnxImageRuntime(backbone)
+
+
+RUNTIMES: dict[str, Callable[[Backbone], ImageRuntime]] = {"torch": TorchImageRuntime, "onnx": _onnx_runtime}
 
 
 def check_runtime(name: str) -> None:
     """Raise RuntimeUnavailableError unless runtime `name` can be built here."""
+    if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeUnavailableError(
+            "runtime 'onnx' needs onnxruntime: pip install 'mmserve[cpu]' (or 'mmserve[gpu]' for onnxruntime-gpu)")
     if name in RUNTIMES:
         return
-    if name == "onnx":
-        raise RuntimeUnavailableError(
-            "runtime 'onnx' is not available yet: the onnxruntime engine lands with the ONNX export issue; "
-            "set MMSERVE_RUNTIME=torch")
-    raise RuntimeUnavailableError(f"unknown runtime {name!r} (known: {', '.join(sorted(RUNTIMES))}, onnx)")
+    raise RuntimeUnavailableError(f"unknown runtime {name!r} (known: {', '.join(sorted(RUNTIMES))})")
 
 
 def make_runtime(name: str, backbone: Backbone) -> ImageRuntime:
-    """The image-tower runtime `name` (MMSERVE_RUNTIME); the ONNX one registers itself in RUNTIMES later."""
+    """The image-tower runtime `name` (MMSERVE_RUNTIME)."""
     check_runtime(name)
     return RUNTIMES[name](backbone)
 

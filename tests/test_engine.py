@@ -229,11 +229,14 @@ def test_reload_while_classifying_never_mixes_versions(backbone: Backbone, regis
     assert all(labels == expected[version] for version, labels in seen)
 
 
-def test_runtime_is_pluggable_and_onnx_is_not_available_yet(backbone: Backbone, registries: Registries) -> None:
+def test_runtime_is_pluggable(backbone: Backbone, registries: Registries, tmp_path, monkeypatch) -> None:
     assert make_runtime("torch", backbone).name == "torch"
-    with pytest.raises(RuntimeUnavailableError, match="not available yet"):
-        make_runtime("onnx", backbone)
-    with pytest.raises(RuntimeUnavailableError, match="not available yet"):  # refused before loading anything
+    monkeypatch.setenv("MMSERVE_ONNX_DIR", str(tmp_path / "onnx"))  # graphs are exported there on first use
+    assert make_runtime("onnx", backbone).name == "onnx"  # parity with torch: tests/test_onnx.py
+    with pytest.raises(RuntimeUnavailableError, match="unknown runtime"):
+        make_runtime("tensorrt", backbone)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxruntime" else object())
+    with pytest.raises(RuntimeUnavailableError, match="needs onnxruntime"):  # refused before loading anything
         InferenceEngine.from_config(ServeConfig(registry=registries.v1, runtime="onnx"))
 
 
