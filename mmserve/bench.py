@@ -485,13 +485,14 @@ def _targets(ratios: dict[str, Any], agreement: dict[str, Any], config: BenchCon
         None if i8 is None else i8 >= TARGETS["onnx_int8_over_torch"], f"vs the faster torch thread setting, batch {b}")
     add("int8 top-1 agreement >= 99%", agree, TARGETS["int8_agreement"],
         None if agree is None else agree >= TARGETS["int8_agreement"], f"vs {agreement.get('int8_reference')}")
+    conc, batch = max(config.http_concurrency), config.http_max_batch
     for traffic in ("single", "mixed"):
         h = ratios["http_over_engine"].get(traffic)
         add(f"HTTP/engine >= 0.8 ({traffic})", h, TARGETS["http_over_engine"], None if h is None else h >= 0.8,
-            "concurrency 32 vs engine batch 32")
+            f"concurrency {conc} vs in-process engine at batch {batch}, {config.http_runtime}")
         p = ratios["http_p99_over_p50"].get(traffic)
         add(f"HTTP p99 < 3x p50 ({traffic})", p, TARGETS["http_p99_over_p50"], None if p is None else p < 3.0,
-            "concurrency 32")
+            f"concurrency {conc}")
     return out
 
 

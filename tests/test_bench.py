@@ -1,0 +1,126 @@
+"""`mmserve bench` smoke tests on the tiny backbone: every section and ratio is there. Never asserts speed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, BackboneSpec, load_backbone
+from mmserve.bench import BenchConfig, Case, format_report, measure, run_bench, token_cost
+from mmserve.cli import main
+from mmserve.loadgen import RequestSpec, run_load
+
+SECTIONS = ("meta", "floor", "engine", "mixed", "agreement", "http", "ratios", "tokens", "targets")
+RATIOS = ("mixed_over_single", "engine_over_floor", "onnx_over_torch", "onnx_over_best_torch", "http_over_engine",
+          "http_p99_over_p50")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and value > 0
+
+
+def test_bench_cli_writes_every_section_and_ratio(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", TINY_MODEL, "--pretrained", "none", "--batch-sizes", "1,2", "--rounds", "1",
+                 "--iters", "1", "--warmup", "0", "--tasks", "3", "--agreement-images", "6", "--target-batch", "2",
+                 "--exporter", "legacy", "--no-http", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(SECTIONS) <= set(report) and set(RATIOS) <= set(report["ratios"])
+    assert "random" in report["meta"]["backbone"]["note"] and "speed only" in report["meta"]["registry"]["note"]
+    for batch in ("1", "2"):
+        assert _positive(report["floor"][batch]["floor/torch"]["images_per_s"])
+        for rt in ("torch", "onnx-fp32", "onnx-opt", "onnx-int8"):
+            assert _positive(report["engine"][batch][f"single/{rt}"]["images_per_s"])
+            assert _positive(report["mixed"][batch][f"mixed/{rt}"]["images_per_s"])
+            assert _positive(report["ratios"]["mixed_over_single"][batch][rt])
+        assert _positive(report["ratios"]["engine_over_floor"][batch]["torch"])
+        for rt in ("onnx-fp32", "onnx-opt", "onnx-int8"):
+            assert _positive(report["ratios"]["onnx_over_torch"][batch][rt])
+            assert _positive(report["ratios"]["onnx_over_best_torch"][batch][rt])
+    assert 0.0 <= report["agreement"]["int8_vs_fp32"] <= 1.0
+    assert report["agreement"]["pairs"]["onnx-fp32 vs torch"] == 1.0  # fp32 graphs give torch's labels
+    assert "skipped" in report["http"]
+    assert 0 < report["tokens"]["predicted_engine_over_floor"] < 1
+    assert {t["target"] for t in report["targets"]} >= {"mixed/single >= 0.95", "onnx int8 >= 1.8x torch"}
+    printed = capsys.readouterr().out
+    assert "ratios" in printed and "targets:" in printed and "prompt tokens" in printed
+
+
+def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Path) -> None:
+    config = BenchConfig(batch_sizes=(2,), rounds=1, iters=1, warmup=0, tasks=3, classes=3, variants=(),
+                         agreement_images=4, target_batch=2, http_concurrency=(1, 2), http_requests=4, http_runs=1,
+                         http_max_batch=2, out=tmp_path / "bench.json")
+    report = run_bench(config, tiny_backbone, "random weights: speed only", log=lambda m: None)
+    http = report["http"]
+    assert "traffic" in http, http
+    for traffic in ("single", "mixed"):
+        for conc in ("1", "2"):
+            case = http["traffic"][traffic][conc]
+            assert case["ok"] == case["sent"] == 4
+            assert _positive(case["throughput"]) and case["p99_ms"] >= case["p50_ms"] > 0
+        assert _positive(report["ratios"]["http_over_engine"][traffic])
+        assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
+    assert "HTTP on loopback" in format_report(report)
+
+
+def test_measure_interleaves_rounds_and_takes_the_median() -> None:
+    calls: list[str] = []
+    durations = {"a": iter([0.001, 0.001, 0.05, 0.001]), "b": iter([0.002] * 4)}
+
+    def fn(name: str):
+        def call() -> None:
+            calls.append(name)
+            time.sleep(next(durations[name]))
+        return call
+
+    result = measure([Case("a", fn("a"), 4), Case("b", fn("b"), 4)], rounds=3, iters=1, warmup=1)
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b"]  # rotated order per round, after one warm-up each
+    assert result["a"].median_s < 0.02 < result["a"].max_s  # one slow round does not move the median
+    assert result["a"].images_per_s == pytest.approx(4 / result["a"].median_s)
+
+
+def test_loadgen_bounds_concurrency_and_counts_statuses() -> None:
+    state = {"in_flight": 0, "peak": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            with lock:
+                state["in_flight"] += 1
+                state["peak"] = max(state["peak"], state["in_flight"])
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(0.01)
+            with lock:
+                state["in_flight"] -= 1
+            self.send_response(500 if "bad" in self.path else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run_load(url, lambda i: RequestSpec("/bad" if i % 5 == 0 else "/ok",
+                                                     files={"image": ("x.png", b"123", "image/png")}), 20, 3)
+    finally:
+        server.shutdown()
+    assert result.requests == 20 and result.ok == 16 and result.errors == {500: 4}
+    assert state["peak"] <= 3
+    assert result.p99_ms >= result.p50_ms > 0 and result.throughput > 0
+
+
+def test_token_cost_of_the_embedded_model() -> None:
+    backbone = load_backbone(BackboneSpec(EMBEDDED_MODEL))
+    cost = token_cost(backbone, 8)
+    assert cost["tokens_floor"] == 1 + 64 and cost["tokens_prompted"] == 1 + 8 + 64
+    assert 65 / 73 * 0.98 < cost["predicted_engine_over_floor"] < 65 / 73  # attention adds a little on top
