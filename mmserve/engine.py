@@ -404,10 +404,7 @@ class InferenceEngine:
                         MappingProxyType(classify), MappingProxyType(fusion), MappingProxyType(banks))
 
     def reload(self, path: str | Path | None = None) -> ReloadResult:
-        """Build the registry at `path` (default: the current one, re-read) and swap it in atomically.
-
-        On any validation error this raises RegistryError and the previous version keeps serving.
-        """
+        """Build `path` (default: re-read the current one) and swap it in; RegistryError keeps the old one."""
         with self._reload_lock:
             target = Path(path) if path is not None else self.registry_path
             fresh = self.build_snapshot(target)

@@ -134,6 +134,13 @@ class MmServeEngine:
         return {"ok": True, **result.to_dict()}
 
 
+def admin_authorized(authorization: str | None, token: str | None) -> bool:
+    """True when no admin token is configured or the header is exactly `Bearer <token>` (constant-time)."""
+    if token is None:
+        return True
+    return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+
+
 @dataclass(frozen=True)
 class EngineView:
     """The front's copy of what the engine serves: registry version and task kinds, for request validation."""
@@ -343,11 +350,9 @@ class MmServe:
     @bentoml.api(route="/admin/reload")
     async def reload(self, ctx: bentoml.Context, path: str | None = None) -> dict[str, Any]:
         """Load a new registry version without restart: JSON {"path": DIR} or no body to re-read the current one."""
-        if CONFIG.admin_token is not None:
-            given = ctx.request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {CONFIG.admin_token}".encode()):
-                ctx.response.status_code = 401
-                return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
+        if not admin_authorized(ctx.request.headers.get("authorization"), CONFIG.admin_token):
+            ctx.response.status_code = 401
+            return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
         result = await self._call("reload", path=path)
         await self.engine_view(refresh=True)
         if not result.pop("ok"):
@@ -368,12 +373,11 @@ class FormSpec:
 
 @dataclass
 class UploadGuard:
-    """ASGI middleware in front of the APIs: body size limit (413) and multipart shape checks (400/415/422).
+    """ASGI middleware before the APIs: body size limit (413) and multipart shape checks (400/415/422)."""
 
-    BentoML parses uploads before an API function runs, and some malformed bodies (no multipart boundary, a
-    text field where the image file belongs, ...) make that parser fail with a 500. The guard reads the body once
-    (refusing it past the limit), checks that it parses and has the right fields, then replays it to BentoML.
-    """
+    # BentoML parses uploads before an API function runs, and some malformed bodies (no multipart boundary, a
+    # text field where the image file belongs, ...) make that parser fail with a 500. The guard reads the body
+    # once (refusing it past the limit), checks that it parses and has the right fields, then replays it.
 
     app: Any
     max_bytes: int

@@ -41,6 +41,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.images import ImageError, decode_image
+from mmserve.service import admin_authorized
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -184,6 +185,13 @@ def test_decode_refuses_bad_uploads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own bomb error is mapped too
     with pytest.raises(ImageError, match="decompression bomb"):
         decode_image(good, PIXEL_LIMIT)
+
+
+def test_admin_token_is_checked_when_configured() -> None:
+    assert admin_authorized(None, None) and admin_authorized("anything", None)
+    assert admin_authorized("Bearer s3cret", "s3cret")
+    assert not admin_authorized(None, "s3cret") and not admin_authorized("Bearer wrong", "s3cret")
+    assert not admin_authorized("s3cret", "s3cret")
 
 
 # ---- the running server ------------------------------------------------------------------------------------------
