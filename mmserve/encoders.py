@@ -110,6 +110,13 @@ class PromptedTextEncoder(_FrozenTower):
         self.layers = backbone.text_layers
         self.context_length = backbone.context_length
         self.placeholder_id = int(self.tokenizer([PLACEHOLDER])[0, 1])
+        mask = self.attn_mask
+        # with a causal mask no position sees a later one, so tokens after EOT cannot change the pooled feature
+        upper = torch.ones(mask.shape, dtype=torch.bool).triu(1) if mask is not None else None
+        self.truncate_after_eot = (
+            mask is not None and self.pool_type in ("argmax", "eos")
+            and bool(torch.isinf(mask[upper]).all()) and not bool(torch.isinf(mask[~upper]).any())
+        )
         self.eval()
 
     def tokenize(self, texts: list[str], n_prompt: int) -> torch.Tensor:
@@ -133,10 +140,15 @@ class PromptedTextEncoder(_FrozenTower):
         if depth > self.layers:
             raise PromptConfigError(f"text prompts have depth {depth} but the text tower has {self.layers} layers")
         cast_dtype = self.transformer.get_cast_dtype()
+        attn_mask, positional = self.attn_mask, self.positional_embedding
+        if self.truncate_after_eot:  # exact: drop the padding after the batch's last EOT (halves typical cost)
+            eot = tokens.argmax(dim=-1) if self.pool_type == "argmax" else (tokens == self.eos_id).int().argmax(-1)
+            length = max(int(eot.max()) + 1, 1 + n_prompt)
+            tokens, attn_mask, positional = tokens[:, :length], attn_mask[:length, :length], positional[:length]
         x = self.token_embedding(tokens).to(cast_dtype)  # (B, L, d_l)
         if n_prompt:
             x = torch.cat([x[:, :1], prompts[:, 0].to(cast_dtype), x[:, 1 + n_prompt:]], dim=1)
-        x = x + self.positional_embedding.to(cast_dtype)
+        x = x + positional.to(cast_dtype)
         if not self.transformer.batch_first:
             x = x.transpose(0, 1)
         for i, block in enumerate(self.transformer.resblocks):
@@ -146,7 +158,7 @@ class PromptedTextEncoder(_FrozenTower):
                     x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
                 else:
                     x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n_prompt:]], dim=0)
-            x = block(x, attn_mask=self.attn_mask)
+            x = block(x, attn_mask=attn_mask)
         if not self.transformer.batch_first:
             x = x.transpose(0, 1)
         x = self.ln_final(x)  # (B, L, d_l)

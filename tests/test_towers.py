@@ -173,3 +173,16 @@ def test_prompt_shape_errors_are_clear(tiny_backbone):
     text_enc = PromptedTextEncoder(tiny_backbone)
     with pytest.raises(PromptConfigError, match="context length"):
         text_enc.tokenize(["word " * 40], n_prompt=4)
+
+
+def test_truncation_after_eot_is_exact(tiny_backbone):
+    """Dropping padding after the last EOT (causal mask) gives the same features as the full sequence."""
+    text_enc = PromptedTextEncoder(tiny_backbone)
+    assert text_enc.truncate_after_eot
+    tokens = text_enc.tokenize(["a cat.", "a rather longer description of a dog."], n_prompt=2)
+    prompts = torch.randn(2, 2, tiny_backbone.text_width)
+    with torch.no_grad():
+        short = text_enc(tokens, prompts)
+        text_enc.truncate_after_eot = False
+        full = text_enc(tokens, prompts)
+    assert (short - full).abs().max() <= 1e-5
