@@ -255,3 +255,12 @@ def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+if __name__ == "__main__":  # python tests/_registry_fixture.py DIR: the demo registries, without pytest
+    import sys
+
+    built = build_registries(Path(sys.argv[1]).resolve())
+    env = " ".join(f"{k}={v}" for k, v in SERVER_ENV.items())
+    print(f"v1: {built.v1}\nv2: {built.v2}\nserve: {env} MMSERVE_REGISTRY={built.v1} "
+          f"bentoml serve mmserve.service:MmServe")
