@@ -424,6 +424,8 @@ def test_bentoml_build_produces_a_bento_with_code_registry_and_backbone(
     shutil.copytree(registries.v1, ctx / "models" / "registry")
     (ctx / "models" / "backbone").mkdir()
     (ctx / "models" / "backbone" / "mmserve-vit-p12-96.safetensors").write_bytes(b"stand-in weights")
+    (ctx / "models" / "onnx").mkdir()
+    (ctx / "models" / "onnx" / "image-tower.onnx").write_bytes(b"stand-in graph")
     (ctx / "tests").mkdir()
     (ctx / "tests" / "test_x.py").write_text("")
     home = tmp_path / "home"
@@ -441,6 +443,7 @@ def test_bentoml_build_produces_a_bento_with_code_registry_and_backbone(
         (registries.v1 / "manifest.json").read_bytes()
     assert len(list((src / "models" / "registry" / "tasks").glob("*.safetensors"))) == 5
     assert (src / "models" / "backbone" / "mmserve-vit-p12-96.safetensors").is_file()
+    assert (src / "models" / "onnx" / "image-tower.onnx").is_file()
     assert (src / "mmserve" / "service.py").is_file() and (src / "mmserve" / "model_configs").is_dir()
     assert not (src / "tests").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()
