@@ -52,7 +52,9 @@ def _add_optim(p: argparse.ArgumentParser, d: OptimConfig) -> None:
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="samples per task and step: a multi-task step draws this many from EACH task and sums "
+                        "the task losses (MmAP eq. 11); an epoch is ceil(largest task / batch) steps")
     g.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)

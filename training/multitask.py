@@ -1,5 +1,13 @@
 """One multi-task step: every task's image batch and class prompts go through the towers in one forward pass.
 
+Batch semantics (MmAP eq. 11/12): `batch_size` is per task. A step draws `batch_size` samples FROM EACH task
+(Batcher: T index batches, T x batch_size images in all) and returns T per-task losses, which the trainer sums
+into one update: a group-shared prompt gets the sum of its tasks' gradients (eq. 11), a task-specific prompt
+only its own task's (eq. 12). An epoch is `max_t ceil(n_t / batch_size)` steps (the largest task sees each of
+its samples once), and each step runs every task's class prompts through the text tower once, so the text
+cost per epoch is that of a single-task run, not T times it (as it would be with one mixed batch of
+`batch_size` over all tasks, which needs T times more steps).
+
 Per-sample prompts (B, K, P, d) let one batch mix tasks, each with its own (group + task) prompts; the
 loss of each task is cross-entropy on cosine logits times CLIP's temperature.
 """
