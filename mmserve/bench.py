@@ -59,7 +59,7 @@ class BenchConfig:
     onnx_dir: Path | None = None  # reuse graphs exported for this backbone; default: export to a temp dir
     variants: tuple[str, ...] = ("fp32", "opt", "int8")
     exporter: str = "dynamo"
-    threads: int | None = None  # torch and onnxruntime intra-op threads; None = physical cores
+    threads: int | None = None  # intra-op threads for torch and onnxruntime; None = calibrate (1 vs physical cores)
     agreement_images: int = 256
     target_batch: int = 8  # the batch size the onnx/torch and engine/floor targets are judged at
     http: bool = True
@@ -250,7 +250,7 @@ def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) ->
 
 
 def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_dir: Path | None,
-                 task_names: list[str], threads: int) -> dict[str, Any]:
+                 task_names: list[str], torch_threads: int, onnx_threads: int) -> dict[str, Any]:
     """Throughput and p50/p99 over HTTP, single-task and mixed-task traffic, at each concurrency."""
     from mmserve.loadgen import RequestSpec, run_load
 
@@ -266,7 +266,7 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
         "MMSERVE_BACKBONE_PRETRAINED": backbone.spec.pretrained or "none",
         "MMSERVE_BACKBONE_SEED": str(backbone.spec.seed), "MMSERVE_RUNTIME": runtime,
         "MMSERVE_MAX_BATCH_SIZE": str(config.http_max_batch), "MMSERVE_MAX_LATENCY_MS": "120000",
-        "OMP_NUM_THREADS": str(threads), "MMSERVE_ONNX_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(torch_threads), "MMSERVE_ONNX_THREADS": str(onnx_threads),
     })
     if runtime == "onnx":
         env.update({"MMSERVE_ONNX_DIR": str(onnx_dir), "MMSERVE_ONNX_VARIANT": variant or "auto"})
@@ -294,13 +294,22 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
     except RuntimeError as exc:
         return {"skipped": str(exc)}
     finally:
+        server_log = None
+        failed = any(r.ok < r.requests for rs in runs.values() for r in rs) if "runs" in locals() else True
+        if failed and (work / "server.log").is_file():  # keep the evidence next to the report
+            server_log = config.out.with_suffix(".server.log")
+            server_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(work / "server.log", server_log)
         shutil.rmtree(work, ignore_errors=True)
     for (traffic, conc), rs in runs.items():
         results["traffic"][traffic][str(conc)] = {
             "throughput": statistics.median(r.throughput for r in rs),
             "p50_ms": statistics.median(r.p50_ms for r in rs), "p99_ms": statistics.median(r.p99_ms for r in rs),
             "ok": sum(r.ok for r in rs), "sent": sum(r.requests for r in rs),
-            "errors": {str(k): sum(r.errors.get(k, 0) for r in rs) for k in {k for r in rs for k in r.errors}}}
+            "errors": {str(k): sum(r.errors.get(k, 0) for r in rs) for k in {k for r in rs for k in r.errors}},
+            "failures": {k: sum(r.failures.get(k, 0) for r in rs) for k in {k for r in rs for k in r.failures}}}
+    if server_log is not None:
+        results["server_log"] = str(server_log)
     return results
 
 
@@ -320,19 +329,20 @@ class BenchSetup:
     onnx_dir: Path | None
     onnx_runtimes: dict[str, Any]
     images: torch.Tensor
-    threads: int
+    torch_threads: int
+    onnx_threads: int
+    calibration: dict[str, Any]
     prompt_shapes: list[tuple[int, int]]
     cleanup: list[Path] = field(default_factory=list)
 
 
 def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Callable[[str], None]) -> BenchSetup:
     from mmserve.engine import InferenceEngine
-    from mmserve.onnx_export import ExportOptions, export_all
+    from mmserve.onnx_export import ExportOptions, export_all, read_sidecars
     from mmserve.onnx_runtime import OnnxImageRuntime, OnnxOptions, physical_cores
     from mmserve.registry import load_registry
 
-    threads = config.threads or physical_cores()
-    torch.set_num_threads(threads)
+    candidates = [config.threads] if config.threads else sorted({1, physical_cores()})
     cleanup: list[Path] = []
     if config.registry is not None:
         registry_dir, note = config.registry, f"{config.registry}"
@@ -349,28 +359,57 @@ def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Cal
     engines: dict[str, Any] = {"torch": engine}
     onnx_runtimes: dict[str, Any] = {}
     onnx_dir = config.onnx_dir
+    n_images = max(max(config.batch_sizes), config.target_batch, 1)
+    pil = synthetic_images(n_images, backbone.image_size * 2, config.seed)
+    images = torch.stack([backbone.preprocess(img) for img in pil])
+    x = images[:config.target_batch]
+    calibration: dict[str, Any] = {"batch": config.target_batch, "candidates": candidates}
+    torch_threads = _calibrate(calibration, "torch", {t: Case(f"torch@{t}", lambda: backbone.model.encode_image(x),
+                                                              len(x), before=lambda t=t: torch.set_num_threads(t))
+                                                      for t in candidates}, config)
+    torch.set_num_threads(torch_threads)
+    log(f"torch threads: {torch_threads} ({calibration['torch']})")
+    onnx_threads = candidates[-1]
     if config.variants:
         if onnx_dir is None:
             onnx_dir = Path(tempfile.mkdtemp(prefix="mmserve-bench-onnx-"))
             cleanup.append(onnx_dir)
+        have = {(g.kind, g.depth, g.prompt_tokens, g.variant) for g in read_sidecars(onnx_dir)
+                if g.fingerprint == backbone.fingerprint}
+        if not all(("image", k, p, v) in have for k, p in shapes + [(0, 0)] for v in config.variants):
             log(f"exporting ONNX graphs ({', '.join(config.variants)}) to {onnx_dir} ...")
             started = time.perf_counter()
             export_all(backbone, onnx_dir, load_registry(registry_dir, backbone),
                        options=ExportOptions(optimize="opt" in config.variants or "int8" in config.variants,
                                              int8="int8" in config.variants, exporter=config.exporter))
             log(f"exported in {time.perf_counter() - started:.0f} s")
+        probe = config.variants[-1]
+        runtimes = {t: OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=probe, intra_op_threads=t,
+                                                              export_missing=False)) for t in candidates}
+        onnx_threads = _calibrate(calibration, f"onnx-{probe}", {
+            t: Case(f"onnx@{t}", lambda rt=rt: rt.encode(x, None), len(x)) for t, rt in runtimes.items()}, config)
+        log(f"onnxruntime threads: {onnx_threads} ({calibration[f'onnx-{probe}']})")
         for variant in config.variants:
-            rt = OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=variant, intra_op_threads=threads,
-                                                        export_missing=False))
+            rt = OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=variant,
+                                                        intra_op_threads=onnx_threads, export_missing=False))
             onnx_runtimes[variant] = rt
             e = copy.copy(engine)  # shares the immutable snapshot; only the image-tower runtime differs
             e.runtime = rt
             engines[f"onnx-{variant}"] = e
-    n_images = max(max(config.batch_sizes), 1)
-    pil = synthetic_images(n_images, backbone.image_size * 2, config.seed)
-    images = torch.stack([backbone.preprocess(img) for img in pil])
     return BenchSetup(backbone, backbone_note, registry_dir, note, task_names, engines, onnx_dir, onnx_runtimes,
-                      images, threads, shapes, cleanup)
+                      images, torch_threads, onnx_threads, calibration, shapes, cleanup)
+
+
+def _calibrate(record: dict[str, Any], what: str, cases: dict[int, Case], config: BenchConfig) -> int:
+    """The faster thread count of `cases` (interleaved, median); records images/s per thread count."""
+    if len(cases) == 1:
+        record[what] = {"fixed": next(iter(cases))}
+        return next(iter(cases))
+    with torch.inference_mode():
+        timed = measure(list(cases.values()), rounds=max(3, config.rounds // 2), iters=1, warmup=1)
+    speed = {t: timed[c.name].images_per_s for t, c in cases.items()}
+    record[what] = {f"{t} threads": round(v, 1) for t, v in speed.items()}
+    return max(speed, key=speed.get)
 
 
 def _mixed(task_names: list[str], batch: int) -> list[str]:
@@ -389,10 +428,6 @@ def _cases(setup: BenchSetup, batch: int) -> list[Case]:
     for name, engine in setup.engines.items():
         cases.append(Case(f"single/{name}", lambda e=engine: e.classify(x, single), batch))
         cases.append(Case(f"mixed/{name}", lambda e=engine: e.classify(x, mixed), batch))
-    if setup.threads > 1:  # torch's OpenMP pool collapses when other processes hold the cores: show 1 thread too
-        engine = setup.engines["torch"]
-        cases.append(Case("single/torch-1thread", lambda: engine.classify(x, single), batch,
-                          before=lambda: torch.set_num_threads(1), after=lambda: torch.set_num_threads(setup.threads)))
     return cases
 
 
@@ -434,20 +469,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _ratios(throughput: dict[str, dict[str, float]], http: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
     ratios: dict[str, Any] = {"mixed_over_single": {}, "engine_over_floor": {}, "onnx_over_torch": {},
-                              "onnx_over_best_torch": {}, "http_over_engine": {}, "http_p99_over_p50": {}}
+                              "http_over_engine": {}, "http_p99_over_p50": {}}
     for b, row in throughput.items():
-        runtimes = [k.split("/", 1)[1] for k in row if k.startswith("single/") and not k.endswith("1thread")]
+        runtimes = [k.split("/", 1)[1] for k in row if k.startswith("single/")]
         ratios["mixed_over_single"][b] = {rt: _ratio(row.get(f"mixed/{rt}"), row[f"single/{rt}"]) for rt in runtimes}
         ratios["engine_over_floor"][b] = {"torch": _ratio(row.get("single/torch"), row.get("floor/torch"))}
         for k in row:
             if k.startswith("floor/onnx-"):
                 v = k.split("/", 1)[1]
                 ratios["engine_over_floor"][b][v] = _ratio(row.get(f"single/{v}"), row[k])
-        best_torch = max(row.get("single/torch", 0.0), row.get("single/torch-1thread", 0.0))
         ratios["onnx_over_torch"][b] = {rt: _ratio(row[f"single/{rt}"], row.get("single/torch"))
                                         for rt in runtimes if rt.startswith("onnx")}
-        ratios["onnx_over_best_torch"][b] = {rt: _ratio(row[f"single/{rt}"], best_torch)
-                                             for rt in runtimes if rt.startswith("onnx")}
     if "traffic" in http:
         b = str(config.http_max_batch)
         top = str(max(config.http_concurrency))
@@ -474,15 +506,15 @@ def _targets(ratios: dict[str, Any], agreement: dict[str, Any], config: BenchCon
     ef = ratios["engine_over_floor"].get(b, {}).get("torch")
     add("engine/floor >= 0.85", ef, TARGETS["engine_over_floor"], None if ef is None else ef >= 0.85,
         f"torch, batch {b}")
-    best = ratios["onnx_over_best_torch"].get(b, {})
+    best = ratios["onnx_over_torch"].get(b, {})
     fp32 = [v for k, v in best.items() if k in ("onnx-fp32", "onnx-opt") and v is not None]
     add("onnx fp32 >= 1.2x torch", max(fp32) if fp32 else None, TARGETS["onnx_fp32_over_torch"],
         None if not fp32 else max(fp32) >= TARGETS["onnx_fp32_over_torch"],
-        f"best fp32 graph vs the faster torch thread setting, batch {b}")
+        f"faster fp32 graph (plain or fused) vs torch, batch {b}")
     i8 = best.get("onnx-int8")
     agree = agreement.get("int8_vs_fp32")
     add("onnx int8 >= 1.8x torch", i8, TARGETS["onnx_int8_over_torch"],
-        None if i8 is None else i8 >= TARGETS["onnx_int8_over_torch"], f"vs the faster torch thread setting, batch {b}")
+        None if i8 is None else i8 >= TARGETS["onnx_int8_over_torch"], f"batch {b}")
     add("int8 top-1 agreement >= 99%", agree, TARGETS["int8_agreement"],
         None if agree is None else agree >= TARGETS["int8_agreement"], f"vs {agreement.get('int8_reference')}")
     conc, batch = max(config.http_concurrency), config.http_max_batch
@@ -503,7 +535,7 @@ def _load() -> list[float]:
         return []
 
 
-def _machine(threads: int) -> dict[str, Any]:
+def _machine(setup: BenchSetup) -> dict[str, Any]:
     from mmserve.onnx_runtime import physical_cores
 
     cpu = platform.processor()
@@ -514,7 +546,9 @@ def _machine(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(), "threads": threads,
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+            "torch_threads": setup.torch_threads, "onnx_threads": setup.onnx_threads,
+            "thread_calibration": setup.calibration,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
@@ -536,7 +570,8 @@ def run_bench(config: BenchConfig, backbone: Backbone, backbone_note: str,
         agreement = _agreement(setup, config)
         if config.http:
             log(f"HTTP: starting the BentoML server ({config.http_runtime}) ...")
-            http = http_section(config, backbone, setup.registry, setup.onnx_dir, setup.task_names, setup.threads)
+            http = http_section(config, backbone, setup.registry, setup.onnx_dir, setup.task_names,
+                                setup.torch_threads, setup.onnx_threads)
         else:
             http = {"skipped": "disabled (--no-http)"}
         ratios = _ratios(throughput, http, config)
@@ -553,7 +588,7 @@ def run_bench(config: BenchConfig, backbone: Backbone, backbone_note: str,
                      "registry": {"path": None if config.registry is None else str(config.registry),
                                   "note": setup.registry_note, "tasks": len(setup.task_names),
                                   "prompt_shapes": [list(s) for s in setup.prompt_shapes]},
-                     "machine": _machine(setup.threads), "load_avg_before": load_before, "load_avg_after": _load(),
+                     "machine": _machine(setup), "load_avg_before": load_before, "load_avg_after": _load(),
                      "onnx": {v: rt.describe() for v, rt in setup.onnx_runtimes.items()},
                      "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
                      "method": "interleaved rounds; each figure = median over rounds of the per-call time"},
@@ -588,12 +623,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"mmserve bench: {meta['backbone']['model']} ({meta['backbone']['note']})",
              f"registry: {meta['registry']['note']}; prompt shapes (K, P): {meta['registry']['prompt_shapes']}",
              f"machine: {meta['machine']['cpu']}, {meta['machine']['logical_cpus']} CPUs, "
-             f"{meta['machine']['physical_cores']} physical cores; threads {meta['machine']['threads']}; "
+             f"{meta['machine']['physical_cores']} physical cores; threads: torch {meta['machine']['torch_threads']}, "
+             f"onnxruntime {meta['machine']['onnx_threads']}; "
              f"load avg {meta['load_avg_before']} -> {meta['load_avg_after']}",
+             f"thread calibration (images/s at batch {meta['machine']['thread_calibration']['batch']}): " + "; ".join(
+                 f"{k}: {v}" for k, v in meta["machine"]["thread_calibration"].items()
+                 if k not in ("batch", "candidates")),
              f"method: {meta['method']} ({meta['config']['rounds']} rounds x {meta['config']['iters']} calls)", "",
              "images/s".ljust(44) + "".join(f"batch {b}".rjust(11) for b in batches)]
-    labels = {"floor/torch": "floor: open_clip encode_image (torch)",
-              "single/torch-1thread": "engine torch 1 thread, one task per batch"}
+    labels = {"floor/torch": "floor: open_clip encode_image (torch)"}
     rows: list[str] = []
     for section in ("floor", "engine", "mixed"):
         for name in report[section][batches[0]]:
@@ -614,10 +652,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"engine/floor {rt}".ljust(44) + "".join(
             _fmt(r["engine_over_floor"][b].get(rt)).rjust(11) for b in batches))
     for rt in r["onnx_over_torch"][batches[0]]:
-        lines.append(f"{rt}/torch (torch as configured)".ljust(44) + "".join(
+        lines.append(f"{rt}/torch".ljust(44) + "".join(
             _fmt(r["onnx_over_torch"][b].get(rt)).rjust(11) for b in batches))
-        lines.append(f"{rt}/torch (faster torch thread setting)".ljust(44) + "".join(
-            _fmt(r["onnx_over_best_torch"][b].get(rt)).rjust(11) for b in batches))
     agreement = report["agreement"]
     if "pairs" in agreement:
         lines += ["", f"top-1 agreement on {agreement['images']} synthetic images (each with a task, cycled):"]
@@ -677,8 +713,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds per figure; figure = median (default 7)")
     p.add_argument("--iters", type=int, default=d.iters, help="calls per case per round (default 2)")
     p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
-    p.add_argument("--onnx-dir", type=Path, default=None, help="reuse exported graphs (default: export to a temp dir)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for torch and onnxruntime (default: the faster of 1 and the physical cores, "
+                        "measured at --target-batch before the run)")
+    p.add_argument("--onnx-dir", type=Path, default=None,
+                   help="graphs for this backbone: reused when present, else exported there (default: a temp dir)")
     p.add_argument("--variants", default=",".join(d.variants),
                    help="ONNX variants to time, of fp32,opt,int8 (default all; '' = torch only)")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default=d.exporter)

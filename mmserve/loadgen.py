@@ -36,6 +36,7 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     mean_ms: float
+    failures: dict[str, int] = field(default_factory=dict)  # transport errors by exception name (status 0)
 
     def to_dict(self) -> dict:
         """JSON form."""
@@ -46,6 +47,7 @@ async def _run(base_url: str, make: Callable[[int], RequestSpec], n: int, concur
                timeout: float) -> LoadResult:
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
+    failures: Counter[str] = Counter()
     next_index = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
@@ -62,8 +64,9 @@ async def _run(base_url: str, make: Callable[[int], RequestSpec], n: int, concur
                     response = await client.request(spec.method, spec.path, files=spec.files or None,
                                                     data=spec.data or None)
                     status = response.status_code
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
                     status = 0
+                    failures[type(exc).__name__] += 1
                 latencies.append(time.perf_counter() - started)
                 statuses[status] += 1
 
@@ -74,7 +77,7 @@ async def _run(base_url: str, make: Callable[[int], RequestSpec], n: int, concur
     ok = statuses.pop(200, 0)
     return LoadResult(concurrency, n, ok, dict(statuses), wall, ok / wall if wall > 0 else 0.0,
                       float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), float(np.percentile(ms, 99)),
-                      float(ms.mean()))
+                      float(ms.mean()), dict(failures))
 
 
 def run_load(base_url: str, make: Callable[[int], RequestSpec], n: int, concurrency: int,
