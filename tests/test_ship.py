@@ -1,0 +1,129 @@
+"""`mmserve-train ship` on a toy prepared cache and a fake open_clip_train run of the tiny model: fp16 weights-only
+export, a registry that load_registry accepts with the exported backbone, a model card and README naming the numbers."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
+from mmserve.registry import load_registry, read_manifest
+from training.cli import main
+from training.results import write_toy_cache
+
+LOG = """\
+2026-11-23,10:00:00 | INFO | Running with a single process. Device cpu.
+2026-11-23,10:00:01 | INFO | Start epoch 0
+2026-11-23,10:10:00 | INFO | Train Epoch: 0 [ 40/40 (100%)] Batch (t): 1.0, LR: 0.0005 Loss: 3.5000 (3.9000)
+2026-11-23,10:10:30 | INFO | Eval Epoch: 1 image_to_text_mean_rank: 10.0\ttext_to_image_R@1: 0.1
+2026-11-23,10:10:31 | INFO | Start epoch 1
+2026-11-23,11:00:00 | INFO | Running with a single process. Device cpu.
+2026-11-23,11:00:01 | INFO | Start epoch 1
+2026-11-23,11:20:00 | INFO | Train Epoch: 1 [ 40/40 (100%)] Batch (t): 1.0, LR: 0.0004 Loss: 3.0000 (3.2000)
+2026-11-23,11:20:30 | INFO | Eval Epoch: 2 [ 10 / 20]\tClip Loss: 2.1
+2026-11-23,11:20:40 | INFO | Eval Epoch: 2 image_to_text_mean_rank: 8.0\ttext_to_image_R@1: 0.2
+2026-11-23,11:20:41 | INFO | Start epoch 2
+2026-11-23,11:40:00 | INFO | Train Epoch: 2 [ 20/40 (50%)] Batch (t): 1.0, LR: 0.0003 Loss: 2.0000 (2.2000)
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_pretraining(cache: Path) -> Path:
+    """An open_clip_train run folder of the tiny model: epoch_2.pt (with optimizer state), params.txt, out.log."""
+    run = cache / "pretrain" / "logs" / "pretrain-tiny"
+    (run / "checkpoints").mkdir(parents=True)
+    model = load_backbone(BackboneSpec(TINY_MODEL, seed=1)).model
+    ckpt = run / "checkpoints" / "epoch_2.pt"
+    torch.save({"epoch": 2, "name": "pretrain-tiny", "optimizer": {"state": {0: torch.zeros(3)}},
+                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    (run / "params.txt").write_text("batch_size: 4\nepochs: 3\nlr: 0.0005\nname: pretrain-tiny\nwd: 0.1\n"
+                                    "warmup: 200\nworkers: 1\ndevice: cpu\nprecision: fp32\nseed: 0\nopt: adamw\n"
+                                    "lr_scheduler: cosine\naug_cfg: {'scale': (0.7, 1.0)}\n")
+    (run / "out.log").write_text(LOG)
+    (cache / "pretrain" / "run.log").write_text("[pretrain] open_clip_train --model mmserve-tiny --epochs 3\n")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """One ship of the toy cache: returns (models dir, checkpoint, argv, report)."""
+    root = tmp_path_factory.mktemp("ship")
+    cache = write_toy_cache(root / "cache")
+    ckpt = fake_pretraining(cache)
+    out = root / "models"
+    argv = ["ship", "--cache", str(cache), "--checkpoint", str(ckpt), "--out", str(out), "--model", TINY_MODEL,
+            "--shots", "2", "--epochs", "1", "--fuse-epochs", "1", "--group-steps", "2", "--group-every", "1",
+            "--tags", "--no-progress"]
+    torch.set_num_threads(1)
+    assert main(argv) == 0
+    return out, ckpt, argv, json.loads((out / "ship.json").read_text())
+
+
+def test_backbone_is_exported_fp16_weights_only(shipped):
+    out, ckpt, _, report = shipped
+    weights = out / "backbone" / f"{TINY_MODEL}.safetensors"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata()["dtype"] == "float16" and f.metadata()["epoch"] == "2"
+        assert sorted(f.keys()) == sorted(k[len("module."):] for k in state)
+        assert all(f.get_tensor(k).dtype in (torch.float16, torch.int64) for k in f.keys())
+    assert report["backbone"]["epoch"] == 2 and report["backbone"]["bytes"] == weights.stat().st_size
+
+
+def test_registry_loads_with_the_exported_backbone(shipped):
+    out, _, _, report = shipped
+    backbone = load_backbone(BackboneSpec(TINY_MODEL, pretrained=str(out / "backbone" / f"{TINY_MODEL}.safetensors")))
+    manifest = read_manifest(out / "registry")
+    assert manifest.backbone.fingerprint == backbone.fingerprint == report["backbone"]["fingerprint"]
+    registry = load_registry(out / "registry", backbone)  # fingerprint and every tensor shape checked
+    kinds = {t.name: (t.kind, t.head) for t in registry.manifest.tasks}
+    assert kinds == {"noto": ("classify", None), "fluent_mono": ("classify", None),
+                     "emoji_subgroup": ("fuse", "multiclass"), "emoji_tags": ("fuse", "multilabel")}
+    assert registry.manifest.groups and {t for g in registry.manifest.groups for t in g.tasks} == {"noto",
+                                                                                                    "fluent_mono"}
+    assert report["registry"]["served_equals_trainer"]  # the served path predicts what the trainers evaluated
+
+
+def test_model_card_and_readme_name_the_numbers_and_commands(shipped):
+    out, ckpt, argv, report = shipped
+    card = (out / "backbone" / "MODEL_CARD.md").read_text()
+    zero = report["zero_shot"]["per_style"]
+    assert set(zero) == {"noto", "fluent_mono"}
+    header = next(line for line in card.splitlines() if line.startswith("| noto | fluent_mono | mean |"))
+    values = card.splitlines()[card.splitlines().index(header) + 2]
+    mean = report["zero_shot"]["mean"]
+    assert values == f"| {100 * zero['noto']:.1f} | {100 * zero['fluent_mono']:.1f} | {100 * mean:.1f} |"
+    assert "Epochs: 2 completed (of 3 planned); steps: 20 (10 per epoch" in card
+    assert "Wall time: 31.2 min over 2 session(s)" in card  # out.log cut at epoch 2's end, resumed session included
+    assert f"mmserve-train pretrain --cache {ckpt.parents[4]} --epochs 3 --name pretrain-tiny --batch-size 4" in card
+    assert "open_clip_train --model mmserve-tiny --epochs 3" in card
+    for licence in ("public domain", "GPL-2", "CC-BY-SA-4.0", "Apache-2.0", "MIT"):
+        assert licence in card
+    readme = (out / "README.md").read_text()
+    assert "mmserve-train " + shlex.join(argv) in readme
+    for name, ev in report["registry"]["eval"].items():
+        assert f"| {name} | {ev['kind']} | {ev['metric']} | {100 * ev['score']:.1f} |" in readme
+
+
+def test_ship_from_the_exported_file_reuses_the_runs(shipped, tmp_path: Path):
+    out, _, argv, report = shipped
+    again = list(argv)
+    again[again.index("--checkpoint") + 1] = str(out / "backbone" / f"{TINY_MODEL}.safetensors")
+    again[again.index("--out") + 1] = str(tmp_path / "models")
+    assert main(again) == 0
+    second = json.loads((tmp_path / "models" / "ship.json").read_text())
+    assert second["backbone"]["fingerprint"] == report["backbone"]["fingerprint"]
+    assert second["runs_dir"] == report["runs_dir"] and second["registry"]["eval"] == report["registry"]["eval"]
