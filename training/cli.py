@@ -8,11 +8,15 @@ Examples:
   mmserve-train fuse --train fusion/train.jsonl --test fusion/test.jsonl --run-dir runs/mope
   mmserve-train eval --registry runs/mmap/registry --split split.json
   mmserve-train compare runs/mmap runs/text-only runs/vision-only
+  mmserve-train results --cache ~/.cache/mmserve --pretrained CKPT --out docs/results --seeds 0 1 2 --shots 4 16
+  mmserve-train ship --cache ~/.cache/mmserve --checkpoint CKPT --out models
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -234,6 +238,46 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def _default_cache() -> str:
+    return str(Path(os.environ.get("MMSERVE_CACHE", "~/.cache/mmserve")).expanduser())
+
+
+def _command_line(a) -> str:
+    """The command as typed (for the records that cite it)."""
+    return "mmserve-train " + shlex.join(a.argv) if getattr(a, "argv", None) else ""
+
+
+def cmd_results(a) -> int:
+    """The accuracy table of issue 5, resumable: <out>.md, <out>.json, <out>.png."""
+    from training.results import ResultsConfig, build_results
+
+    rc = ResultsConfig(cache=a.cache, pretrained=a.pretrained, model=a.model, device=a.device, out=a.out,
+                       runs_dir=a.runs_dir, seeds=a.seeds, shots=a.shots, methods=a.methods, tasks=a.styles,
+                       epochs=a.epochs, fuse_epochs=a.fuse_epochs, group_steps=a.group_steps,
+                       group_every=a.group_every, budget_minutes=a.budget_minutes, stop_on_error=a.stop_on_error,
+                       progress=not a.no_progress, command=_command_line(a))
+    report = build_results(rc)
+    s = report["session"]
+    print(f"ran {len(s['ran'])}, skipped {len(s['skipped'])} finished, failed {len(s['failed'])}, not started "
+          f"{len(s['not_started'])}; {len(report['missing'])} cell run(s) missing; written {Path(a.out)}.md/.json/.png")
+    return 1 if s["failed"] else 0
+
+
+def cmd_ship(a) -> int:
+    """Export the backbone, train the shipped registry, write the model card and models/README.md."""
+    from training.ship import ShipConfig, ship
+
+    cfg = ShipConfig(cache=a.cache, checkpoint=a.checkpoint, out=a.out, model=a.model, device=a.device,
+                     runs_dir=a.runs_dir, shots=a.shots, seed=a.seed, epochs=a.epochs, fuse_epochs=a.fuse_epochs,
+                     group_steps=a.group_steps, group_every=a.group_every, complementary=a.complementary,
+                     experts=a.experts, tags=a.tags, tasks=a.styles, progress=not a.no_progress,
+                     command=_command_line(a))
+    report = ship(cfg)
+    print(f"shipped: {report['backbone']['path']} and {report['registry']['path']}; model card "
+          f"{report['model_card']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mmserve-train", description=__doc__,
@@ -350,6 +394,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("results", help="the accuracy table (issue 5), resumable: <out>.md, <out>.json, <out>.png")
+    p.add_argument("--cache", default=_default_cache(), help="prepared data (default $MMSERVE_CACHE, ~/.cache/mmserve)")
+    p.add_argument("--out", default="docs/results", help="output stem: <out>.md, <out>.json, <out>.png")
+    p.add_argument("--runs-dir", default=None,
+                   help="one dir per run; finished runs are skipped (default <cache>/results/<model>-<weights>-<hash>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--shots", type=int, nargs="+", default=[4, 16], help="train shots per class (and style)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of the rows to run (default all): zero-shot text-only visual-only mmap-task "
+                        "mmap-group mmap-full mmap-random mmap-all fusion-zero-shot image-only text-only-clip "
+                        "text-only-minilm mope-k4-clip mope-k16-clip mope-k4-minilm mope-k16-minilm")
+    p.add_argument("--styles", nargs="+", default=None, help="subset of the styles (default: all prepared)")
+    p.add_argument("--epochs", type=int, default=5, help="classification epochs (MmAP: 5)")
+    p.add_argument("--fuse-epochs", type=int, default=10, help="fusion epochs (MoPE trainer default: 10)")
+    p.add_argument("--group-steps", type=int, default=50, help="steps of the global prompt for grouping")
+    p.add_argument("--group-every", type=int, default=5, help="gradient snapshot period (steps)")
+    p.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this many minutes")
+    p.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run (default: go on)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_backbone(p)
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("ship", help="export the backbone, train the shipped registry, write the model card")
+    p.add_argument("--cache", default=_default_cache(), help="prepared data (default $MMSERVE_CACHE, ~/.cache/mmserve)")
+    p.add_argument("--checkpoint", required=True, help="open_clip_train epoch_N.pt, or exported .safetensors")
+    p.add_argument("--out", default="models", help="where backbone/, registry/ and README.md go (default models)")
+    p.add_argument("--runs-dir", default=None, help="training runs (default <cache>/ship/<model>-<weights>-<hash>)")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--styles", nargs="+", default=None, help="subset of the styles (default: all prepared)")
+    p.add_argument("--epochs", type=int, default=5, help="MmAP epochs")
+    p.add_argument("--fuse-epochs", type=int, default=10)
+    p.add_argument("--group-steps", type=int, default=50)
+    p.add_argument("--group-every", type=int, default=5)
+    p.add_argument("--complementary", default="clip", help="fusion psi encoder: clip or minilm")
+    p.add_argument("--experts", type=int, default=16, help="MoPE k of the fusion entry")
+    p.add_argument("--tags", action="store_true", help="also ship the multi-label tags fusion entry")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help=f"open_clip model name (default {EMBEDDED_MODEL})")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_ship)
     return parser
 
 
@@ -361,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         func = cmd_prepare if argv[0] == "prepare" else cmd_pretrain
         return func(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "threads", None):
         import torch
 
