@@ -11,7 +11,7 @@ import torch
 
 from mmserve.backbone import TINY_MODEL
 from training.cli import main
-from training.results import METHODS, emoji_split, grouping_verdict, write_toy_cache
+from training.results import METHODS, emoji_split, fusion_task_split, grouping_verdict, style_of, write_toy_cache
 
 TINY = ["--model", TINY_MODEL, "--pretrained", "none", "--seeds", "0", "--shots", "2", "--epochs", "1",
         "--fuse-epochs", "1", "--group-steps", "2", "--group-every", "1", "--no-progress"]
@@ -44,6 +44,10 @@ def test_emoji_split_tests_on_the_heldout_identities(toy_cache: Path):
             assert len(train) == 2 and set(train) <= set(parts["train"])
     again = emoji_split(toy_cache, 2, 0)
     assert {n: t.train for n, t in again.tasks.items()} == {n: t.train for n, t in split.tasks.items()}
+    fusion = fusion_task_split(toy_cache, 2, 0, styles=["noto"]).tasks["emoji_subgroup"]
+    assert {style_of(it.image) for it in fusion.train + fusion.test} == {"noto"}
+    assert sorted(it.label for it in fusion.train) == sorted(list(held) * 2)  # k drawn after the style filter
+    assert {Path(it.image).stem for it in fusion.test} == {h for p in held.values() for h in p["test"]}
 
 
 def test_grouping_verdict_names_colour_vs_monochrome():

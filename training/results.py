@@ -180,16 +180,20 @@ def emoji_split(cache: str | Path, shots: int | None, seed: int, tasks: list[str
 
 
 def fusion_task_split(cache: str | Path, shots: int | None, seed: int, name: str = FUSION_TASK,
-                      tags: bool = False) -> Split:
+                      tags: bool = False, styles: list[str] | None = None) -> Split:
     """The fusion split: `fusion/test.jsonl` as test, `shots` seeded lines per class of `fusion/train.jsonl`.
 
-    With `tags`, the multi-label variant (`tags_{train,test}.jsonl`; every train line, `shots` is ignored).
+    With `styles`, only those styles' lines (before the k-shot draw). With `tags`, the multi-label variant
+    (`tags_{train,test}.jsonl`; every train line, `shots` is ignored).
     """
     folder = Path(cache) / "fusion"
     prefix = "tags_" if tags else ""
     bad = BadFiles("skip")
     train = read_fusion_jsonl(folder / f"{prefix}train.jsonl", bad)
     test = read_fusion_jsonl(folder / f"{prefix}test.jsonl", bad)
+    if styles is not None:
+        train = [it for it in train if style_of(it.image) in styles]
+        test = [it for it in test if style_of(it.image) in styles]
     cfg = SplitConfig(None if tags else shots, 0.0, None, "file", seed)
     return fusion_split(name, train, cfg, test, head="multilabel" if tags else "multiclass")
 
@@ -350,13 +354,10 @@ class Context:
         """The fusion split file of (shots, seed), drawn once and reused by every fusion method."""
         path = self.runs / "splits" / f"fusion-k{shots}-s{seed}.json"
         if not path.is_file():
-            split = fusion_task_split(self.rc.cache, shots, seed)
+            split = fusion_task_split(self.rc.cache, shots, seed, styles=self.styles)
             task = split.tasks[FUSION_TASK]
             names = {str(c["id"]): str(c["name"]) for c in read_tasks(self.rc.cache)["classes"]}
             task.class_names = [names.get(c, n) for c, n in zip(task.classes, task.class_names, strict=True)]
-            keep = set(self.styles)
-            task.train = [it for it in task.train if style_of(it.image) in keep]
-            task.test = [it for it in task.test if style_of(it.image) in keep]
             write_split(path, split)
         return path
 

@@ -211,7 +211,7 @@ def ship(cfg: ShipConfig) -> dict:
     if cfg.tags:
         tags_split = runs / "splits" / "tags.json"
         if not tags_split.is_file():
-            write_split(tags_split, fusion_task_split(cache, None, cfg.seed, name=TAGS_TASK, tags=True))
+            write_split(tags_split, fusion_task_split(cache, None, cfg.seed, TAGS_TASK, tags=True, styles=styles))
         t_run = time.time()
         tags = train_mope(_fuse_config(cfg, tags_split, runs / "tags", "multilabel"), backbone)
         walls["tags"] = time.time() - t_run
