@@ -726,7 +726,7 @@ def markdown(report: dict) -> str:
              f"- Wall time: {_dur(report['runs_wall_s'])} over all runs in this table; this invocation "
              f"{_dur(sess['wall_s'])} on {describe_machine(sess['machine'])} (ran {len(sess['ran'])}, "
              f"skipped {len(sess['skipped'])} finished, failed {len(sess['failed'])}, not started "
-             f"{len(sess['not_started'])})",
+             f"{len(sess['not_started'])}); a run resumed across sessions counts its last session only",
              f"- Runs: `{report['runs_dir']}`",
              f"- Cells measured: {sum(1 for c in cells if c['complete'])} of {len(cells)} complete; "
              f"{len(report['missing'])} run(s) missing (listed at the end).", "",
