@@ -249,6 +249,33 @@ def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) ->
             proc.wait(10)
 
 
+def _engine_batches(url: str) -> dict[str, float]:
+    """Sums and counts of the server's per-batch histograms (requests and distinct tasks per engine batch)."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for metric in ("mmserve_engine_batch_size", "mmserve_engine_batch_tasks"):
+            for part in ("_sum", "_count"):
+                if line.startswith(metric + part + "{") and 'endpoint="classify"' in line:
+                    out[metric + part] = out.get(metric + part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _served_runtime(url: str) -> str | None:
+    """The image-tower runtime the server reports on GET /tasks."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/tasks", timeout=10).json().get("runtime")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
 def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_dir: Path | None,
                  task_names: list[str], torch_threads: int, onnx_threads: int) -> dict[str, Any]:
     """Throughput and p50/p99 over HTTP, single-task and mixed-task traffic, at each concurrency."""
@@ -285,12 +312,19 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
             warm = run_load(url, maker(True), max(8, config.http_max_batch), min(8, config.http_max_batch))
             if warm.ok == 0:
                 return {"skipped": f"server answered no request during warm-up: {warm.errors}"}
+            results["served_runtime"] = _served_runtime(url)
             runs: dict[tuple[str, int], list] = {}
+            batches: dict[tuple[str, int], dict[str, float]] = {}
             for _ in range(config.http_runs):  # interleaved: every (traffic, concurrency) once per run
                 for traffic in ("single", "mixed"):
                     for conc in config.http_concurrency:
+                        before = _engine_batches(url)
                         res = run_load(url, maker(traffic == "mixed"), config.http_requests, conc)
+                        after = _engine_batches(url)
                         runs.setdefault((traffic, conc), []).append(res)
+                        acc = batches.setdefault((traffic, conc), {})
+                        for k in after:
+                            acc[k] = acc.get(k, 0.0) + after[k] - before.get(k, 0.0)
     except RuntimeError as exc:
         return {"skipped": str(exc)}
     finally:
@@ -308,6 +342,11 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
             "ok": sum(r.ok for r in rs), "sent": sum(r.requests for r in rs),
             "errors": {str(k): sum(r.errors.get(k, 0) for r in rs) for k in {k for r in rs for k in r.errors}},
             "failures": {k: sum(r.failures.get(k, 0) for r in rs) for k in {k for r in rs for k in r.failures}}}
+        acc = batches.get((traffic, conc), {})
+        n = acc.get("mmserve_engine_batch_size_count")
+        results["traffic"][traffic][str(conc)].update({  # from the server's /metrics: did requests coalesce?
+            "engine_batch_mean": acc["mmserve_engine_batch_size_sum"] / n if n else None,
+            "engine_tasks_per_batch_mean": acc.get("mmserve_engine_batch_tasks_sum", 0.0) / n if n else None})
     if server_log is not None:
         results["server_log"] = str(server_log)
     return results
@@ -665,11 +704,13 @@ def format_report(report: dict[str, Any]) -> str:
     if "traffic" in http:
         lines.append(f"HTTP on loopback (runtime {http['runtime']}, {http['requests']} requests per run, median of "
                      f"{http['runs']} runs, server max batch {http['max_batch_size']})")
-        lines.append("traffic  concurrency    req/s   p50 ms   p99 ms  p99/p50  ok/sent")
+        lines.append("traffic  concurrency    req/s   p50 ms   p99 ms  p99/p50  ok/sent  engine batch  tasks/batch")
         for traffic, cases in http["traffic"].items():
             for conc, c in cases.items():
                 lines.append(f"{traffic:8s} {conc:>11s} {c['throughput']:8.1f} {c['p50_ms']:8.1f} {c['p99_ms']:8.1f} "
-                             f"{c['p99_ms'] / c['p50_ms']:8.2f}  {c['ok']}/{c['sent']}")
+                             f"{c['p99_ms'] / c['p50_ms']:8.2f}  {c['ok']:>3d}/{c['sent']:<3d}"
+                             f"{_fmt(c.get('engine_batch_mean'), '.1f'):>14s}"
+                             f"{_fmt(c.get('engine_tasks_per_batch_mean'), '.1f'):>13s}")
         lines.append("http/engine: " + ", ".join(f"{k} {_fmt(r['http_over_engine'].get(k))}"
                                                  for k in ("single", "mixed")) +
                      f" (concurrency {r['http_over_engine'].get('concurrency')} vs engine batch "

@@ -398,7 +398,7 @@ def optimize_graph(model: onnx.ModelProto, num_heads: int, hidden_size: int) -> 
 
 
 def quantize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic int8: MatMul and fused Attention weights int8, activations quantised per call (Conv stays fp32)."""
+    """Dynamic int8: MatMul and fused Attention weights int8 (7-bit range, per channel), activations per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = copy.deepcopy(model)
@@ -415,7 +415,10 @@ def quantize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         logging.getLogger("root").setLevel(logging.ERROR)  # the "run pre-processing" hint is not actionable here
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+            # reduce_range (7-bit weights): without AVX-512 VNNI the u8 x s8 kernels can saturate their 16-bit
+            # pair sums; measured here it cut the max feature error 2.7x at no speed cost. Per-channel scales
+            # shave a little more off.
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                              op_types_to_quantize=["MatMul", "Attention"],
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         return onnx.load_model(str(dst))

@@ -53,17 +53,21 @@ def test_bench_cli_writes_every_section_and_ratio(tmp_path: Path, capsys) -> Non
 
 
 def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Path) -> None:
-    config = BenchConfig(batch_sizes=(2,), rounds=1, iters=1, warmup=0, tasks=3, classes=3, variants=(),
-                         agreement_images=4, target_batch=2, http_concurrency=(1, 2), http_requests=4, http_runs=1,
-                         http_max_batch=2, out=tmp_path / "bench.json")
+    """The real BentoML server, serving with runtime=onnx (the torch runtime is covered by test_service.py)."""
+    config = BenchConfig(batch_sizes=(2,), rounds=1, iters=1, warmup=0, tasks=3, classes=3, variants=("opt",),
+                         exporter="legacy", agreement_images=4, target_batch=2, http_runtime="onnx-opt",
+                         http_concurrency=(1, 2), http_requests=4, http_runs=1, http_max_batch=2,
+                         out=tmp_path / "bench.json")
     report = run_bench(config, tiny_backbone, "random weights: speed only", log=lambda m: None)
     http = report["http"]
     assert "traffic" in http, http
+    assert http["served_runtime"] == "onnx"
     for traffic in ("single", "mixed"):
         for conc in ("1", "2"):
             case = http["traffic"][traffic][conc]
             assert case["ok"] == case["sent"] == 4
             assert _positive(case["throughput"]) and case["p99_ms"] >= case["p50_ms"] > 0
+            assert case["engine_batch_mean"] is None or 1 <= case["engine_batch_mean"] <= 2
         assert _positive(report["ratios"]["http_over_engine"][traffic])
         assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
     assert "HTTP on loopback" in format_report(report)
