@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmserve.errors import PromptConfigError, RegistryError
+from mmserve.fileio import atomic_write_bytes, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -118,28 +119,6 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
     """Write a content-addressed safetensors file; return (relative path, sha256)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -147,7 +126,7 @@ def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Ten
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(Path(tmp))
         rel = f"{sub}/{name}-{digest[:12]}.safetensors"
         (root / sub).mkdir(parents=True, exist_ok=True)
         os.replace(tmp, root / rel)
@@ -182,7 +161,7 @@ def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str,
     manifest.schema_version = SCHEMA_VERSION
     manifest.version = _manifest_version(manifest)
     manifest.created = now_iso()
-    _atomic_write_bytes(root / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
+    atomic_write_bytes(root / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
     referenced = {g.weights for g in manifest.groups} | {t.weights for t in manifest.tasks}
     for sub in ("groups", "tasks"):
         for f in (root / sub).glob("*.safetensors"):
@@ -260,7 +239,7 @@ def _load_weights(root: Path, rel: str, sha: str, where: str) -> dict[str, torch
     path = root / rel
     if not rel or not path.is_file():
         raise RegistryError(f"{root / MANIFEST}: {where}.weights: file '{rel}' is missing")
-    if _sha256(path) != sha:
+    if sha256_file(path) != sha:
         raise RegistryError(f"{path}: sha256 does not match {where}.sha256 in the manifest (corrupt or replaced)")
     try:
         return load_file(path)

@@ -41,15 +41,6 @@ from mmserve.registry import MANIFEST
 MAKERS = {"colors": color_image, "warmth": warmth_image, "brightness": brightness_image}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """2 shared cores: intra-op threads only add contention for the tiny model."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def registries(tmp_path_factory: pytest.TempPathFactory) -> Registries:
     return build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.cli import main
 from training.evaluate import evaluate_registry
@@ -16,19 +15,9 @@ from training.synthetic import write_fusion_jsonl, write_image_task
 TINY = ["--model", "mmserve-tiny", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the machine is shared (set after the session backbone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory) -> Path:
     """A split and a short MmAP run, both made through the command line."""
-    torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("eval")
     for i, task in enumerate(("clipart", "sketch")):
         write_image_task(work / "data", task, {"red_ball": "red", "blue_ball": "blue"}, 8, seed=i)

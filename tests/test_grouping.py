@@ -30,15 +30,6 @@ from training.synthetic import write_image_task
 from training.tensors import PartTensors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the machine is shared (set after the session backbone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random_sim(n: int, rng: random.Random) -> list[list[float]]:
     sim = [[0.0] * n for _ in range(n)]
     for i, j in itertools.combinations(range(n), 2):

@@ -16,6 +16,7 @@ from mmserve.builders import classify_prompt_module, fusion_module, load_classif
 from mmserve.complementary import ClipTextComplement
 from mmserve.encoders import PromptedImageEncoder, PromptedTextEncoder
 from mmserve.errors import RegistryError
+from mmserve.fileio import sha256_file
 from mmserve.prompts import MmAPConfig, count_params
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import (
@@ -112,7 +113,7 @@ def _corrupt_tensor(root: Path, task: str, edit) -> None:
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path)
-    entry["sha256"] = registry_mod._sha256(path)
+    entry["sha256"] = sha256_file(path)
     (root / MANIFEST).write_text(json.dumps(data))
 
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmserve.backbone import TINY_MODEL
 from training.cli import main
@@ -15,15 +14,6 @@ from training.results import METHODS, emoji_split, fusion_task_split, grouping_v
 
 TINY = ["--model", TINY_MODEL, "--pretrained", "none", "--seeds", "0", "--shots", "2", "--epochs", "1",
         "--fuse-epochs", "1", "--group-steps", "2", "--group-every", "1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -32,15 +32,6 @@ LOG = """\
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fake_pretraining(cache: Path) -> Path:
     """An open_clip_train run folder of the tiny model: epoch_2.pt (with optimizer state), params.txt, out.log."""
     run = cache / "pretrain" / "logs" / "pretrain-tiny"
@@ -67,7 +58,6 @@ def shipped(tmp_path_factory):
     argv = ["ship", "--cache", str(cache), "--checkpoint", str(ckpt), "--out", str(out), "--model", TINY_MODEL,
             "--shots", "2", "--epochs", "1", "--fuse-epochs", "1", "--group-steps", "2", "--group-every", "1",
             "--tags", "--no-progress"]
-    torch.set_num_threads(1)
     assert main(argv) == 0
     return out, ckpt, argv, json.loads((out / "ship.json").read_text())
 

@@ -24,15 +24,6 @@ from training.synthetic import write_image_task
 from training.tensors import part_tensors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the machine is shared (set after the session backbone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     """Two colour tasks (same classes, different drawings), 12 images per class."""
@@ -53,7 +44,6 @@ def _config(root: Path, run_dir: Path, **changes) -> MultiTaskConfig:
 @pytest.fixture(scope="module")
 def trained(data_root: Path, tiny_backbone):
     """One full MmAP run (group-shared + task-specific)."""
-    torch.set_num_threads(1)
     return train_multitask(_config(data_root, data_root.parent / "run"), tiny_backbone)
 
 

@@ -27,15 +27,6 @@ from training.tensors import part_tensors
 MOPE = MoPEConfig(prompt_len=2, n_experts=4, mapper_hidden=32)  # K = 2 layers of the tiny image tower
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the machine is shared (set after the session backbone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """Fusion lines whose label needs both the picture (colour) and the text (word)."""
@@ -57,7 +48,6 @@ def _config(folder: Path, which: str, run: str, **changes) -> FuseConfig:
 @pytest.fixture(scope="module")
 def runs(folder: Path, tiny_backbone) -> dict:
     """One multi-class and one multi-label run."""
-    torch.set_num_threads(1)
     return {which: train_mope(_config(folder, which, f"run-{which}"), tiny_backbone) for which in ("single", "multi")}
 
 

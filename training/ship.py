@@ -18,7 +18,6 @@ an interrupted run and re-evaluates finished ones), never under models/.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from mmserve.backbone import EMBEDDED_MODEL, Backbone, BackboneSpec, load_backbone
+from mmserve.fileio import sha256_file
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import BackboneRef, Manifest, load_registry, save_registry
 from training.classify import DEFAULT_TEMPLATE, Towers
@@ -83,14 +83,6 @@ class ShipConfig:
     command: str = ""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_backbone(checkpoint: Path, dest: Path, model: str) -> dict:
     """Weights-only fp16 safetensors at `dest` from a trainer checkpoint (or a copy of an exported file)."""
     from training.pretrain import export_weights
@@ -109,7 +101,7 @@ def export_backbone(checkpoint: Path, dest: Path, model: str) -> dict:
         info = export_weights(checkpoint, dest, model, verify=True)
     epoch = str(info.get("epoch", "")).strip()
     return {"path": str(dest), "model": model, "source": str(checkpoint), "epoch": int(epoch) if epoch.isdigit()
-            else None, "bytes": dest.stat().st_size, "sha256": _sha256(dest)}
+            else None, "bytes": dest.stat().st_size, "sha256": sha256_file(dest)}
 
 
 def merge_registries(parts: list[Path], dest: Path, backbone: Backbone, pretrained_ref: str) -> Manifest:
