@@ -50,8 +50,8 @@ class BenchConfig:
     """What to measure and how often."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    rounds: int = 7  # each figure is the median over rounds
-    iters: int = 2  # calls per case per round
+    rounds: int = 15  # each figure is the median over rounds
+    iters: int = 1  # calls per case per round (1: the finest interleaving, so bursts of load hit every case)
     warmup: int = 2
     tasks: int = 32  # tasks of the generated registry (when no registry is given)
     classes: int = 10  # classes per generated task
@@ -751,8 +751,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="registry to serve (default: generate one with --tasks random tasks, speed only)")
     p.add_argument("--tasks", type=int, default=d.tasks, help="tasks of the generated registry (default %(default)s)")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma-separated (default 1,8,32)")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds per figure; figure = median (default 7)")
-    p.add_argument("--iters", type=int, default=d.iters, help="calls per case per round (default 2)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds; figure = median (default %(default)s)")
+    p.add_argument("--iters", type=int, default=d.iters, help="calls per case per round (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for torch and onnxruntime (default: the faster of 1 and the physical cores, "

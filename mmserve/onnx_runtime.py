@@ -180,9 +180,13 @@ class OnnxImageRuntime:
         return so
 
     def _export_target(self) -> Path:
-        if os.access(self.onnx_dir, os.W_OK) or (not self.onnx_dir.exists() and os.access(
-                self.onnx_dir.parent if self.onnx_dir.parent.exists() else Path("."), os.W_OK)):
-            return self.onnx_dir
+        """The graph directory if it can be written (e.g. not inside a read-only bento), else a temp directory."""
+        try:
+            self.onnx_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(self.onnx_dir, os.W_OK):
+                return self.onnx_dir
+        except OSError:
+            pass
         if self._export_dir is None:
             import tempfile
 
