@@ -319,10 +319,13 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
                 for traffic in ("single", "mixed"):
                     for conc in config.http_concurrency:
                         before = _engine_batches(url)
+                        cpu = time.process_time()
                         res = run_load(url, maker(traffic == "mixed"), config.http_requests, conc)
+                        cpu = time.process_time() - cpu
                         after = _engine_batches(url)
                         runs.setdefault((traffic, conc), []).append(res)
                         acc = batches.setdefault((traffic, conc), {})
+                        acc["client_cpu_s"] = acc.get("client_cpu_s", 0.0) + cpu
                         for k in after:
                             acc[k] = acc.get(k, 0.0) + after[k] - before.get(k, 0.0)
     except RuntimeError as exc:
@@ -346,7 +349,10 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
         n = acc.get("mmserve_engine_batch_size_count")
         results["traffic"][traffic][str(conc)].update({  # from the server's /metrics: did requests coalesce?
             "engine_batch_mean": acc["mmserve_engine_batch_size_sum"] / n if n else None,
-            "engine_tasks_per_batch_mean": acc.get("mmserve_engine_batch_tasks_sum", 0.0) / n if n else None})
+            "engine_tasks_per_batch_mean": acc.get("mmserve_engine_batch_tasks_sum", 0.0) / n if n else None,
+            # the load generator shares the cores with the server: its CPU per request is overhead the engine
+            # figure never pays
+            "client_cpu_ms_per_request": 1e3 * acc.get("client_cpu_s", 0.0) / max(1, sum(r.requests for r in rs))})
     if server_log is not None:
         results["server_log"] = str(server_log)
     return results
@@ -704,13 +710,15 @@ def format_report(report: dict[str, Any]) -> str:
     if "traffic" in http:
         lines.append(f"HTTP on loopback (runtime {http['runtime']}, {http['requests']} requests per run, median of "
                      f"{http['runs']} runs, server max batch {http['max_batch_size']})")
-        lines.append("traffic  concurrency    req/s   p50 ms   p99 ms  p99/p50  ok/sent  engine batch  tasks/batch")
+        lines.append("traffic  concurrency    req/s   p50 ms   p99 ms  p99/p50  ok/sent  engine batch  tasks/batch"
+                     "  client CPU ms/req")
         for traffic, cases in http["traffic"].items():
             for conc, c in cases.items():
                 lines.append(f"{traffic:8s} {conc:>11s} {c['throughput']:8.1f} {c['p50_ms']:8.1f} {c['p99_ms']:8.1f} "
                              f"{c['p99_ms'] / c['p50_ms']:8.2f}  {c['ok']:>3d}/{c['sent']:<3d}"
                              f"{_fmt(c.get('engine_batch_mean'), '.1f'):>14s}"
-                             f"{_fmt(c.get('engine_tasks_per_batch_mean'), '.1f'):>13s}")
+                             f"{_fmt(c.get('engine_tasks_per_batch_mean'), '.1f'):>13s}"
+                             f"{_fmt(c.get('client_cpu_ms_per_request'), '.1f'):>19s}")
         lines.append("http/engine: " + ", ".join(f"{k} {_fmt(r['http_over_engine'].get(k))}"
                                                  for k in ("single", "mixed")) +
                      f" (concurrency {r['http_over_engine'].get('concurrency')} vs engine batch "

@@ -68,6 +68,7 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
             assert case["ok"] == case["sent"] == 4
             assert _positive(case["throughput"]) and case["p99_ms"] >= case["p50_ms"] > 0
             assert case["engine_batch_mean"] is None or 1 <= case["engine_batch_mean"] <= 2
+            assert case["client_cpu_ms_per_request"] > 0
         assert _positive(report["ratios"]["http_over_engine"][traffic])
         assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
     assert "HTTP on loopback" in format_report(report)
