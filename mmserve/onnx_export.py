@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -50,6 +48,7 @@ import mmserve
 from mmserve.backbone import Backbone, weights_digest
 from mmserve.encoders import PromptedImageEncoder
 from mmserve.errors import MmserveError
+from mmserve.fileio import atomic_write_bytes, sha256_file
 from mmserve.fusion import FusionModel
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class GraphInfo:
     def save(self, directory: Path) -> Path:
         """Write `<graph stem>.json` atomically."""
         path = directory / sidecar_name(self.file)
-        _atomic_write(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        atomic_write_bytes(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
         return path
 
     @classmethod
@@ -175,7 +174,7 @@ def check_graph(info: GraphInfo, directory: Path, backbone: Backbone, verify_has
     path = directory / info.file
     if not path.is_file():
         raise OnnxGraphError(f"{where}: graph file '{info.file}' is missing")
-    if verify_hash and _sha256(path) != info.sha256:
+    if verify_hash and sha256_file(path) != info.sha256:
         raise OnnxGraphError(f"{path}: sha256 does not match its sidecar (corrupt or replaced); re-export it")
     return path
 
@@ -273,31 +272,11 @@ class ExportOptions:
         return ["fp32"] + (["opt"] if self.optimize else []) + (["int8"] if self.int8 else [])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_model(model: onnx.ModelProto, path: Path) -> None:
     """Check, then write atomically (single file; external data only past protobuf's 2 GB limit)."""
     if model.ByteSize() < 1_800_000_000:
         onnx.checker.check_model(model)
-        _atomic_write(path, model.SerializeToString())
+        atomic_write_bytes(path, model.SerializeToString())
         return
     onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
     onnx.checker.check_model(str(path))
@@ -468,7 +447,7 @@ def _write_variants(base: onnx.ModelProto, stem: str, out_dir: Path, info: dict[
             path.unlink(missing_ok=True)
             raise OnnxExportError(f"{file}: max abs diff {diff:.2e} vs torch exceeds {PARITY_TOLERANCE:.0e}")
         inputs, outputs = _shapes(model)
-        graph = GraphInfo(variant=variant, file=file, sha256=_sha256(path), backbone_model=backbone.spec.model,
+        graph = GraphInfo(variant=variant, file=file, sha256=sha256_file(path), backbone_model=backbone.spec.model,
                           fingerprint=backbone.fingerprint, image_size=backbone.image_size,
                           vision_width=backbone.vision_width, embed_dim=backbone.embed_dim, inputs=inputs,
                           outputs=outputs, opset=options.opset, exporter=options.exporter,
