@@ -45,6 +45,15 @@ from mmserve.errors import RegistryError
 from mmserve.images import ImageDecoder, ImageError, preprocess_from_config
 
 logger = logging.getLogger("mmserve")
+
+ENGINE_ATTEMPTS = 3  # calls to the internal engine service: first try + retries on a dropped connection
+
+
+def dropped_connection(exc: BaseException) -> bool:
+    """True for the transient failures of BentoML's pooled client to the engine (a closed keep-alive socket)."""
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return True
+    return isinstance(exc, RuntimeError) and "Connection closed" in str(exc)
 CONFIG = ServeConfig.from_env()
 NO_TASK = "-"  # metrics label for requests whose task is missing or unknown (keeps label values bounded)
 ENGINE_RESOURCES: dict[str, Any] = {"gpu": 1} if CONFIG.device.startswith("cuda") else {"cpu": "2"}
@@ -226,13 +235,15 @@ class MmServe:
         client = getattr(self.engine, "to_async", None)  # served: a remote proxy; in-process: a local instance
         if client is None:
             return await asyncio.to_thread(getattr(self.engine, name), *args, **kwargs)
-        try:
-            return await getattr(client, name)(*args, **kwargs)
-        except aiohttp.ClientConnectionError:
-            # BentoML's internal client can reuse a pooled connection the engine's server already closed
-            # (bentoml/BentoML#4971); every engine API is idempotent, so one retry on a fresh connection is safe
-            logger.warning("engine connection dropped during %s; retrying once", name)
-            return await getattr(client, name)(*args, **kwargs)
+        # BentoML's internal client can reuse a pooled connection the engine's server already closed
+        # (bentoml/BentoML#4971); every engine API is idempotent, so retrying on a fresh connection is safe
+        for attempt in range(ENGINE_ATTEMPTS):
+            try:
+                return await getattr(client, name)(*args, **kwargs)
+            except Exception as exc:
+                if not dropped_connection(exc) or attempt == ENGINE_ATTEMPTS - 1:
+                    raise
+                logger.warning("engine connection dropped during %s (%s); retrying", name, exc.__class__.__name__)
 
     async def engine_view(self, refresh: bool = False) -> EngineView:
         """What the engine serves now (cached; refreshed after reloads and when an answer shows a new version)."""
@@ -263,6 +274,9 @@ class MmServe:
             outcome = (await self._call(api, [item]))[0]
         except Exception as exc:  # engine overloaded (503 from BentoML's batch deadline), restarting or failing
             status = getattr(getattr(exc, "error_code", None), "value", 500)
+            if dropped_connection(exc):
+                logger.warning("engine connection failed %d times during %s", ENGINE_ATTEMPTS, api)
+                return Reply.error(503, "inference engine connection failed; retry", task)
             if status == 503:
                 return Reply.error(503, "server overloaded: the batch queue is past MMSERVE_MAX_LATENCY_MS; retry",
                                    task)

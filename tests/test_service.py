@@ -468,3 +468,16 @@ def test_gpu_bentofile_is_a_valid_build_config() -> None:
     assert "onnxruntime-gpu>=1.20" in config.python.packages
     assert not any(p.startswith("onnxruntime>") for p in config.python.packages)
     assert {e.name: e.value for e in config.envs}["MMSERVE_DEVICE"] == "cuda"
+
+
+def test_dropped_engine_connections_are_recognised_for_retry():
+    """The pooled client's closed-socket failures are retried / answered 503, other errors are not."""
+    import aiohttp
+
+    from mmserve.service import dropped_connection
+
+    assert dropped_connection(aiohttp.ServerDisconnectedError())
+    assert dropped_connection(aiohttp.ClientPayloadError("truncated"))
+    assert dropped_connection(RuntimeError("Connection closed."))
+    assert not dropped_connection(RuntimeError("CUDA out of memory"))
+    assert not dropped_connection(ValueError("bad"))
