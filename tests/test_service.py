@@ -11,8 +11,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +38,7 @@ from _registry_fixture import (
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from mmserve.bench import bentoml_server
 from mmserve.images import ImageError, decode_image
 from mmserve.service import admin_authorized
 
@@ -64,12 +63,6 @@ class Server:
         return json.loads((registry / "manifest.json").read_text())["version"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _hermetic_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")}
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", OMP_NUM_THREADS="1")
@@ -80,7 +73,6 @@ def _hermetic_env(home: Path) -> dict[str, str]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     registries = build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")
     tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
     env = _hermetic_env(tmp / "bentoml") | SERVER_ENV | {
         "MMSERVE_REGISTRY": str(registries.v1),
         "MMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
@@ -88,32 +80,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "MMSERVE_MAX_LATENCY_MS": "20000",  # a shared 2-core box: never shed load in tests
     }
     log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([BENTOML, "serve", "mmserve.service:MmServe", "--host", "127.0.0.1", "--port",
-                                 str(port), "--working-dir", str(ROOT)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with bentoml_server(env, log, ready_timeout=180) as url:  # the same launcher `mmserve bench` uses
         yield Server(url, registries, log)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # our own process group (start_new_session)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
