@@ -16,8 +16,10 @@ from mmserve.prompts import MmAPConfig
 from training.classify import Towers
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.grouping import (
+    Affinity,
     GroupingConfig,
     best_partition,
+    centered,
     choose_groups,
     exact_partition,
     heuristic_partition,
@@ -91,6 +93,19 @@ def test_ablation_modes(tmp_path: Path):
     (tmp_path / "bad.json").write_text(json.dumps([["a", "b"], ["b", "c", "d"]]))
     with pytest.raises(ValueError, match="exactly once"):
         choose_groups(GroupingConfig("file", str(tmp_path / "bad.json")), names)
+
+
+def test_centred_scores_split_all_positive_affinities_into_their_blocks():
+    # every pair agrees (S_ij > 0), colour pairs and line-art pairs more than the cross pairs
+    tasks = ["noto", "twemoji", "flat", "line", "mono"]
+    blocks = [0, 0, 0, 1, 1]
+    sim = [[1.0 if i == j else (0.3 if blocks[i] == blocks[j] else 0.1) for j in range(5)] for i in range(5)]
+    affinity = Affinity(tasks, sim, sim, snapshots=1, losses=[])
+    raw, info = choose_groups(GroupingConfig("auto", center=False), tasks, affinity)
+    assert raw == [tasks] and info["centered"] is False
+    groups, info = choose_groups(GroupingConfig("auto"), tasks, affinity)
+    assert sorted(groups) == [["line", "mono"], ["noto", "twemoji", "flat"]] and info["centered"] is True
+    assert centered(sim)[0][0] == pytest.approx(1.0 - 0.18) and centered(sim)[3][4] == pytest.approx(0.3 - 0.18)
 
 
 def _colour_task(name: str, images: torch.Tensor, labels: torch.Tensor) -> TaskData:

@@ -136,7 +136,8 @@ def _multitask_config(a):
         template=a.template, zero_shot_template=a.zero_shot_template, backbone=_backbone(a), split=_split(a),
         optim=_optim(a),
         prompt=PromptSpec(a.prompt, a.sharing, a.n_tokens, a.source_rows, a.source_cols, a.depth),
-        grouping=GroupingConfig(a.grouping, a.groups_file, a.n_groups, a.group_steps, a.group_every, a.similarity),
+        grouping=GroupingConfig(a.grouping, a.groups_file, a.n_groups, a.group_steps, a.group_every, a.similarity,
+                                not a.no_center),
         on_bad_file=a.on_bad_file, seed=a.seed, cache_dir=a.cache_dir, progress=not a.no_progress,
         resume=a.resume, stop_after_epoch=a.stop_after_epoch, eval_each_epoch=not a.no_eval_each_epoch)
 
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--group-steps", type=int, default=50, help="steps of the global prompt for grouping")
         g.add_argument("--group-every", type=int, default=5, help="gradient snapshot period (steps)")
         g.add_argument("--similarity", choices=("dot", "cosine"), default="dot")
+        g.add_argument("--no-center", action="store_true",
+                       help="score raw similarities (eq. 8 as printed: all-positive ones always give one group)")
         _add_backbone(p)
         _add_split(p, 16, 0.5)
         _add_optim(p, OptimConfig())

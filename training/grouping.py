@@ -3,13 +3,17 @@
 1. Train one global shared prompt on all tasks (summed losses, SGD). Every `every` steps (from step 0) take
    each task's gradient w.r.t. the shared prompt; S_ij = mean over snapshots of <g_i, g_j> (or cosine).
 2. Partition the tasks into disjoint groups maximising the total within-group similarity
-   sum_groups sum_{i<j in group} S_ij. Exact for up to `exact_limit` tasks: a depth-first enumeration of every
-   set partition (Bell(10) = 115,975) with incremental scores. Beyond that, a heuristic: agglomerative merging of
-   the pair of groups whose cross similarity is largest while it is positive (or until `n_groups` remain),
-   then single-task moves between groups while any move raises the score.
+   sum_groups sum_{i<j in group} (S_ij - c), c the mean off-diagonal S_ij (`center`, the default) or 0.
+   Exact for up to `exact_limit` tasks: a depth-first enumeration of every set partition (Bell(10) = 115,975)
+   with incremental scores. Beyond that, a heuristic: agglomerative merging of the pair of groups whose cross
+   similarity is largest while it is positive (or until `n_groups` remain), then
+   single-task moves between groups while any move raises the score.
 
-With unconstrained group counts, conflicting tasks (negative S_ij) end up apart and agreeing tasks together;
-when every pair agrees the optimum is a single group: pass `n_groups` to ask for exactly that many.
+Why centre: task gradients w.r.t. one shared prompt usually all agree a little (every S_ij > 0), and with raw
+scores any merge then adds score, so the optimum is always one group. Centred, two tasks share a group when their
+gradients agree more than the average pair: tasks that agree unusually well end up together, the others apart.
+With `center=False` (raw eq. 8 scores) conflicting tasks (negative S_ij) still end up apart; pass `n_groups` to
+ask for exactly that many groups either way.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class GroupingConfig:
     steps: int = 50  # training steps of the global shared prompt
     every: int = 5  # take a gradient snapshot every this many steps
     similarity: str = "dot"  # "dot" (eq. 8) or "cosine"
+    center: bool = True  # score S_ij minus the mean off-diagonal S_ij (see the module docstring)
     exact_limit: int = 10  # exact partition search up to this many tasks
     lr: float | None = None  # SGD lr of the global prompt (None = the run's lr)
     batch_size: int | None = None  # per task (None = the run's batch size)
@@ -47,6 +52,14 @@ class GroupingConfig:
 def partition_score(sim: list[list[float]], groups: list[list[int]]) -> float:
     """Total within-group similarity: sum over groups of sum_{i<j} S_ij."""
     return sum(sim[a][b] for g in groups for i, a in enumerate(g) for b in g[i + 1:])
+
+
+def centered(sim: list[list[float]]) -> list[list[float]]:
+    """S_ij minus the mean of the off-diagonal entries (the diagonal is never scored)."""
+    n = len(sim)
+    pairs = [sim[i][j] for i in range(n) for j in range(n) if i != j]
+    mean = sum(pairs) / len(pairs) if pairs else 0.0
+    return [[sim[i][j] - mean for j in range(n)] for i in range(n)]
 
 
 def exact_partition(sim: list[list[float]], n_groups: int | None = None) -> tuple[list[list[int]], float]:
@@ -227,9 +240,11 @@ def choose_groups(cfg: GroupingConfig, names: list[str], affinity: Affinity | No
         if affinity is None:
             raise ValueError("grouping 'auto' needs the task affinity")
         sim = affinity.dot if cfg.similarity == "dot" else affinity.cosine
-        index_groups, score, method = best_partition(sim, cfg.n_groups, cfg.exact_limit)
+        scored = centered(sim) if cfg.center else sim
+        index_groups, score, method = best_partition(scored, cfg.n_groups, cfg.exact_limit)
         groups = [[affinity.tasks[i] for i in g] for g in index_groups]
-        info |= {"similarity_kind": cfg.similarity, "score": score, "method": method, "tasks": affinity.tasks,
+        info |= {"similarity_kind": cfg.similarity, "centered": cfg.center, "score": score, "method": method,
+                 "tasks": affinity.tasks,
                  "similarity": affinity.dot, "cosine": affinity.cosine, "snapshots": affinity.snapshots,
                  "global_prompt_losses": affinity.losses}
     info["groups"] = groups

@@ -689,7 +689,7 @@ def collect(runs: Path, rc: ResultsConfig, styles: list[str], settings: dict, se
                 wall += g.get("wall_s", 0.0)
                 groupings.append({"shots": shots, "seed": seed, "groups": g["groups"], "verdict": g.get("verdict"),
                                   "tasks": g.get("tasks"), "similarity": g.get("similarity"),
-                                  "cosine": g.get("cosine")})
+                                  "cosine": g.get("cosine"), "centered": bool(g.get("centered", False))})
     missing = list(dict.fromkeys(missing))
     return {"title": "mmserve accuracy table (issue 5)", "command": rc.command, "settings": settings,
             "runs_dir": str(runs), "styles": styles, "shots": rc.shots, "seeds": rc.seeds,
@@ -766,12 +766,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {c['label']} | " + " | ".join(_pct(c, st) for st in styles)
                          + f" | {_pct(c, 'mean')} | {_seeds(c)} | {params} |")
         lines.append("")
-    lines += ["## Task groups found by the full method (gradient similarity, eq. 8)", ""]
+    lines += ["## Task groups found by the full method (gradient similarity, eq. 8)", "",
+              "Groups maximise the within-group sum of similarities minus the mean pair similarity (centred; raw "
+              "sums of all-positive similarities always give one group); the scores column says which.", ""]
     if report["groupings"]:
-        lines += ["| shots | seed | groups | colour vs monochrome? |", "| ---: | ---: | --- | --- |"]
+        lines += ["| shots | seed | scores | groups | colour vs monochrome? |", "| ---: | ---: | --- | --- | --- |"]
         for g in report["groupings"]:
             groups = " · ".join("{" + ", ".join(x) + "}" for x in g["groups"])
-            lines.append(f"| {g['shots']} | {g['seed']} | {groups} | {g['verdict']} |")
+            scoring = "centred" if g.get("centered") else "raw"
+            lines.append(f"| {g['shots']} | {g['seed']} | {scoring} | {groups} | {g['verdict']} |")
         g = report["groupings"][0]
         if g.get("similarity") and g.get("tasks"):
             lines += ["", f"Gradient dot-product similarity (k = {g['shots']}, seed {g['seed']}):", "",

@@ -266,7 +266,7 @@ def ship(cfg: ShipConfig) -> dict:
                       "template_choice": template_choice.as_dict() if template_choice else None},
         "registry": {"path": str(registry_dir), "tasks": [t.name for t in manifest.tasks],
                      "groups": grouping.get("groups") or [], "grouping": {k: grouping.get(k) for k in (
-                         "tasks", "similarity", "cosine", "method", "score") if k in grouping},
+                         "tasks", "similarity", "cosine", "centered", "method", "score") if k in grouping},
                      "grouping_verdict": grouping_verdict(grouping.get("groups"), styles),
                      "eval": eval_rows, "scores": {n: r["score"] for n, r in eval_rows.items()},
                      "mmap_mean": mmap_mean, "served_equals_trainer": not mismatch,
