@@ -71,7 +71,9 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
             assert case["client_cpu_ms_per_request"] > 0
         assert _positive(report["ratios"]["http_over_engine"][traffic])
         assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
-    assert "HTTP on loopback" in format_report(report)
+    after = http["after_load"]
+    assert after["concurrency"] == 1 and after["ok"] == after["sent"] == 4 and after["p99_ms"] >= after["p50_ms"] > 0
+    assert "HTTP on loopback" in format_report(report) and "right after the load" in format_report(report)
 
 
 def test_measure_interleaves_rounds_and_takes_the_median() -> None:

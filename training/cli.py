@@ -270,6 +270,8 @@ def cmd_ship(a) -> int:
 
     cfg = ShipConfig(cache=a.cache, checkpoint=a.checkpoint, out=a.out, model=a.model, device=a.device,
                      runs_dir=a.runs_dir, shots=a.shots, seed=a.seed, epochs=a.epochs, lr=a.lr,
+                     optimizer=a.optimizer, weight_decay=a.weight_decay, n_tokens=a.n_tokens,
+                     source_rows=a.source_rows, source_cols=a.source_cols,
                      fuse_epochs=a.fuse_epochs,
                      group_steps=a.group_steps, group_every=a.group_every, complementary=a.complementary,
                      experts=a.experts, tags=a.tags, tasks=a.styles, template=a.template,
@@ -434,7 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--styles", nargs="+", default=None, help="subset of the styles (default: all prepared)")
     p.add_argument("--epochs", type=int, default=5, help="MmAP epochs")
-    p.add_argument("--lr", type=float, default=0.0035, help="MmAP SGD lr (paper: 0.0035)")
+    p.add_argument("--lr", type=float, default=0.0035, help="MmAP lr (paper: 0.0035 with SGD)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="MmAP optimiser (paper: sgd)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="MmAP weight decay")
+    p.add_argument("--n-tokens", type=int, default=4, help="MmAP b: prompt tokens per layer")
+    p.add_argument("--source-rows", type=int, default=2, help="MmAP m")
+    p.add_argument("--source-cols", type=int, default=8, help="MmAP n")
     p.add_argument("--fuse-epochs", type=int, default=10)
     p.add_argument("--group-steps", type=int, default=50)
     p.add_argument("--group-every", type=int, default=5)

@@ -277,7 +277,7 @@ def readme(report: dict) -> str:
              f"Full MmAP (group-shared + task-specific prompts, grouping computed from gradient similarity) on the "
              f"{len(styles)} styles, {report['settings']['shots']} shots per class, seed {report['settings']['seed']};"
              f" groups found: {' · '.join('{' + ', '.join(g) + '}' for g in reg['groups'])} "
-             f"({reg['grouping_verdict']}).", "",
+             f"({reg['grouping_verdict']}).", "", _recipe_line(report["settings"]), "",
              "| task | kind | metric | served (%) | zero-shot (%) | trainer's own evaluation (%) | test n |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for name, ev in reg["eval"].items():
@@ -292,6 +292,16 @@ def readme(report: dict) -> str:
               *_example_lines(report.get("examples")),
               "## Commands that produced everything here", "", "```", *report["commands"], "```", ""]
     return "\n".join(lines)
+
+
+def _recipe_line(st: dict) -> str:
+    """The MmAP training recipe of the shipped registry, from ship.json's settings."""
+    b, m, n = st.get("mmap_shape") or (4, 2, 8)
+    paper = st.get("optimizer", "sgd") == "sgd" and st.get("lr") == 0.0035 and st.get("epochs") == 5
+    return (f"MmAP recipe: {st.get('optimizer', 'sgd')} lr {st.get('lr')}, weight decay {st.get('weight_decay', 5e-4)},"
+            f" {st.get('epochs')} epochs; b = {b} prompt tokens per layer, source prompt m x n = {m} x {n}"
+            + (" (the paper's recipe)." if paper else " (chosen on a validation split of the train images; the "
+               "paper's recipe is SGD lr 0.0035, 5 epochs)."))
 
 
 def _example_lines(ex: dict | None) -> list[str]:

@@ -35,7 +35,7 @@ from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.evaluate import evaluate_registry
 from training.examples import write_examples
 from training.grouping import GroupingConfig
-from training.mmap_trainer import MultiTaskConfig, train_multitask
+from training.mmap_trainer import MultiTaskConfig, PromptSpec, train_multitask
 from training.model_card import add_log, dump, model_card, pretrain_record, readme
 from training.mope_trainer import FuseConfig, train_mope
 from training.progress import log
@@ -72,7 +72,12 @@ class ShipConfig:
     shots: int = 16
     seed: int = 0
     epochs: int = 5
-    lr: float = 0.0035  # MmAP SGD lr (the paper's default)
+    lr: float = 0.0035  # MmAP lr (the paper's default, with SGD)
+    optimizer: str = "sgd"  # MmAP optimiser: "sgd" (the paper's) or "adamw"
+    weight_decay: float = 5e-4
+    n_tokens: int = 4  # MmAP b
+    source_rows: int = 2  # MmAP m
+    source_cols: int = 8  # MmAP n
     fuse_epochs: int = 10
     group_steps: int = 50
     group_every: int = 5
@@ -176,7 +181,9 @@ def ship(cfg: ShipConfig) -> dict:
         cfg = replace(cfg, template=template_choice.template)
         log(f"ship: template {cfg.template!r} (train-part zero-shot {template_choice.scores})")
     settings = {"model": cfg.model, "backbone_fingerprint": backbone.fingerprint, "shots": cfg.shots,
-                "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr, "fuse_epochs": cfg.fuse_epochs,
+                "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr, "optimizer": cfg.optimizer,
+                "weight_decay": cfg.weight_decay, "mmap_shape": [cfg.n_tokens, cfg.source_rows, cfg.source_cols],
+                "fuse_epochs": cfg.fuse_epochs,
                 "group_steps": cfg.group_steps,
                 "group_every": cfg.group_every, "complementary": cfg.complementary, "experts": cfg.experts,
                 "tags": cfg.tags, "styles": styles, "mope": dict(sorted(cfg.mope.items())), "template": cfg.template}
@@ -195,7 +202,10 @@ def ship(cfg: ShipConfig) -> dict:
     mmap_cfg = MultiTaskConfig(split_file=str(classify_split), run_dir=str(runs / "mmap"), template=cfg.template,
                                zero_shot_template=cfg.template, backbone=bb_cfg,
                                split=SplitConfig(cfg.shots, 0.5, None, "stem", cfg.seed),
-                               optim=OptimConfig(lr=cfg.lr, epochs=cfg.epochs),
+                               optim=OptimConfig(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                 epochs=cfg.epochs),
+                               prompt=PromptSpec(n_tokens=cfg.n_tokens, source_rows=cfg.source_rows,
+                                                 source_cols=cfg.source_cols),
                                grouping=GroupingConfig("auto", steps=cfg.group_steps, every=cfg.group_every),
                                seed=cfg.seed, cache_dir=str(runs / "tensors"), progress=cfg.progress, resume=True,
                                eval_each_epoch=False)
