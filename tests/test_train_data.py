@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training.cli import main as cli_main
 from training.config import SplitConfig
 from training.data import (
     BadFileError,
@@ -19,7 +20,7 @@ from training.data import (
     load_image,
     read_fusion_jsonl,
 )
-from training.splits import classify_split, fusion_split, read_split, write_split
+from training.splits import classify_split, fusion_split, read_split, validation_split, write_split
 from training.synthetic import write_fusion_jsonl, write_image_task
 
 CLASSES = {"red": "red", "blue": "blue", "green": "green"}
@@ -109,6 +110,30 @@ def test_split_by_stem_holds_an_identity_out_in_every_task(tmp_path: Path):
              for name, t in split.tasks.items()}
     assert stems["noto"][1] == stems["twemoji"][1] and len(stems["noto"][1]) == 12
     assert not stems["noto"][0] & stems["twemoji"][1]  # no task trains on another task's test identity
+
+
+def test_validation_split_holds_out_train_identities_in_every_task(tmp_path: Path):
+    root = tmp_path / "data"
+    for task in ("noto", "twemoji"):
+        write_image_task(root, task, CLASSES, 8, seed=hash(task) % 100)
+    split = classify_split(root, discover_image_tasks(root, BadFiles()),
+                           SplitConfig(shots=None, test_fraction=0.5, split_by="stem"))
+    write_split(tmp_path / "split.json", split)
+    assert cli_main(["split", "--validation-of", str(tmp_path / "split.json"), "--out", str(tmp_path / "val.json"),
+                     "--seed", "3"]) == 0
+    val = read_split(tmp_path / "val.json")  # read_split checks train and test share no image
+    test_stems = {Path(i.image).stem for t in split.tasks.values() for i in t.test}
+    fit = {n: {Path(i.image).stem for i in t.train} for n, t in val.tasks.items()}
+    held = {n: {Path(i.image).stem for i in t.test} for n, t in val.tasks.items()}
+    assert held["noto"] == held["twemoji"] and not held["noto"] & (fit["noto"] | fit["twemoji"])
+    assert not (held["noto"] | fit["noto"]) & test_stems  # the real test part is never used
+    for name, t in split.tasks.items():
+        assert sorted(i.image for i in t.train) == sorted(i.image for i in val.tasks[name].train + val.tasks[name].test)
+        assert {i.label for i in val.tasks[name].test} == set(t.classes)  # every class validated
+    assert validation_split(split, 0.25, 3).tasks["noto"].test == val.tasks["noto"].test  # seeded
+    assert validation_split(split, 0.25, 4).tasks["noto"].test != val.tasks["noto"].test
+    with pytest.raises(ValueError, match="fraction"):
+        validation_split(split, 1.0)
 
 
 def test_split_file_rejects_overlap_and_foreign_files(tree: Path, tmp_path: Path):

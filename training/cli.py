@@ -111,10 +111,12 @@ def cmd_pretrain(a) -> int:
 def cmd_split(a) -> int:
     """Draw a split file from an image-folder root or a fusion JSONL."""
     from training.data import BadFiles, discover_image_tasks, read_fusion_jsonl
-    from training.splits import classify_split, fusion_split, write_split
+    from training.splits import classify_split, fusion_split, read_split, validation_split, write_split
 
     bad = BadFiles(a.on_bad_file)
-    if a.root:
+    if a.validation_of:
+        split = validation_split(read_split(a.validation_of), a.validation_fraction, a.seed)
+    elif a.root:
         split = classify_split(a.root, discover_image_tasks(a.root, bad, _tasks(a.tasks), a.class_names), _split(a))
     else:
         items = read_fusion_jsonl(a.train, bad)
@@ -300,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--root", help="image-folder root ROOT/<task>/<class>/<image>")
     src.add_argument("--train", help="fusion JSON lines")
+    src.add_argument("--validation-of", metavar="SPLIT",
+                     help="carve a validation split (test part = held-out train identities) out of SPLIT's train part")
+    p.add_argument("--validation-fraction", type=float, default=0.25, help="with --validation-of (per class)")
     p.add_argument("--test", help="fusion JSON lines of the test part")
     p.add_argument("--name", help="fusion task name (default: file stem)")
     p.add_argument("--tasks", help="comma-separated subset of tasks")

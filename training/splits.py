@@ -176,3 +176,34 @@ def read_split(path: str | Path) -> Split:
             raise ValueError(f"{path}: task {name}: train and test share {len(overlap)} image(s)")
         split.tasks[name] = SplitTask(t["classes"], t["class_names"], train, test, t.get("head", "multiclass"))
     return split
+
+
+def validation_split(split: Split, fraction: float = 0.25, seed: int = 0) -> Split:
+    """A split whose test part is carved out of `split`'s train part: hyper-parameters are chosen on it, never on
+    the real test part.
+
+    Per class, a seeded `fraction` (at least one) of the train identities (file stems, one set over all tasks, so
+    an emoji drawn in two styles never sits on both sides) becomes validation; the test part is dropped.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    stems: dict[str, set[str]] = {}
+    for task in split.tasks.values():
+        for it in task.train:
+            for label in it.label if isinstance(it.label, list) else [it.label]:
+                stems.setdefault(label, set()).add(Path(it.image).stem)
+    held: set[str] = set()
+    taken: set[str] = set()
+    for label in sorted(stems):
+        pool = sorted(stems[label] - taken)
+        random.Random(f"{seed}:validation:{label}").shuffle(pool)
+        pick = pool[:max(1, round(len(pool) * fraction))] if pool else []
+        held |= set(pick)
+        taken |= stems[label]
+    tasks = {}
+    for name, t in split.tasks.items():
+        fit = [it for it in t.train if Path(it.image).stem not in held]
+        val = [it for it in t.train if Path(it.image).stem in held]
+        tasks[name] = SplitTask(t.classes, t.class_names, fit, val, t.head)
+    return Split(split.kind, split.root, split.config, tasks)
+
