@@ -252,3 +252,31 @@ def test_export_weights_roundtrip(tmp_path: Path) -> None:
 
     weights = load_file(str(tmp_path / "out.safetensors"))
     assert weights["logit_scale"].dtype == torch.float16 and not any(k.startswith("module.") for k in weights)
+
+
+def test_re_export_keeps_the_existing_file_unless_the_weights_changed(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import open_clip
+
+    from training.pretrain import export_weights, register_model_configs, same_safetensors
+
+    register_model_configs()
+    state = {f"module.{k}": v for k, v in open_clip.create_model("mmserve-tiny").state_dict().items()}
+    torch.save({"epoch": 2, "state_dict": state}, tmp_path / "epoch_2.pt")
+    out = tmp_path / "out.safetensors"
+    export_weights(tmp_path / "epoch_2.pt", out, model="mmserve-tiny", verify=False)
+    first = out.read_bytes()
+    # the same weights with the header's metadata keys in another order: an equal file, left in place
+    n = int.from_bytes(first[:8], "little")
+    header = json.loads(first[8:8 + n])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    out.write_bytes(first[:8] + text + first[8 + n:])
+    reordered = out.read_bytes()
+    assert reordered != first and same_safetensors(out, out)
+    export_weights(tmp_path / "epoch_2.pt", out, model="mmserve-tiny", verify=False)
+    assert out.read_bytes() == reordered  # not rewritten
+    state["module.logit_scale"] = state["module.logit_scale"] + 1.0
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "epoch_3.pt")
+    export_weights(tmp_path / "epoch_3.pt", out, model="mmserve-tiny", verify=False)
+    assert out.read_bytes() != reordered and not list(tmp_path.glob(".*.tmp"))

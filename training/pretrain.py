@@ -155,6 +155,23 @@ def write_smoke_csv(cfg: PretrainConfig, steps: int) -> Path:
     return out
 
 
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """The parsed JSON header and the raw tensor bytes of a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def same_safetensors(a: Path, b: Path) -> bool:
+    """True when two safetensors files hold the same tensors and metadata (the header's key order, which
+    safetensors does not keep stable between processes, does not count)."""
+    try:
+        (head_a, data_a), (head_b, data_b) = _safetensors_parts(a), _safetensors_parts(b)
+    except (OSError, ValueError):
+        return False
+    return head_a == head_b and data_a == data_b
+
+
 def export_weights(checkpoint: Path, out: Path, model: str = MODEL_NAME, verify: bool = True) -> dict:
     """Save a training checkpoint's model weights only, in fp16 safetensors with open_clip key names."""
     import torch
@@ -173,7 +190,12 @@ def export_weights(checkpoint: Path, out: Path, model: str = MODEL_NAME, verify:
         weights[key] = (value.half() if value.is_floating_point() else value).contiguous().clone()
     meta = {"model": model, "epoch": str(ckpt.get("epoch", "")), "source": checkpoint.name, "dtype": "float16"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata=meta)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file(weights, str(tmp), metadata=meta)
+    if out.is_file() and same_safetensors(out, tmp):
+        tmp.unlink()  # keep the existing file byte for byte: a re-export must not re-ship 45 MB into git history
+    else:
+        tmp.replace(out)
     info = {"out": str(out), "tensors": len(weights), "bytes": out.stat().st_size, **meta}
     if verify:
         register_model_configs()
