@@ -46,6 +46,10 @@ def test_grouping_verdict_names_colour_vs_monochrome():
                             styles).startswith("yes")
     assert grouping_verdict([["noto", "fluent_mono"], ["twemoji", "fluent_flat", "openmoji_line"]],
                             styles).startswith("no")
+    assert grouping_verdict([["noto", "twemoji", "fluent_flat"], ["openmoji_line"], ["fluent_mono"]], styles) == (
+        "partly: no group mixes them; the colour styles share one group, the monochrome ones are split")
+    assert grouping_verdict([["noto"], ["twemoji", "fluent_flat"], ["openmoji_line"], ["fluent_mono"]],
+                            styles).startswith("partly: no group mixes colour and monochrome, but both")
     assert grouping_verdict([["a", "b"]], ["a", "b"]).startswith("n/a")
 
 

@@ -226,7 +226,14 @@ def grouping_verdict(groups: list[list[str]] | None, styles: list[str]) -> str:
     if found == {colour, mono}:
         return "yes: colour vs monochrome"
     mixed = [sorted(g) for g in groups if set(g) & colour and set(g) & mono]
-    return "no" + (f": {' + '.join('/'.join(g) for g in mixed)} mix colour and monochrome" if mixed else "")
+    if mixed:
+        return f"no: {' + '.join('/'.join(g) for g in mixed)} mix colour and monochrome"
+    together = [name for name, kind in (("colour", colour), ("monochrome", mono)) if kind in found]
+    apart = [name for name, kind in (("colour", colour), ("monochrome", mono)) if kind not in found]
+    if together:
+        return f"partly: no group mixes them; the {' and '.join(together)} styles share one group, the " \
+               f"{' and '.join(apart)} ones are split"
+    return "partly: no group mixes colour and monochrome, but both are split further"
 
 
 # ---- machine, settings, runs dir -----------------------------------------------------------------------------
