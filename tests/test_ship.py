@@ -58,7 +58,7 @@ def shipped(tmp_path_factory):
     argv = ["ship", "--cache", str(cache), "--checkpoint", str(ckpt), "--out", str(out), "--model", TINY_MODEL,
             "--shots", "2", "--epochs", "1", "--fuse-epochs", "1", "--group-steps", "2", "--group-every", "1",
             "--tags", "--no-progress", "--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0",
-            "--source-rows", "4"]
+            "--source-rows", "4", "--fuse-head-lr", "0.01"]
     assert main(argv) == 0
     return out, ckpt, argv, json.loads((out / "ship.json").read_text())
 
@@ -107,6 +107,7 @@ def test_model_card_and_readme_name_the_numbers_and_commands(shipped):
     assert "mmserve-train " + shlex.join(argv) in readme
     assert "MmAP recipe: adamw lr 0.01, weight decay 0.0, 1 epochs; b = 4 prompt tokens per layer, source prompt " \
            "m x n = 4 x 8 (chosen on a validation split" in readme
+    assert report["settings"]["fuse_head_lr"] == 0.01
     manifest = json.loads((out / "registry" / "manifest.json").read_text())
     assert {t["prompt_config"]["source_rows"] for t in manifest["tasks"] if t["kind"] == "classify"} == {4}
     for name, ev in report["registry"]["eval"].items():

@@ -274,7 +274,7 @@ def cmd_ship(a) -> int:
                      runs_dir=a.runs_dir, shots=a.shots, seed=a.seed, epochs=a.epochs, lr=a.lr,
                      optimizer=a.optimizer, weight_decay=a.weight_decay, n_tokens=a.n_tokens,
                      source_rows=a.source_rows, source_cols=a.source_cols,
-                     fuse_epochs=a.fuse_epochs,
+                     fuse_epochs=a.fuse_epochs, fuse_head_lr=a.fuse_head_lr,
                      group_steps=a.group_steps, group_every=a.group_every, complementary=a.complementary,
                      experts=a.experts, tags=a.tags, tasks=a.styles, template=a.template,
                      progress=not a.no_progress,
@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-rows", type=int, default=2, help="MmAP m")
     p.add_argument("--source-cols", type=int, default=8, help="MmAP n")
     p.add_argument("--fuse-epochs", type=int, default=10)
+    p.add_argument("--fuse-head-lr", type=float, default=None, help="fusion head lr (default: the MoPE lr, 4e-4)")
     p.add_argument("--group-steps", type=int, default=50)
     p.add_argument("--group-every", type=int, default=5)
     p.add_argument("--complementary", default="clip", help="fusion psi encoder: clip or minilm")

@@ -79,6 +79,7 @@ class ShipConfig:
     source_rows: int = 2  # MmAP m
     source_cols: int = 8  # MmAP n
     fuse_epochs: int = 10
+    fuse_head_lr: float | None = None  # lr of the fusion head (None = the MoPE lr, 4e-4)
     group_steps: int = 50
     group_every: int = 5
     complementary: str = "clip"
@@ -144,8 +145,9 @@ def _fuse_config(cfg: ShipConfig, split_file: Path, run_dir: Path, head: str) ->
                       split=SplitConfig(cfg.shots if head == "multiclass" else None, 0.0, None, "file", cfg.seed),
                       optim=OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=cfg.fuse_epochs,
                                         batch_size=32),
-                      zero_shot_template=cfg.template, seed=cfg.seed, cache_dir=str(run_dir.parent / "tensors"),
-                      progress=cfg.progress, resume=True, eval_each_epoch=False)
+                      head_lr=cfg.fuse_head_lr, zero_shot_template=cfg.template, seed=cfg.seed,
+                      cache_dir=str(run_dir.parent / "tensors"), progress=cfg.progress, resume=True,
+                      eval_each_epoch=False)
 
 
 def _prepare_command(cache: Path) -> str:
@@ -184,6 +186,7 @@ def ship(cfg: ShipConfig) -> dict:
                 "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr, "optimizer": cfg.optimizer,
                 "weight_decay": cfg.weight_decay, "mmap_shape": [cfg.n_tokens, cfg.source_rows, cfg.source_cols],
                 "fuse_epochs": cfg.fuse_epochs,
+                **({"fuse_head_lr": cfg.fuse_head_lr} if cfg.fuse_head_lr is not None else {}),
                 "group_steps": cfg.group_steps,
                 "group_every": cfg.group_every, "complementary": cfg.complementary, "experts": cfg.experts,
                 "tags": cfg.tags, "styles": styles, "mope": dict(sorted(cfg.mope.items())), "template": cfg.template}
