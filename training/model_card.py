@@ -295,10 +295,16 @@ def readme(report: dict) -> str:
 
 
 def _recipe_line(st: dict) -> str:
-    """The MmAP training recipe of the shipped registry, from ship.json's settings."""
-    b, m, n = st.get("mmap_shape") or (4, 2, 8)
-    paper = st.get("optimizer", "sgd") == "sgd" and st.get("lr") == 0.0035 and st.get("epochs") == 5
-    return (f"MmAP recipe: {st.get('optimizer', 'sgd')} lr {st.get('lr')}, weight decay {st.get('weight_decay', 5e-4)},"
+    """The MmAP training recipe of the shipped registry, from ship.json's settings (missing keys: the defaults,
+    which are the paper's recipe)."""
+    from training.config import OptimConfig
+    from training.mmap_trainer import PromptSpec
+
+    o, p = OptimConfig(), PromptSpec()
+    b, m, n = st.get("mmap_shape") or (p.n_tokens, p.source_rows, p.source_cols)
+    optimizer, wd = st.get("optimizer", o.optimizer), st.get("weight_decay", o.weight_decay)
+    paper = (optimizer, st.get("lr"), st.get("epochs"), wd) == (o.optimizer, o.lr, o.epochs, o.weight_decay)
+    return (f"MmAP recipe: {optimizer} lr {st.get('lr')}, weight decay {wd},"
             f" {st.get('epochs')} epochs; b = {b} prompt tokens per layer, source prompt m x n = {m} x {n}"
             + (" (the paper's recipe)." if paper else " (chosen on a validation split of the train images; the "
                "paper's recipe is SGD lr 0.0035, 5 epochs)."))

@@ -71,13 +71,14 @@ class ShipConfig:
     runs_dir: str | None = None
     shots: int = 16
     seed: int = 0
-    epochs: int = 5
-    lr: float = 0.0035  # MmAP lr (the paper's default, with SGD)
-    optimizer: str = "sgd"  # MmAP optimiser: "sgd" (the paper's) or "adamw"
-    weight_decay: float = 5e-4
-    n_tokens: int = 4  # MmAP b
-    source_rows: int = 2  # MmAP m
-    source_cols: int = 8  # MmAP n
+    # MmAP recipe and prompt shape; defaults are the trainer's (the paper's: SGD lr 0.0035, 5 epochs)
+    epochs: int = OptimConfig.epochs
+    lr: float = OptimConfig.lr
+    optimizer: str = OptimConfig.optimizer  # "sgd" or "adamw"
+    weight_decay: float = OptimConfig.weight_decay
+    n_tokens: int = PromptSpec.n_tokens  # b
+    source_rows: int = PromptSpec.source_rows  # m
+    source_cols: int = PromptSpec.source_cols  # n
     fuse_epochs: int = 10
     fuse_head_lr: float | None = None  # lr of the fusion head (None = the MoPE lr, 4e-4)
     group_steps: int = 50
