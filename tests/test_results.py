@@ -112,3 +112,23 @@ def test_a_failed_cell_is_reported_and_other_settings_refuse_the_runs_dir(toy_ca
     argv[argv.index("--epochs") + 1] = "2"
     assert main(argv) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_grouping_scored_another_way_is_set_aside_with_the_cells_trained_on_it(toy_cache: Path, tmp_path: Path):
+    runs, out = tmp_path / "runs", tmp_path / "r"
+    argv = ["results", "--cache", str(toy_cache), "--out", str(out), "--runs-dir", str(runs),
+            "--methods", "mmap-full", "mmap-all", *TINY]
+    assert main(argv) == 0
+    grouping = runs / "grouping" / "k2-s0.json"
+    info = json.loads(grouping.read_text())
+    assert info["centered"] is True
+    del info["centered"]  # as written before grouping scores were centred
+    grouping.write_text(json.dumps(info))
+    assert main(argv) == 0
+    again = json.loads(out.with_suffix(".json").read_text())["session"]
+    assert again["ran"] == ["mmap-full k=2 seed=0"]  # mmap-all does not depend on the computed grouping
+    assert again["skipped"] == ["mmap-all k=2 seed=0"]
+    assert "centered" not in json.loads((runs / "stale" / "grouping" / "k2-s0.json").read_text())
+    assert (runs / "stale" / "classify" / "mmap-full" / "k2-s0" / "result.json").is_file()
+    assert json.loads(grouping.read_text())["centered"] is True
+    assert (runs / "classify" / "mmap-full" / "k2-s0" / "result.json").is_file()

@@ -419,8 +419,10 @@ def grouping_file(ctx: Context, shots: int, seed: int) -> Path:
     exactly the same groups; the same code and defaults as the trainer's `--grouping auto`.
     """
     path = ctx.runs / "grouping" / f"k{shots}-s{seed}.json"
-    if path.is_file():
+    if path.is_file() and current_grouping(path):
         return path
+    if path.is_file():  # computed with another scoring (before centring): keep it aside, compute it again
+        set_aside(ctx.runs, path)
     t0 = time.time()
     cfg = MultiTaskConfig(split_file=str(ctx.classify_split(shots, seed)), run_dir=str(path.parent),
                           template=ctx.rc.template, backbone=ctx.backbone_cfg(),
@@ -442,6 +444,51 @@ def grouping_file(ctx: Context, shots: int, seed: int) -> Path:
     log(f"computed groups (k={shots}, seed {seed}): {groups} -> {info['verdict']}")
     write_json(path, info)
     return path
+
+
+def current_grouping(path: Path) -> bool:
+    """Whether a stored grouping was scored as the trainer scores now (centred or raw, `GroupingConfig.center`)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("centered") == GroupingConfig().center
+
+
+def set_aside(runs: Path, path: Path) -> Path:
+    """Move a stale file or run dir under <runs>/stale/ (same relative path, a numbered suffix if taken)."""
+    dest = runs / "stale" / path.relative_to(runs)
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{path.name}.{n}")
+        n += 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(dest)
+    log(f"results: set aside stale {path} -> {dest}")
+    return dest
+
+
+GROUPED = ("mmap-full", "mmap-group", "mmap-random")  # cells whose groups come from the computed grouping
+
+
+def stale_cell(ctx: Context, method: str, shots: int | None, seed: int | None, rec: dict) -> str | None:
+    """Why a finished grouped cell no longer matches its (shots, seed) grouping, or None when it does.
+
+    A cell trained on groups from a grouping that was set aside (or recomputed since) is stale: the table
+    would pair its numbers with groups it never used.
+    """
+    if method not in GROUPED or shots is None or seed is None:
+        return None
+    path = ctx.runs / "grouping" / f"k{shots}-s{seed}.json"
+    if not (path.is_file() and current_grouping(path)):
+        return "its grouping was computed with another scoring"
+    found = json.loads(path.read_text())["groups"]
+    used = rec.get("groups")
+    if method == "mmap-random":
+        want = len(found) if 1 < len(found) < len(ctx.styles) else 2
+        return None if used is not None and len(used) == want else f"random grouping of {want} groups wanted"
+    same = used is not None and sorted(map(sorted, used)) == sorted(map(sorted, found))
+    return None if same else "trained on other groups than the computed ones"
 
 
 def _classify_config(ctx: Context, method: str, shots: int, seed: int, run_dir: Path) -> MultiTaskConfig:
@@ -613,7 +660,12 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
     for method, shots, seed in plan_cells(rc, methods):
         where = cell_dir(runs, method, shots, seed)
         label = f"{method} k={shots} seed={seed}" if shots is not None else method
-        if read_result(where) is not None:
+        rec = read_result(where)
+        if rec is not None and (why := stale_cell(ctx, method, shots, seed, rec)) is not None:
+            log(f"results: {label} is stale ({why})")
+            set_aside(runs, where)
+            rec = None
+        if rec is not None:
             skipped.append(label)
             continue
         if rc.budget_minutes is not None and time.time() - t_start > rc.budget_minutes * 60:
