@@ -132,3 +132,38 @@ def test_a_grouping_scored_another_way_is_set_aside_with_the_cells_trained_on_it
     assert (runs / "stale" / "classify" / "mmap-full" / "k2-s0" / "result.json").is_file()
     assert json.loads(grouping.read_text())["centered"] is True
     assert (runs / "classify" / "mmap-full" / "k2-s0" / "result.json").is_file()
+
+
+def _ship_report(settings: dict, styles: list[str]) -> dict:
+    """A ship.json as `ship` writes it (only the keys the table reads): one group, a fusion entry."""
+    evals = {t: {"kind": "classify", "score": 0.25 + 0.1 * i, "trainable_params": 100, "params_used": 130}
+             for i, t in enumerate(styles)}
+    evals["emoji_subgroup"] = {"kind": "fuse", "score": 0.625, "trainable_params": 999, "params_used": 999}
+    return {"settings": {**{k: settings[k] for k in ("backbone_fingerprint", "styles", "template")}, "shots": 2,
+                         "seed": 0, "optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0, "epochs": 10,
+                         "mmap_shape": [4, 4, 256], "fuse_epochs": 10, "fuse_head_lr": 0.01,
+                         "complementary": "minilm", "experts": 16},
+            "registry": {"eval": evals, "groups": [styles], "grouping_verdict": "n/a"}}
+
+
+def test_the_shipped_cell_is_added_as_reference_rows_only_when_comparable(toy_cache: Path, tmp_path: Path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "r"
+    argv = ["results", "--cache", str(toy_cache), "--out", str(out), "--runs-dir", str(runs),
+            "--methods", "zero-shot", *TINY]
+    assert main(argv) == 0
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    ship = tmp_path / "ship.json"
+    ship.write_text(json.dumps(_ship_report(settings, settings["styles"])))
+    assert main([*argv, "--shipped", str(ship)]) == 0
+    md = out.with_suffix(".md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| **shipped registry**: MmAP full"))
+    # noto 25.0, fluent_mono 35.0, mean 30.0; params: 2 tasks x 100 + one group's 30
+    assert "| 25.0 | 35.0 | 30.0 | seed 0 only | 230 |" in row and "adamw lr 0.01, 10 epochs" in row
+    fuse = next(line for line in md.splitlines() if line.startswith("| **shipped registry**: MoPE k=16, minilm"))
+    assert "| 62.5 |" in fuse and fuse.endswith("| 999 |")
+    assert "## The shipped registry in this table" in md
+    other = _ship_report(settings, settings["styles"])
+    other["settings"]["backbone_fingerprint"] = "0" * 32
+    ship.write_text(json.dumps(other))
+    assert main([*argv, "--shipped", str(ship)]) == 2
+    assert "backbone_fingerprint" in capsys.readouterr().err

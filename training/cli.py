@@ -258,7 +258,7 @@ def cmd_results(a) -> int:
                        runs_dir=a.runs_dir, seeds=a.seeds, shots=a.shots, methods=a.methods, tasks=a.styles,
                        epochs=a.epochs, lr=a.lr, fuse_epochs=a.fuse_epochs, group_steps=a.group_steps,
                        group_every=a.group_every, budget_minutes=a.budget_minutes, stop_on_error=a.stop_on_error,
-                       template=a.template, progress=not a.no_progress, command=_command_line(a))
+                       template=a.template, shipped=a.shipped, progress=not a.no_progress, command=_command_line(a))
     report = build_results(rc)
     s = report["session"]
     print(f"ran {len(s['ran'])}, skipped {len(s['skipped'])} finished, failed {len(s['failed'])}, not started "
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run (default: go on)")
     p.add_argument("--template", default="auto",
                    help="class prompt template, or auto: chosen on the k-shot train images (training.templates)")
+    p.add_argument("--shipped", default=None,
+                   help="a ship report (models/ship.json): add its cell, trained with the shipped recipe, as "
+                        "reference rows (refused unless backbone weights, styles and template match)")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone(p)
     p.set_defaults(func=cmd_results)

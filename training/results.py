@@ -130,6 +130,7 @@ class ResultsConfig:
     mope: dict = field(default_factory=dict)  # MoPEConfig overrides besides n_experts (tests: smaller)
     template: str = AUTO  # or a fixed class-prompt template; auto = training.templates.choose_template
     budget_minutes: float | None = None  # start no new run after this
+    shipped: str | None = None  # a ship.json: its (shots, seed) cell, shipped recipe, added as reference rows
     stop_on_error: bool = False
     progress: bool = True
     command: str = ""
@@ -653,6 +654,7 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
         rc = replace(rc, template=template_choice.template)
         log(f"results: template {rc.template!r} (train-part zero-shot {template_choice.scores})")
     settings = settings_of(rc, backbone, styles)
+    shipped = shipped_rows(rc.shipped, settings) if rc.shipped else None  # refused before any run, not after
     runs = resolve_runs_dir(rc.runs_dir, rc.cache, settings)
     ctx = Context(rc, backbone, Towers.of(backbone), runs, styles, machine_info(rc.device))
     log(f"results: runs dir {runs}")
@@ -686,6 +688,7 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
     report = collect(runs, rc, styles, settings, session)
     report["n_classes"] = len(read_tasks(rc.cache)["classes"])
     report["template_choice"] = template_choice.as_dict() if template_choice else None
+    report["shipped"] = shipped
     write_outputs(report, Path(rc.out))
     return report
 
@@ -759,6 +762,50 @@ def collect(runs: Path, rc: ResultsConfig, styles: list[str], settings: dict, se
             "generated": datetime.now(UTC).replace(microsecond=0).isoformat()}
 
 
+def shipped_rows(path: str | Path, settings: dict) -> dict:
+    """The shipped registry's held-out scores (ship.json) as reference rows of the table's (shots, seed) cell.
+
+    `ship` trains one cell, (shots, seed), with the validation-chosen recipe on the same seeded split draw as
+    this table; it is comparable only on the same backbone weights, styles and template, else it is refused.
+    """
+    path = Path(path)
+    try:
+        ship = json.loads(path.read_text())
+        st, reg = ship["settings"], ship["registry"]
+        evals = reg["eval"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a ship report ({exc.__class__.__name__}: {exc})") from exc
+    for key in ("backbone_fingerprint", "styles", "template"):
+        if st.get(key) != settings.get(key):
+            raise ValueError(f"{path}: settings.{key} is {st.get(key)!r}, the table's is {settings.get(key)!r}: "
+                             "the shipped cell is not comparable")
+    styles = [t for t in st["styles"] if t in evals]
+    groups = reg.get("groups") or []
+    group_params = sum(evals[g[0]]["params_used"] - evals[g[0]]["trainable_params"] for g in groups if g)
+    fusion = [t for t, e in evals.items() if e.get("kind") == "fuse"]
+    rows = {"source": str(path), "shots": st["shots"], "seed": st["seed"], "groups": groups,
+            "grouping_verdict": reg.get("grouping_verdict"),
+            "recipe": {k: st.get(k) for k in ("optimizer", "lr", "weight_decay", "epochs", "mmap_shape",
+                                              "fuse_epochs", "fuse_head_lr", "complementary", "experts")},
+            "classify": {"scores": {t: evals[t]["score"] for t in styles},
+                         "mean": statistics.fmean(evals[t]["score"] for t in styles),
+                         "trainable_params": sum(evals[t]["trainable_params"] for t in styles) + group_params}}
+    if fusion:
+        e = evals[fusion[0]]
+        rows["fusion"] = {"task": fusion[0], "all": e["score"], "trainable_params": e["trainable_params"]}
+    return rows
+
+
+def _shipped_label(rows: dict, family: str) -> str:
+    r = rows["recipe"]
+    if family == "classify":
+        b, m, n = r["mmap_shape"]
+        return (f"**shipped registry**: MmAP full, validation-chosen recipe ({r['optimizer']} lr {r['lr']}, "
+                f"{r['epochs']} epochs, b = {b}, {m} x {n} source)")
+    return (f"**shipped registry**: MoPE k={r['experts']}, {r['complementary']}, head lr {r['fuse_head_lr']} "
+            "(validation-chosen)")
+
+
 def _template_note(report: dict) -> str:
     choice = report.get("template_choice")
     if not choice:
@@ -824,6 +871,12 @@ def markdown(report: dict) -> str:
             params = f"{c['trainable_params']:,}" if "trainable_params" in c else "—"
             lines.append(f"| {c['label']} | " + " | ".join(_pct(c, st) for st in styles)
                          + f" | {_pct(c, 'mean')} | {_seeds(c)} | {params} |")
+        shipped = report.get("shipped")
+        if shipped and shipped["shots"] == shots:
+            cl = shipped["classify"]
+            lines.append(f"| {_shipped_label(shipped, 'classify')} | "
+                         + " | ".join(f"{100 * cl['scores'][st]:.1f}" if st in cl["scores"] else "—" for st in styles)
+                         + f" | {100 * cl['mean']:.1f} | seed {shipped['seed']} only | {cl['trainable_params']:,} |")
         lines.append("")
     lines += ["## Task groups found by the full method (gradient similarity, eq. 8)", "",
               "Groups maximise the within-group sum of similarities minus the mean pair similarity (centred; raw "
@@ -856,7 +909,23 @@ def markdown(report: dict) -> str:
             params = f"{c['trainable_params']:,}" if "trainable_params" in c else "—"
             lines.append(f"| {c['label']} | {_pct(c, 'all')} | " + " | ".join(_pct(c, st) for st in styles)
                          + f" | {ent_s} | {_seeds(c)} | {params} |")
+        shipped = report.get("shipped")
+        if shipped and shipped["shots"] == shots and "fusion" in shipped:
+            fu = shipped["fusion"]
+            lines.append(f"| {_shipped_label(shipped, 'fusion')} | {100 * fu['all']:.1f} | "
+                         + " | ".join(["n/r"] * len(styles))
+                         + f" | n/r | seed {shipped['seed']} only | {fu['trainable_params']:,} |")
         lines.append("")
+    if report.get("shipped"):
+        sh = report["shipped"]
+        lines += ["## The shipped registry in this table", "",
+                  f"The **shipped registry** rows are `{sh['source']}`: `mmserve-train ship` trains one cell, "
+                  f"k = {sh['shots']}, seed {sh['seed']}, on the same seeded split draw as this table, with the recipe "
+                  "chosen on a validation split carved from the train part (docs/recipe.md), not the paper's recipe "
+                  "the other rows use. One seed only; its groups: "
+                  + " · ".join("{" + ", ".join(g) + "}" for g in sh["groups"])
+                  + f" ({sh['grouping_verdict']}). n/r = not recorded by `ship` (it scores the fusion task over all "
+                  "styles).", ""]
     lines += ["## Definitions", ""]
     lines += [f"- **{v['label']}** (`{k}`): {v['definition']}." for k, v in report["methods"].items()]
     lines += ["- Classification split: test = the held-out emoji identities of `tasks/heldout_emoji.json` (the same "
