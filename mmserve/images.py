@@ -106,9 +106,26 @@ def preprocess_from_config(config: Mapping[str, Any]) -> Callable[[Image.Image],
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
+def split_preprocess(preprocess: Callable[[Image.Image], torch.Tensor]
+                     ) -> tuple[Callable[[Image.Image], Image.Image], Callable[[Any], torch.Tensor]] | None:
+    """An eval transform ending in ToTensor + Normalize (open_clip's), split there: (PIL part, tensor part).
+
+    The PIL part (resize, crop, mode) ends in 8-bit pixels, so its output travels as uint8 (4x fewer bytes
+    than float32) and the tensor part, applied to that uint8 array, gives the same floats as the whole
+    transform. None for any other transform shape (callers then send float32 pixels).
+    """
+    from torchvision.transforms import Compose, Normalize
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], Normalize) or \
+            type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
+        return None
+    return Compose(steps[:-2]), Compose(steps[-2:])
+
+
 @dataclass(frozen=True)
 class ImageDecoder:
-    """Upload bytes -> preprocessed float tensor (3, S, S) for the image tower."""
+    """Upload bytes -> preprocessed float tensor (3, S, S) for the image tower (or its uint8 pixels, `pixels`)."""
 
     preprocess: Callable[[Image.Image], torch.Tensor]
     max_pixels: int = 40_000_000
@@ -116,3 +133,18 @@ class ImageDecoder:
     def __call__(self, data: bytes) -> torch.Tensor:
         """Decode, validate and preprocess one upload; raises ImageError on bad input."""
         return self.preprocess(decode_image(data, self.max_pixels))
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Decode and validate one upload, stopping before ToTensor when the transform allows it.
+
+        uint8 (S, S, 3) after resize/crop (finish with `split_preprocess(...)[1]`), else the float32 (3, S, S)
+        of the whole transform. Raises ImageError on bad input.
+        """
+        image = decode_image(data, self.max_pixels)
+        split = split_preprocess(self.preprocess)
+        if split is None:
+            return self.preprocess(image).numpy()
+        out = np.asarray(split[0](image), dtype=np.uint8)
+        if out.ndim != 3 or out.shape[2] != 3:
+            raise ImageError(f"preprocessing gave pixels of shape {out.shape}, not (S, S, 3)")
+        return out

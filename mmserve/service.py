@@ -43,7 +43,7 @@ from starlette.routing import Route
 from mmserve.config import ServeConfig
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
 from mmserve.errors import RegistryError
-from mmserve.images import ImageDecoder, ImageError, preprocess_from_config
+from mmserve.images import ImageDecoder, ImageError, preprocess_from_config, split_preprocess
 
 logger = logging.getLogger("mmserve")
 
@@ -69,34 +69,49 @@ Text = Annotated[str, BeforeValidator(_as_text)]
 
 
 def pack_pixels(pixels: np.ndarray) -> str:
-    """A preprocessed float32 image as base64 of its C-order bytes: the front -> engine wire format (a JSON list
-    of floats is 3.7x larger and costs ~4 ms per 96 px image to write and parse, more than the forward pass)."""
-    return base64.b64encode(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).decode("ascii")
+    """Pixels as base64 of their C-order bytes: the front -> engine wire format, float32 (3, S, S) or uint8
+    (S, S, 3) (a JSON list of floats is 3.7x larger than float32 and costs ~4 ms per 96 px image to write and parse,
+    more than the forward pass; uint8 is 4x smaller again)."""
+    dtype = np.uint8 if pixels.dtype == np.uint8 else np.float32
+    return base64.b64encode(np.ascontiguousarray(pixels, dtype=dtype).tobytes()).decode("ascii")
 
 
-def unpack_pixels(data: str, size: int) -> np.ndarray:
-    """The inverse of pack_pixels, shaped (3, size, size) when the length fits (else flat: the engine refuses it)."""
+def unpack_pixels(data: str, size: int, kind: str = "float32") -> np.ndarray:
+    """The inverse of pack_pixels: float32 shaped (3, size, size) or uint8 shaped (size, size, 3) when the length
+    fits, else flat (the engine refuses it)."""
+    dtype = np.uint8 if kind == "uint8" else np.float32
     try:
-        flat = np.frombuffer(base64.b64decode(data, validate=True), dtype=np.float32)
+        flat = np.frombuffer(base64.b64decode(data, validate=True), dtype=dtype)
     except (binascii.Error, ValueError):
-        return np.zeros(0, dtype=np.float32)
-    return flat.reshape(3, size, size) if flat.size == 3 * size * size else flat
+        return np.zeros(0, dtype=dtype)
+    if flat.size != 3 * size * size:
+        return flat
+    return flat.reshape(size, size, 3) if dtype == np.uint8 else flat.reshape(3, size, size)
+
+
+def pixels_to_tensor(pixels: np.ndarray, finish: Any) -> torch.Tensor | np.ndarray:
+    """Engine side of the wire: uint8 (S, S, 3) through the transform's tensor part (`finish`); float32 as is."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or finish is None:
+        return pixels
+    return finish(pixels.copy())  # frombuffer arrays are read-only; to_tensor wants a writable one
 
 
 class ClassifyItem(BaseModel):
     """One classification request as the engine's batchable API receives it."""
 
-    image: str  # pack_pixels of the preprocessed (3, S, S) image
+    image: str  # pack_pixels of the preprocessed image
     task: str
     top_k: int = 5
+    pixels: str = "float32"  # float32: (3, S, S) after the whole transform; uint8: (S, S, 3) before ToTensor
 
 
 class FuseItem(BaseModel):
     """One fusion request as the engine's batchable API receives it."""
 
-    image: str  # pack_pixels of the preprocessed (3, S, S) image
+    image: str  # pack_pixels of the preprocessed image
     text: str
     task: str
+    pixels: str = "float32"  # as ClassifyItem.pixels
 
 
 class EngineMetrics:
@@ -124,15 +139,20 @@ class MmServeEngine:
     def __init__(self) -> None:
         self.engine = InferenceEngine.from_config(CONFIG)
         self.metrics = EngineMetrics()
+        split = split_preprocess(preprocess_from_config(self.engine.describe()["preprocess"]))
+        self.finish = split[1] if split else None  # ToTensor + Normalize of uint8 pixels from the front
         logger.info("engine ready: registry %s version %s, runtime %s, device %s", CONFIG.registry,
                     self.engine.snapshot.version, self.engine.runtime.name, CONFIG.device)
+
+    def _tensor(self, data: str, kind: str, size: int) -> torch.Tensor | np.ndarray:
+        return pixels_to_tensor(unpack_pixels(data, size, kind), self.finish)
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def classify_batch(self, items: list[ClassifyItem]) -> list[dict[str, Any]]:
         """Classify a batch of independent requests (any mix of tasks) in one forward pass."""
         self.metrics.observe("classify", [it.task for it in items])
         size = self.engine.image_size
-        requests = [ClassifyRequest(unpack_pixels(it.image, size), it.task, it.top_k) for it in items]
+        requests = [ClassifyRequest(self._tensor(it.image, it.pixels, size), it.task, it.top_k) for it in items]
         return [o.to_dict() for o in self.engine.classify_requests(requests)]
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
@@ -140,7 +160,7 @@ class MmServeEngine:
         """Fuse a batch of independent image+text requests, one pass per fusion task present."""
         self.metrics.observe("fuse", [it.task for it in items])
         size = self.engine.image_size
-        requests = [FuseRequest(unpack_pixels(it.image, size), it.text, it.task) for it in items]
+        requests = [FuseRequest(self._tensor(it.image, it.pixels, size), it.text, it.task) for it in items]
         return [o.to_dict() for o in self.engine.fuse_requests(requests)]
 
     @bentoml.api
@@ -279,11 +299,16 @@ class MmServe:
         view = self._view
         return name if view is not None and name in view.kinds else NO_TASK
 
-    async def _decode(self, image: Path) -> str:
-        """Upload file -> preprocessed pixels, packed for the engine (pack_pixels)."""
+    async def _decode(self, image: Path) -> tuple[str, str]:
+        """Upload file -> (pixels packed for the engine, their kind: uint8 before ToTensor, or float32)."""
         decoder = self._decoder
         assert decoder is not None
-        return await asyncio.to_thread(lambda: pack_pixels(decoder(image.read_bytes()).numpy()))
+
+        def work() -> tuple[str, str]:
+            pixels = decoder.pixels(image.read_bytes())
+            return pack_pixels(pixels), "uint8" if pixels.dtype == np.uint8 else "float32"
+
+        return await asyncio.to_thread(work)
 
     async def _infer(self, api: str, item: BaseModel, task: str, view: EngineView) -> Reply:
         try:
@@ -327,10 +352,11 @@ class MmServe:
         except ValueError:
             return Reply.error(400, f"top_k must be a positive integer, got {raw_k!r}", task)
         try:
-            pixels = await self._decode(image)
+            pixels, kind = await self._decode(image)
         except ImageError as exc:
             return Reply.error(400, str(exc), task)
-        return await self._infer("classify_batch", ClassifyItem(image=pixels, task=task, top_k=top_k), task, view)
+        item = ClassifyItem(image=pixels, task=task, top_k=top_k, pixels=kind)
+        return await self._infer("classify_batch", item, task, view)
 
     async def _fuse(self, image: Path, text: str, task: str | None) -> Reply:
         view = await self.engine_view()
@@ -350,10 +376,10 @@ class MmServe:
         if not text.strip():
             return Reply.error(422, "field 'text' must not be empty", task)
         try:
-            pixels = await self._decode(image)
+            pixels, kind = await self._decode(image)
         except ImageError as exc:
             return Reply.error(400, str(exc), task)
-        return await self._infer("fuse_batch", FuseItem(image=pixels, text=text, task=task), task, view)
+        return await self._infer("fuse_batch", FuseItem(image=pixels, text=text, task=task, pixels=kind), task, view)
 
     async def _answer(self, endpoint: str, ctx: bentoml.Context, started: float, work: Any) -> dict[str, Any]:
         try:

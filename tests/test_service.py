@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 import yaml
 from _registry_fixture import (
     COLORS,
@@ -39,8 +40,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.bench import bentoml_server
-from mmserve.images import ImageError, decode_image
-from mmserve.service import admin_authorized, pack_pixels, unpack_pixels
+from mmserve.images import ImageDecoder, ImageError, decode_image, preprocess_from_config, split_preprocess
+from mmserve.service import admin_authorized, pack_pixels, pixels_to_tensor, unpack_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -162,6 +163,28 @@ def test_pixel_wire_format_is_exact_and_refuses_bad_packets() -> None:
     assert np.array_equal(unpack_pixels(packed, 32), pixels)
     assert unpack_pixels(packed, 16).shape == (3 * 32 * 32,)  # wrong size: flat, so the engine's shape check refuses
     assert unpack_pixels("not base64!", 32).size == 0
+
+
+def test_uint8_wire_gives_the_same_tensor_as_the_whole_transform() -> None:
+    # open_clip's eval transform for a 96 px model: resize, crop, mode, ToTensor, Normalize
+    cfg = {"size": [96, 96], "mode": "RGB", "mean": [0.48, 0.45, 0.40], "std": [0.26, 0.26, 0.27],
+           "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+    decoder = ImageDecoder(preprocess_from_config(cfg), PIXEL_LIMIT)
+    rng = np.random.default_rng(3)
+    upload = png_bytes(Image.fromarray(rng.integers(0, 256, (150, 200, 4), dtype=np.uint8), "RGBA"))
+    pixels = decoder.pixels(upload)
+    assert pixels.dtype == np.uint8 and pixels.shape == (96, 96, 3)
+    packed = pack_pixels(pixels)
+    assert len(packed) < 1.4 * 96 * 96 * 3  # a quarter of the float32 packet
+    wire = unpack_pixels(packed, 96, "uint8")
+    assert wire.shape == (96, 96, 3) and np.array_equal(wire, pixels)
+    finish = split_preprocess(decoder.preprocess)[1]
+    assert torch.equal(pixels_to_tensor(wire, finish), decoder(upload))  # bit-identical to the float path
+    assert unpack_pixels(packed, 95, "uint8").ndim == 1  # wrong size: flat, refused by the engine's shape check
+    # a transform of another shape (no trailing ToTensor + Normalize) keeps the float32 wire
+    other = ImageDecoder(lambda img: torch.zeros(3, 8, 8), PIXEL_LIMIT)
+    assert split_preprocess(other.preprocess) is None
+    assert other.pixels(upload).dtype == np.float32 and other.pixels(upload).shape == (3, 8, 8)
 
 
 def test_admin_token_is_checked_when_configured() -> None:
