@@ -10,6 +10,7 @@ import io
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,11 @@ class ImageDecoder:
         """Decode, validate and preprocess one upload; raises ImageError on bad input."""
         return self.preprocess(decode_image(data, self.max_pixels))
 
+    @cached_property
+    def split(self) -> tuple[Callable[[Image.Image], Image.Image], Callable[[Any], torch.Tensor]] | None:
+        """split_preprocess of the transform, computed once (not per request)."""
+        return split_preprocess(self.preprocess)
+
     def pixels(self, data: bytes) -> np.ndarray:
         """Decode and validate one upload, stopping before ToTensor when the transform allows it.
 
@@ -141,7 +147,7 @@ class ImageDecoder:
         of the whole transform. Raises ImageError on bad input.
         """
         image = decode_image(data, self.max_pixels)
-        split = split_preprocess(self.preprocess)
+        split = self.split
         if split is None:
             return self.preprocess(image).numpy()
         out = np.asarray(split[0](image), dtype=np.uint8)

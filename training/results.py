@@ -469,7 +469,9 @@ def set_aside(runs: Path, path: Path) -> Path:
     return dest
 
 
-GROUPED = ("mmap-full", "mmap-group", "mmap-random")  # cells whose groups come from the computed grouping
+def random_group_count(found: list[list[str]], n_tasks: int) -> int:
+    """Groups of the random-grouping ablation: as many as the computed grouping, 2 when it found 1 or T."""
+    return len(found) if 1 < len(found) < n_tasks else 2
 
 
 def stale_cell(ctx: Context, method: str, shots: int | None, seed: int | None, rec: dict) -> str | None:
@@ -486,7 +488,7 @@ def stale_cell(ctx: Context, method: str, shots: int | None, seed: int | None, r
     found = json.loads(path.read_text())["groups"]
     used = rec.get("groups")
     if method == "mmap-random":
-        want = len(found) if 1 < len(found) < len(ctx.styles) else 2
+        want = random_group_count(found, len(ctx.styles))
         return None if used is not None and len(used) == want else f"random grouping of {want} groups wanted"
     same = used is not None and sorted(map(sorted, used)) == sorted(map(sorted, found))
     return None if same else "trained on other groups than the computed ones"
@@ -501,8 +503,7 @@ def _classify_config(ctx: Context, method: str, shots: int, seed: int, run_dir: 
         grouping = GroupingConfig("file", file=str(grouping_file(ctx, shots, seed)))
     elif method == "mmap-random":
         found = json.loads(grouping_file(ctx, shots, seed).read_text())["groups"]
-        n = len(found) if 1 < len(found) < len(ctx.styles) else 2
-        grouping = GroupingConfig("random", n_groups=n)
+        grouping = GroupingConfig("random", n_groups=random_group_count(found, len(ctx.styles)))
     return MultiTaskConfig(split_file=str(ctx.classify_split(shots, seed)), run_dir=str(run_dir),
                            template=ctx.rc.template, zero_shot_template=ctx.rc.template,
                            backbone=ctx.backbone_cfg(), split=SplitConfig(shots, 0.5, None, "stem", seed),
