@@ -24,7 +24,8 @@ from pathlib import Path
 from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.errors import MmserveError
 from mmserve.prompts.mope import MoPEConfig
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
+from training.mmap_trainer import PromptSpec
 
 
 def _add_backbone(p: argparse.ArgumentParser) -> None:
@@ -131,7 +132,7 @@ def cmd_split(a) -> int:
 
 def _multitask_config(a):
     from training.grouping import GroupingConfig
-    from training.mmap_trainer import MultiTaskConfig, PromptSpec
+    from training.mmap_trainer import MultiTaskConfig
 
     return MultiTaskConfig(
         root=a.root, run_dir=a.run_dir, tasks=_tasks(a.tasks), split_file=a.split, class_names_file=a.class_names,
@@ -328,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mmap, or the text-only (CoOp/MaPLe) / visual-only (VPT-deep) ablation")
         g.add_argument("--sharing", choices=("group+task", "task", "group"), default="group+task",
                        help="group-shared + task-specific prompts, task-specific only, or group-shared only")
-        g.add_argument("--n-tokens", type=int, default=4, help="prompt tokens per layer of each prompt (b)")
-        g.add_argument("--source-rows", type=int, default=2, help="MmAP m")
-        g.add_argument("--source-cols", type=int, default=8, help="MmAP n")
+        g.add_argument("--n-tokens", type=int, default=PromptSpec.n_tokens,
+                       help="prompt tokens per layer of each prompt (b)")
+        g.add_argument("--source-rows", type=int, default=PromptSpec.source_rows, help="MmAP m")
+        g.add_argument("--source-cols", type=int, default=PromptSpec.source_cols, help="MmAP n")
         g.add_argument("--depth", type=int, default=None, help="prompted layers (default all)")
         g = p.add_argument_group("grouping")
         g.add_argument("--grouping", choices=("auto", "all", "single", "random", "file"), default="auto")
@@ -372,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=None)
     _add_backbone(p)
     _add_split(p, None, 0.2)
-    _add_optim(p, OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=10, batch_size=32))
+    _add_optim(p, mope_optim())
     _add_run(p, "runs/fuse")
     p.set_defaults(func=cmd_fuse)
 
@@ -443,13 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--styles", nargs="+", default=None, help="subset of the styles (default: all prepared)")
-    p.add_argument("--epochs", type=int, default=5, help="MmAP epochs")
-    p.add_argument("--lr", type=float, default=0.0035, help="MmAP lr (paper: 0.0035 with SGD)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="MmAP optimiser (paper: sgd)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="MmAP weight decay")
-    p.add_argument("--n-tokens", type=int, default=4, help="MmAP b: prompt tokens per layer")
-    p.add_argument("--source-rows", type=int, default=2, help="MmAP m")
-    p.add_argument("--source-cols", type=int, default=8, help="MmAP n")
+    mmap_optim, mmap_prompt = OptimConfig(), PromptSpec()  # the trainer's defaults: the paper's recipe
+    p.add_argument("--epochs", type=int, default=mmap_optim.epochs, help="MmAP epochs")
+    p.add_argument("--lr", type=float, default=mmap_optim.lr, help="MmAP lr (paper: 0.0035 with SGD)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=mmap_optim.optimizer,
+                   help="MmAP optimiser (paper: sgd)")
+    p.add_argument("--weight-decay", type=float, default=mmap_optim.weight_decay, help="MmAP weight decay")
+    p.add_argument("--n-tokens", type=int, default=mmap_prompt.n_tokens, help="MmAP b: prompt tokens per layer")
+    p.add_argument("--source-rows", type=int, default=mmap_prompt.source_rows, help="MmAP m")
+    p.add_argument("--source-cols", type=int, default=mmap_prompt.source_cols, help="MmAP n")
     p.add_argument("--fuse-epochs", type=int, default=10)
     p.add_argument("--fuse-head-lr", type=float, default=None, help="fusion head lr (default: the MoPE lr, 4e-4)")
     p.add_argument("--group-steps", type=int, default=50)

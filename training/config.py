@@ -56,6 +56,11 @@ class OptimConfig:
     warmup_lr: float = 1e-5
 
 
+def mope_optim(epochs: int = 10) -> OptimConfig:
+    """MoPE's fusion recipe: AdamW lr 4e-4 (the paper's vision-side lr), weight decay 0.01, batch 32."""
+    return OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=epochs, batch_size=32)
+
+
 def reuse_or_load(backbone: Backbone | None, cfg: BackboneConfig) -> Backbone:
     """`backbone` when given (it must be the configured model), else load the configured one."""
     if backbone is None:

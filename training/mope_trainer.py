@@ -22,7 +22,7 @@ from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig, importance_loss
 from mmserve.registry import Manifest, TaskEntry, save_registry
 from training.classify import DEFAULT_TEMPLATE, Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
+from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim, reuse_or_load
 from training.data import BadFiles, read_fusion_jsonl
 from training.metrics import accuracy, f1_scores
 from training.multitask import Batcher
@@ -42,10 +42,6 @@ from training.tensors import PartTensors, part_tensors
 from training.zeroshot import zero_shot_metrics
 
 
-def _fuse_optim() -> OptimConfig:
-    return OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=10, batch_size=32)
-
-
 @dataclass
 class FuseConfig:
     """Everything a MoPE fusion run needs; saved as config.json in the run dir."""
@@ -62,7 +58,7 @@ class FuseConfig:
     mope: MoPEConfig = field(default_factory=MoPEConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(shots=None, test_fraction=0.2))
-    optim: OptimConfig = field(default_factory=_fuse_optim)
+    optim: OptimConfig = field(default_factory=mope_optim)
     head_lr: float | None = None  # lr of the linear head (None = optim.lr)
     threshold: float = 0.5  # multi-label decision threshold on sigmoid probabilities
     zero_shot_template: str = DEFAULT_TEMPLATE

@@ -41,7 +41,7 @@ from mmserve.complementary import build_complementary
 from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig
 from training.classify import Towers, class_scores, image_features
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.data import BadFiles, Item, read_fusion_jsonl
 from training.grouping import GroupingConfig, choose_groups, task_affinity
 from training.mmap_trainer import MultiTaskConfig, PromptSpec, load_or_draw_split, task_data, train_multitask
@@ -530,10 +530,6 @@ def run_classify(ctx: Context, method: str, shots: int, seed: int) -> dict:
                    n_train={s: tasks[s]["n_train"] for s in tasks}, n_test={s: tasks[s]["n_test"] for s in tasks})
 
 
-def _fuse_optim(ctx: Context) -> OptimConfig:
-    return OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=ctx.rc.fuse_epochs, batch_size=32)
-
-
 def run_mope(ctx: Context, method: str, shots: int, seed: int) -> dict:
     """One MoPE cell (k experts, CLIP-text or MiniLM psi): accuracy overall and per style, routing entropy."""
     _, k, encoder = method.split("-")
@@ -541,7 +537,7 @@ def run_mope(ctx: Context, method: str, shots: int, seed: int) -> dict:
     mope = MoPEConfig(**(ctx.rc.mope | {"n_experts": int(k[1:])}))
     cfg = FuseConfig(split_file=str(ctx.fusion_split(shots, seed)), run_dir=str(run_dir), head="multiclass",
                      complementary=encoder, mope=mope, backbone=ctx.backbone_cfg(),
-                     split=SplitConfig(shots, 0.0, None, "file", seed), optim=_fuse_optim(ctx),
+                     split=SplitConfig(shots, 0.0, None, "file", seed), optim=mope_optim(ctx.rc.fuse_epochs),
                      zero_shot_template=ctx.rc.template, seed=seed, cache_dir=ctx.tensor_cache,
                      progress=ctx.rc.progress, resume=True, eval_each_epoch=False)
     t0 = time.time()
@@ -579,7 +575,7 @@ def run_linear(ctx: Context, method: str, shots: int, seed: int) -> dict:
         source = method.rsplit("-", 1)[1]
         encoder = build_complementary(complementary_spec(source), ctx.backbone)
         feats = [encode_texts(encoder, p.texts) for p in (train, test)]
-    optim = _fuse_optim(ctx)
+    optim = mope_optim(ctx.rc.fuse_epochs)
     write_json(run_dir / "config.json", {"method": method, "feature": source, "optim": optim, "seed": seed,
                                          "split_file": str(ctx.fusion_split(shots, seed)),
                                          "backbone_fingerprint": ctx.backbone.fingerprint})

@@ -31,7 +31,7 @@ from mmserve.fileio import sha256_file
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import BackboneRef, Manifest, load_registry, save_registry
 from training.classify import Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.evaluate import evaluate_registry
 from training.examples import write_examples
 from training.grouping import GroupingConfig
@@ -144,8 +144,7 @@ def _fuse_config(cfg: ShipConfig, split_file: Path, run_dir: Path, head: str) ->
                       mope=MoPEConfig(**(cfg.mope | {"n_experts": cfg.experts})),
                       backbone=_backbone_record(cfg),
                       split=SplitConfig(cfg.shots if head == "multiclass" else None, 0.0, None, "file", cfg.seed),
-                      optim=OptimConfig(optimizer="adamw", lr=4e-4, weight_decay=0.01, epochs=cfg.fuse_epochs,
-                                        batch_size=32),
+                      optim=mope_optim(cfg.fuse_epochs),
                       head_lr=cfg.fuse_head_lr, zero_shot_template=cfg.template, seed=cfg.seed,
                       cache_dir=str(run_dir.parent / "tensors"), progress=cfg.progress, resume=True,
                       eval_each_epoch=False)
