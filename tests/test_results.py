@@ -167,3 +167,50 @@ def test_the_shipped_cell_is_added_as_reference_rows_only_when_comparable(toy_ca
     ship.write_text(json.dumps(other))
     assert main([*argv, "--shipped", str(ship)]) == 2
     assert "backbone_fingerprint" in capsys.readouterr().err
+
+
+def test_a_published_table_restores_into_a_fresh_runs_dir_only_when_settings_and_data_match(
+        toy_cache: Path, tmp_path: Path, monkeypatch, capsys):
+    import training.results as results
+
+    out = tmp_path / "first"
+    argv = ["results", "--cache", str(toy_cache), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+            "--methods", "zero-shot", "mmap-full", "image-only", *TINY]
+    assert main(argv) == 0
+    first = json.loads(out.with_suffix(".json").read_text())
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a published run was trained again")
+
+    monkeypatch.setattr(results, "train_multitask", must_not_train)
+    monkeypatch.setattr(results, "run_linear", must_not_train)
+    monkeypatch.setattr(results, "task_affinity", must_not_train)  # the grouping is restored, not recomputed
+    again = tmp_path / "again"
+    argv2 = ["results", "--cache", str(toy_cache), "--out", str(again), "--runs-dir", str(tmp_path / "fresh"),
+             "--methods", "zero-shot", "mmap-full", "image-only", "--restore", str(out.with_suffix(".json")), *TINY]
+    assert main(argv2) == 0
+    second = json.loads(again.with_suffix(".json").read_text())
+    assert second["session"]["ran"] == ["zero-shot"]  # measured again: the data check
+    assert len(second["session"]["restored"]) == 2 and "restored from" in again.with_suffix(".md").read_text()
+    assert second["session"]["skipped"] == ["mmap-full k=2 seed=0", "image-only k=2 seed=0"]
+    for before, after in zip(first["cells"], second["cells"], strict=True):
+        assert after.get("scores") == before.get("scores") and after["complete"] == before["complete"]
+    assert second["groupings"][0]["groups"] == first["groupings"][0]["groups"]
+    assert second["machines"] == first["machines"]
+
+    # other settings, or data that measure differently, restore nothing
+    tampered = json.loads(out.with_suffix(".json").read_text())
+    zero = next(c for c in tampered["cells"] if c["method"] == "zero-shot")
+    zero["runs"]["None"]["scores"]["noto"] += 0.5
+    bad = tmp_path / "tampered.json"
+    bad.write_text(json.dumps(tampered))
+    argv3 = [a if a != str(out.with_suffix(".json")) else str(bad) for a in argv2]
+    argv3[argv3.index(str(tmp_path / "fresh"))] = str(tmp_path / "fresh2")
+    assert main(argv3) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "data differ" in err and "'noto'" in err
+    assert not (tmp_path / "fresh2" / "classify" / "mmap-full").exists()
+    argv4 = [*argv2, "--epochs", "2"]
+    argv4[argv4.index(str(tmp_path / "fresh"))] = str(tmp_path / "fresh3")
+    assert main(argv4) == 2
+    assert "other settings" in capsys.readouterr().err

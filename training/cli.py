@@ -259,7 +259,8 @@ def cmd_results(a) -> int:
                        runs_dir=a.runs_dir, seeds=a.seeds, shots=a.shots, methods=a.methods, tasks=a.styles,
                        epochs=a.epochs, lr=a.lr, fuse_epochs=a.fuse_epochs, group_steps=a.group_steps,
                        group_every=a.group_every, budget_minutes=a.budget_minutes, stop_on_error=a.stop_on_error,
-                       template=a.template, shipped=a.shipped, progress=not a.no_progress, command=_command_line(a))
+                       template=a.template, shipped=a.shipped, restore=a.restore, progress=not a.no_progress,
+                       command=_command_line(a))
     report = build_results(rc)
     s = report["session"]
     print(f"ran {len(s['ran'])}, skipped {len(s['skipped'])} finished, failed {len(s['failed'])}, not started "
@@ -433,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shipped", default=None,
                    help="a ship report (models/ship.json): add its cell, trained with the shipped recipe, as "
                         "reference rows (refused unless backbone weights, styles and template match)")
+    p.add_argument("--restore", default=None,
+                   help="a published table (docs/results.json): seed the runs dir with its finished runs, so only "
+                        "missing ones run (refused unless the settings match and zero-shot measures the same here)")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone(p)
     p.set_defaults(func=cmd_results)

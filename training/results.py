@@ -131,6 +131,7 @@ class ResultsConfig:
     template: str = AUTO  # or a fixed class-prompt template; auto = training.templates.choose_template
     budget_minutes: float | None = None  # start no new run after this
     shipped: str | None = None  # a ship.json: its (shots, seed) cell, shipped recipe, added as reference rows
+    restore: str | None = None  # a published <out>.json: its finished runs seed the runs dir (restore_published)
     stop_on_error: bool = False
     progress: bool = True
     command: str = ""
@@ -261,6 +262,8 @@ def machine_info(device: str) -> dict:
 
 def describe_machine(m: dict) -> str:
     """One line: the GPU, or the CPU with its core and thread counts."""
+    if m.get("described"):  # a run restored from a published table that kept only this line
+        return m["described"]
     if m.get("gpu"):
         return f"{m['gpu']} ({m.get('host', '?')})"
     return f"CPU {m.get('cpu', '?')}, {m.get('cpus', '?')} cores, {m.get('threads', '?')} torch threads " \
@@ -655,7 +658,10 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
     runs = resolve_runs_dir(rc.runs_dir, rc.cache, settings)
     ctx = Context(rc, backbone, Towers.of(backbone), runs, styles, machine_info(rc.device))
     log(f"results: runs dir {runs}")
-    ran, skipped, failed, not_started = [], [], [], []
+    ran, skipped, failed, not_started, restored = [], [], [], [], []
+    if rc.restore:
+        restored, measured = restore_published(ctx, Path(rc.restore), settings)
+        ran += ["zero-shot"] if measured else []
     for method, shots, seed in plan_cells(rc, methods):
         where = cell_dir(runs, method, shots, seed)
         label = f"{method} k={shots} seed={seed}" if shots is not None else method
@@ -665,7 +671,8 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
             set_aside(runs, where)
             rec = None
         if rec is not None:
-            skipped.append(label)
+            if label not in ran:
+                skipped.append(label)
             continue
         if rc.budget_minutes is not None and time.time() - t_start > rc.budget_minutes * 60:
             not_started.append(label)
@@ -680,14 +687,66 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
             log(f"results: {label} failed: {exc.__class__.__name__}: {exc}")
             failed.append({"cell": label, "error": f"{exc.__class__.__name__}: {exc}",
                            "traceback": traceback.format_exc(limit=4)})
-    session = {"ran": ran, "skipped": skipped, "failed": failed, "not_started": not_started,
+    session = {"ran": ran, "skipped": skipped, "failed": failed, "not_started": not_started, "restored": restored,
                "wall_s": round(time.time() - t_start, 1), "machine": ctx.machine, "command": rc.command}
     report = collect(runs, rc, styles, settings, session)
     report["n_classes"] = len(read_tasks(rc.cache)["classes"])
     report["template_choice"] = template_choice.as_dict() if template_choice else None
     report["shipped"] = shipped
+    report["restored_from"] = rc.restore
     write_outputs(report, Path(rc.out))
     return report
+
+
+def restore_published(ctx: Context, path: Path, settings: dict) -> tuple[list[str], bool]:
+    """Seed the runs dir with the finished runs and groupings of a published table (`<out>.json`).
+
+    The published JSON holds every number of every run, so a table survives losing its cache (a fresh machine):
+    a rerun with `--restore docs/results.json` runs only what the table still misses. Refused unless the
+    settings are the same (weights fingerprint, epochs, template, styles, ...) and the prepared data are: the
+    zero-shot row is measured again on this cache and must give the published per-style accuracy (within one
+    test image) on as many test images. Runs already in the runs dir win over published ones. Returns the
+    labels of the runs restored and whether zero-shot was measured for the check.
+    """
+    try:
+        published = json.loads(path.read_text())
+        pub_settings, cells, groupings = published["settings"], published["cells"], published["groupings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a results table ({exc.__class__.__name__}: {exc})") from exc
+    want = to_jsonable(settings)
+    if pub_settings != want:
+        changed = sorted(k for k in set(pub_settings) | set(want) if pub_settings.get(k) != want.get(k))
+        raise ValueError(f"{path}: made with other settings (differs in {changed}); nothing restored")
+    zero = next((r for c in cells if c["method"] == "zero-shot" for r in (c.get("runs") or {}).values()), None)
+    if zero is None:
+        raise ValueError(f"{path}: has no zero-shot run to check this cache's data against; nothing restored")
+    here = read_result(cell_dir(ctx.runs, "zero-shot"))
+    measured = here is None
+    if measured:
+        here = run_classify_zero_shot(ctx)
+    for style, score in zero["scores"].items():
+        n = zero["n_test"].get(style)
+        if here["n_test"].get(style) != n or abs(here["scores"].get(style, -1.0) - score) > 1.0 / n + 1e-9:
+            raise ValueError(f"{path}: this cache's data differ from the published table's: zero-shot on "
+                             f"{style!r} is {here['scores'].get(style)} on {here['n_test'].get(style)} test images "
+                             f"here, {score} on {n} there; nothing restored")
+    machine = {"described": "; ".join(published.get("machines") or []) or "unknown (restored)"}
+    for g in groupings:
+        target = ctx.runs / "grouping" / f"k{g['shots']}-s{g['seed']}.json"
+        if not target.is_file():
+            write_json(target, {**g, "restored_from": str(path)})
+    restored = []
+    for cell in cells:
+        if cell["method"] not in METHODS or cell["method"] in ZERO_SHOT:
+            continue
+        for run in (cell.get("runs") or {}).values():
+            where = cell_dir(ctx.runs, cell["method"], run["shots"], run["seed"])
+            if read_result(where) is None:
+                write_json(where / RESULT, {"machine": machine, **run, "run_dir": str(where),
+                                            "restored_from": str(path)})
+                restored.append(f"{cell['method']} k={run['shots']} seed={run['seed']}")
+    log(f"results: restored {len(restored)} run(s) and {len(groupings)} grouping(s) from {path}")
+    return restored, measured
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
@@ -730,7 +789,7 @@ def collect(runs: Path, rc: ResultsConfig, styles: list[str], settings: dict, se
                 if "routing_entropy" in first:
                     ent = [r["routing_entropy"] for r in recs.values()]
                     cell["routing_entropy"] = {"mean": statistics.fmean(ent), "max": first["max_entropy"]}
-                cell["runs"] = {str(s): {k: v for k, v in r.items() if k not in ("expert_importance", "machine")}
+                cell["runs"] = {str(s): {k: v for k, v in r.items() if k != "expert_importance"}
                                 for s, r in recs.items()}
                 for r in recs.values():
                     machines[describe_machine(r.get("machine", {}))] = True
@@ -748,7 +807,8 @@ def collect(runs: Path, rc: ResultsConfig, styles: list[str], settings: dict, se
                 wall += g.get("wall_s", 0.0)
                 groupings.append({"shots": shots, "seed": seed, "groups": g["groups"], "verdict": g.get("verdict"),
                                   "tasks": g.get("tasks"), "similarity": g.get("similarity"),
-                                  "cosine": g.get("cosine"), "centered": bool(g.get("centered", False))})
+                                  "cosine": g.get("cosine"), "centered": bool(g.get("centered", False)),
+                                  "wall_s": g.get("wall_s", 0.0)})
     missing = list(dict.fromkeys(missing))
     return {"title": "mmserve accuracy table (issue 5)", "command": rc.command, "settings": settings,
             "runs_dir": str(runs), "styles": styles, "shots": rc.shots, "seeds": rc.seeds,
@@ -849,7 +909,9 @@ def markdown(report: dict) -> str:
              f"- Machine(s): {'; '.join(report['machines']) or describe_machine(sess['machine'])}",
              f"- Wall time: {_dur(report['runs_wall_s'])} over all runs in this table; this invocation "
              f"{_dur(sess['wall_s'])} on {describe_machine(sess['machine'])} (ran {len(sess['ran'])}, "
-             f"skipped {len(sess['skipped'])} finished, failed {len(sess['failed'])}, not started "
+             f"skipped {len(sess['skipped'])} finished"
+             + (f" ({len(sess['restored'])} restored from `{report['restored_from']}`)" if sess.get("restored") else "")
+             + f", failed {len(sess['failed'])}, not started "
              f"{len(sess['not_started'])}); a run resumed across sessions counts its last session only",
              f"- Runs: `{report['runs_dir']}`",
              f"- Cells measured: {sum(1 for c in cells if c['complete'])} of {len(cells)} complete; "
