@@ -79,7 +79,7 @@ def test_results_writes_every_row_and_a_rerun_skips_finished_runs(toy_cache: Pat
     assert report["groupings"][0]["groups"] == full["runs"]["0"]["groups"]
     assert report["session"]["ran"] == ["mmap-full k=2 seed=0", "mope-k4-clip k=2 seed=0"]
 
-    import training.results as results
+    import training.results.cells as results  # where the cells call the trainers
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -95,7 +95,7 @@ def test_results_writes_every_row_and_a_rerun_skips_finished_runs(toy_cache: Pat
 
 def test_a_failed_cell_is_reported_and_other_settings_refuse_the_runs_dir(toy_cache: Path, tmp_path: Path,
                                                                           monkeypatch, capsys):
-    import training.results as results
+    import training.results.cells as results  # where the cells call the trainers
 
     def broken(*args, **kwargs):
         raise RuntimeError("no luck")
@@ -171,7 +171,7 @@ def test_the_shipped_cell_is_added_as_reference_rows_only_when_comparable(toy_ca
 
 def test_a_published_table_restores_into_a_fresh_runs_dir_only_when_settings_and_data_match(
         toy_cache: Path, tmp_path: Path, monkeypatch, capsys):
-    import training.results as results
+    import training.results.cells as results  # where the cells call the trainers
 
     out = tmp_path / "first"
     argv = ["results", "--cache", str(toy_cache), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
