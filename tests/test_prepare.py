@@ -216,6 +216,15 @@ def test_prepare_end_to_end_on_fixtures(tmp_path: Path) -> None:
     assert "/openmoji/" in csv and "/fluent/" in csv and "Cute cat" in csv and "a picture of a crow" in csv
     for style in emoji.TASK_STYLES:
         assert f"/{style}/" not in csv
+    # the continued-pretraining captions: every train row, plus the bare class words of each emoji picture
+    plain = csv.splitlines()
+    with_words = (cache / "pretrain/train_classwords.csv").read_text().splitlines()
+    assert set(plain) <= set(with_words)
+    added = set(with_words) - set(plain)
+    openmoji_dog = next(line.split("\t")[0] for line in plain if "/openmoji/" in line and "1F415" in line)
+    assert {f"{openmoji_dog}\tanimal mammal", f"{openmoji_dog}\tan animal mammal"} <= added
+    assert all("/emoji/" in line.split("\t")[0] for line in added)
+    assert len(with_words) - len(plain) == 2 * len({line.split("\t")[0] for line in plain if "/emoji/" in line})
     by_source = summary["pretrain"]["images_by_source"]
     assert by_source["openclipart"] == 2 and by_source["tuxpaint"] == 2 and by_source["emoji_openmoji"] == 9
     assert (cache / "sheets/noto.png").is_file() and (cache / "prepare_summary.json").is_file()

@@ -57,6 +57,12 @@ def drawing_captions(title: str, keywords: list[str], folder_words: list[str], k
     return _dedupe(out)
 
 
+def class_word_captions(class_words: str) -> list[str]:
+    """The bare class words, as zero-shot prompts spell them ("animal mammal", "an animal mammal")."""
+    class_words = clean_text(class_words)
+    return [class_words, f"{_article(class_words)} {class_words}"]
+
+
 def emoji_captions(name: str, class_words: str, tags: list[str]) -> list[str]:
     """Five variants for an emoji picture; they include the readable class name used by zero-shot prompts."""
     name = clean_text(name)

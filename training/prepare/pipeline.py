@@ -6,11 +6,11 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import sources
-from .captions import drawing_captions, emoji_captions
+from .captions import class_word_captions, drawing_captions, emoji_captions
 from .clipart import scan_openclipart
 from .contact_sheet import contact_sheet
 from .emoji import PRETRAIN_STYLES, STYLE_PACKAGES, TASK_STYLES, class_name, load_emojibase, load_styles
@@ -147,6 +147,16 @@ def emoji_pairs(emoji: dict, renders: dict[str, dict[str, Path]]) -> list[Pair]:
     return pairs
 
 
+def with_class_words(pairs: list[Pair]) -> list[Pair]:
+    """The pretraining-style emoji pairs with their bare class words as two more captions (train_classwords.csv).
+
+    The continued-pretraining stage of docs/backbone.md: captions spelled like the zero-shot prompts, so that
+    the class words themselves, not only names and tags that contain them, are aligned with the pictures.
+    """
+    return [replace(p, captions=p.captions + class_word_captions(class_name(p.extra["subgroup"])))
+            if "subgroup" in p.extra else p for p in pairs]
+
+
 def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
     """Fail if any pretraining picture is a task-style emoji render or lies in the task tree."""
     tasks_dir, emoji_dir = (cache_dir / "tasks").resolve(), (cache_dir / "emoji").resolve()
@@ -235,11 +245,14 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     pre_dir = cfg.cache_dir / "pretrain"
     n_train = write_caption_csv(pre_dir / "train.csv", train)
     n_val = write_caption_csv(pre_dir / "val.csv", val)
+    n_class_words = write_caption_csv(pre_dir / "train_classwords.csv", with_class_words(train))
     by_source = Counter(p.source for p in pairs)
     summary["pretrain"] = {"images": len(pairs), "images_by_source": dict(sorted(by_source.items())),
                            "train_images": len(train), "val_images": len(val),
                            "train_pairs": n_train, "val_pairs": n_val,
-                           "train_csv": str(pre_dir / "train.csv"), "val_csv": str(pre_dir / "val.csv")}
+                           "train_csv": str(pre_dir / "train.csv"), "val_csv": str(pre_dir / "val.csv"),
+                           "train_classwords_pairs": n_class_words,
+                           "train_classwords_csv": str(pre_dir / "train_classwords.csv")}
     if cfg.sheets:
         summary["sheets"] = write_sheets(cfg, emoji["task"], renders, pairs)
     summary["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
