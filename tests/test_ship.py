@@ -144,3 +144,22 @@ def test_examples_are_one_held_out_identity_per_style_with_served_answers(shippe
         assert (out / "examples" / rec["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert rec["status"] == 200 and rec["answer"]["task"] == style and len(rec["answer"]["top_k"]) == 3
     assert "## Held-out examples" in (out / "README.md").read_text()
+
+
+def test_the_card_command_keeps_a_continued_stage_init_data_and_augmentation(tmp_path):
+    from training.model_card import wrapper_command
+
+    cache = tmp_path / "cache"
+    base = {"epochs": "3", "name": "stage2", "lr": "0.0002", "warmup": "50", "batch_size": "128", "workers": "1",
+            "device": "cpu", "precision": "fp32", "wd": "0.1", "seed": "0", "pretrained": "",
+            "train_data": str(cache / "pretrain" / "train.csv"),
+            "aug_cfg": "{'scale': (0.7, 1.0), 'color_jitter': (0.3, 0.3, 0.3, 0.05), 'color_jitter_prob': 0.5, "
+                       "'gray_scale_prob': 0.2}"}
+    plain = wrapper_command(base, str(cache))
+    assert plain == f"mmserve-train pretrain --cache {cache} --epochs 3 --name stage2 --lr 0.0002 --warmup 50"
+    stage2 = base | {"pretrained": "models/backbone/w.safetensors",
+                     "train_data": str(cache / "pretrain" / "train_classwords.csv"),
+                     "aug_cfg": base["aug_cfg"].replace("(0.7, 1.0)", "(0.5, 1.0)").replace("0.2}", "0.4}")}
+    assert wrapper_command(stage2, str(cache)) == plain + (
+        f" --pretrained models/backbone/w.safetensors --train-data {cache}/pretrain/train_classwords.csv --aug-cfg "
+        "'scale=(0.5,1.0)' 'color_jitter=(0.3,0.3,0.3,0.05)' color_jitter_prob=0.5 gray_scale_prob=0.4")

@@ -112,7 +112,27 @@ def wrapper_command(params: dict[str, str], cache: str | None) -> str:
         value = params.get(key)
         if value is not None and value != default:
             parts += [flag, value]
-    return shlex.join(parts)
+    return shlex.join(parts + _data_and_init_flags(params, cache))
+
+
+def _data_and_init_flags(params: dict[str, str], cache: str | None) -> list[str]:
+    """--pretrained, --train-data and --aug-cfg as a run passed them through (a continued-pretraining stage)."""
+    from training.pretrain import AUG_CFG
+
+    flags = []
+    if params.get("pretrained") not in (None, "", "None"):
+        flags += ["--pretrained", params["pretrained"]]
+    train_data = params.get("train_data")
+    if train_data and (cache is None or Path(train_data) != Path(cache) / "pretrain" / "train.csv"):
+        flags += ["--train-data", train_data]
+    try:
+        aug = ast.literal_eval(params.get("aug_cfg") or "{}")
+    except (ValueError, SyntaxError):
+        return flags
+    default = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in AUG_CFG)}
+    if aug and aug != default:
+        flags += ["--aug-cfg", *(f"{k}={repr(v).replace(' ', '')}" for k, v in aug.items())]
+    return flags
 
 
 def pretrain_record(checkpoint: Path, cache: Path, run_dir: Path | None = None) -> dict:
