@@ -163,3 +163,23 @@ def test_the_card_command_keeps_a_continued_stage_init_data_and_augmentation(tmp
     assert wrapper_command(stage2, str(cache)) == plain + (
         f" --pretrained models/backbone/w.safetensors --train-data {cache}/pretrain/train_classwords.csv --aug-cfg "
         "'scale=(0.5,1.0)' 'color_jitter=(0.3,0.3,0.3,0.05)' color_jitter_prob=0.5 gray_scale_prob=0.4")
+
+
+def test_a_continued_stage_records_the_stage_it_started_from(shipped, tmp_path, capsys):
+    out, ckpt, argv, first = shipped
+    stage1 = tmp_path / "stage1.ship.json"
+    stage1.write_text((out / "ship.json").read_text())
+    again = tmp_path / "models"
+    argv2 = [a if a != str(out) else str(again) for a in argv] + ["--continued-from", str(stage1)]
+    assert main(argv2) == 0
+    report = json.loads((again / "ship.json").read_text())
+    assert report["earlier_stage"]["backbone"]["fingerprint"] == first["backbone"]["fingerprint"]
+    assert report["commands"][:len(first["commands"])] == first["commands"]  # stage 1 first: it makes stage 2's init
+    assert report["commands"][-1].endswith(f"--continued-from {stage1}")
+    card = (again / "backbone" / "MODEL_CARD.md").read_text()
+    assert f"Continued from earlier weights (stage 1, recorded in `{stage1}`)" in card
+    assert first["backbone"]["sha256"] in card
+    bad = tmp_path / "not-a-report.json"
+    bad.write_text("{}")
+    assert main([*argv2[:-1], str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err

@@ -279,7 +279,7 @@ def cmd_ship(a) -> int:
                      fuse_epochs=a.fuse_epochs, fuse_head_lr=a.fuse_head_lr,
                      group_steps=a.group_steps, group_every=a.group_every, complementary=a.complementary,
                      experts=a.experts, tags=a.tags, tasks=a.styles, template=a.template,
-                     progress=not a.no_progress,
+                     continued_from=a.continued_from, progress=not a.no_progress,
                      command=_command_line(a))
     report = ship(cfg)
     print(f"shipped: {report['backbone']['path']} and {report['registry']['path']}; model card "
@@ -471,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=EMBEDDED_MODEL, help=f"open_clip model name (default {EMBEDDED_MODEL})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--continued-from", default=None,
+                   help="ship.json of the weights the checkpoint's pretraining started from (--pretrained): the "
+                        "model card records that stage too, and its commands come first in 'How to reproduce'")
     p.set_defaults(func=cmd_ship)
     return parser
 

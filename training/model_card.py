@@ -203,6 +203,18 @@ def _template_lines(choice: dict | None) -> list[str]:
             + ", ".join(f"`\"{t}\"` {_pct(v)}%" for t, v in ranked) + "."]
 
 
+def _earlier_stage_lines(stage: dict | None) -> list[str]:
+    """The stage this run continued from (its weights were this run's --pretrained), from its ship report."""
+    if not stage:
+        return []
+    pre, bb, log = stage["pretrain"], stage["backbone"], stage["pretrain"].get("log", {})
+    return [f"- Continued from earlier weights (stage 1, recorded in `{stage['source']}`): fingerprint "
+            f"`{bb['fingerprint']}`, sha256 `{bb['sha256']}`, {bb.get('epoch') or '?'} epochs, "
+            f"{pre.get('steps', '?')} steps, {_dur(log.get('wall_s'))} over {log.get('sessions', '?')} session(s), "
+            f"augmentation {pre.get('aug_cfg', 'unknown')}, zero-shot mean {_pct(stage.get('zero_shot_mean'))}%; "
+            f"command `{pre.get('command') or 'unknown'}`. The lines below describe the last stage."]
+
+
 def model_card(report: dict) -> str:
     """models/backbone/MODEL_CARD.md from the ship report."""
     bb, pre, data = report["backbone"], report["pretrain"], report.get("data", {})
@@ -234,6 +246,7 @@ def model_card(report: dict) -> str:
     if pre.get("open_clip_train_command"):
         lines.append(f"- open_clip_train arguments as the wrapper ran them (run.log): "
                      f"`{pre['open_clip_train_command']}`")
+    lines += _earlier_stage_lines(report.get("earlier_stage"))
     lines += [f"- Epochs: {bb.get('epoch') or '?'} completed (of {params.get('epochs', '?')} planned); "
               f"steps: {pre.get('steps', 'unknown')} ({pre.get('steps_per_epoch', '?')} per epoch: "
               f"{log.get('samples_per_epoch', '?')} caption pairs / batch {params.get('batch_size', '?')})",
@@ -255,6 +268,11 @@ def model_card(report: dict) -> str:
     for key, package, licence, captions in PRETRAIN_SOURCES:
         lines.append(f"| {key} | {package} | {licence} | {captions} | {by_source.get(key, '?')} |")
     pt = data.get("pretrain", {})
+    stage_csv = Path(params.get("train_data") or "train.csv").name
+    if stage_csv == "train_classwords.csv":
+        lines += ["", f"The last stage trained on `pretrain/train_classwords.csv`: the same train pictures, "
+                  f"{pt.get('train_classwords_pairs', '?')} pairs (each pretraining emoji's bare class words added "
+                  "as two more captions; see docs/backbone.md)."]
     lines += ["", f"{pt.get('train_pairs', '?')} train caption pairs over {pt.get('train_images', '?')} images "
               f"({pt.get('val_pairs', '?')} pairs / {pt.get('val_images', '?')} images held out for validation). "
               "OpenMoji is CC-BY-SA-4.0 and the Tux Paint stamps are GPL-2: whoever redistributes these weights "

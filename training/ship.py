@@ -90,8 +90,22 @@ class ShipConfig:
     mope: dict = field(default_factory=dict)  # MoPEConfig overrides besides n_experts (tests: smaller)
     template: str = AUTO  # or a fixed class-prompt template such as "a photo of a {}."
     pretrain_run: str | None = None  # open_clip_train run folder (default: the checkpoint's)
+    continued_from: str | None = None  # ship.json of the weights this checkpoint's run started from (stage 1)
     progress: bool = True
     command: str = ""
+
+
+def earlier_stage(path: Path) -> dict:
+    """What the model card keeps of the stage a continued pretraining started from: its ship report's weights,
+    pretraining record and commands (prepare, pretrain, ship: they produce the weights stage 2 starts from)."""
+    try:
+        report = json.loads(path.read_text())
+        stage = {"source": str(path), "backbone": {k: report["backbone"].get(k) for k in (
+            "fingerprint", "sha256", "epoch", "source")}, "pretrain": report["pretrain"],
+            "zero_shot_mean": report["zero_shot"]["mean"], "commands": report["commands"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a ship report ({exc.__class__.__name__}: {exc})") from exc
+    return stage
 
 
 def export_backbone(checkpoint: Path, dest: Path, model: str) -> dict:
@@ -171,6 +185,7 @@ def ship(cfg: ShipConfig) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     meta = read_tasks(cache)
     styles = list(cfg.tasks or meta["tasks"])
+    earlier = earlier_stage(Path(cfg.continued_from)) if cfg.continued_from else None  # read before overwriting
     weights = out / "backbone" / f"{cfg.model}.safetensors"
     log(f"ship: exporting {checkpoint} -> {weights}")
     bb_info = export_backbone(checkpoint, weights, cfg.model)
@@ -264,7 +279,7 @@ def ship(cfg: ShipConfig) -> dict:
         data = {"pretrain": summary.get("pretrain", {}), "tasks": summary.get("tasks", {}),
                 "fusion": summary.get("fusion", {})}
     mmap_mean = sum(eval_rows[s]["score"] for s in styles) / len(styles)
-    commands = [_prepare_command(cache)]
+    commands = list(earlier["commands"]) if earlier else [_prepare_command(cache)]
     if pre.get("command"):
         commands.append(pre["command"] + ("   # then, in each later session: same command + --resume latest"
                                           if pre.get("log", {}).get("sessions", 1) > 1 else ""))
@@ -273,6 +288,7 @@ def ship(cfg: ShipConfig) -> dict:
         "backbone": bb_info | {"path": str(weights), "fingerprint": backbone.fingerprint, "config": backbone.config,
                                "parameters": sum(p.numel() for p in backbone.model.parameters())},
         "pretrain": pre,
+        "earlier_stage": earlier,
         "data": data,
         "zero_shot": {"per_style": zs["scores"], "mean": zs["mean"], "n_test": zs["n_test"],
                       "template": cfg.template, "n_classes": len(meta["classes"]),
