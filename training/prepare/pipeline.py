@@ -148,7 +148,7 @@ def emoji_pairs(emoji: dict, renders: dict[str, dict[str, Path]]) -> list[Pair]:
 
 
 def with_class_words(pairs: list[Pair]) -> list[Pair]:
-    """The pretraining-style emoji pairs with their bare class words as two more captions (train_classwords.csv).
+    """Every pair; each pretraining-style emoji one gets its bare class words as two more captions.
 
     The continued-pretraining stage of docs/backbone.md: captions spelled like the zero-shot prompts, so that
     the class words themselves, not only names and tags that contain them, are aligned with the pictures.
