@@ -225,6 +225,8 @@ def test_prepare_end_to_end_on_fixtures(tmp_path: Path) -> None:
     assert {f"{openmoji_dog}\tanimal mammal", f"{openmoji_dog}\tan animal mammal"} <= added
     assert all("/emoji/" in line.split("\t")[0] for line in added)
     assert len(with_words) - len(plain) == 2 * len({line.split("\t")[0] for line in plain if "/emoji/" in line})
+    sets = summary["pretrain"]["caption_sets"]
+    assert sets["train.csv"]["pairs"] == len(plain) - 1 and sets["train_classwords.csv"]["pairs"] == len(with_words) - 1
     by_source = summary["pretrain"]["images_by_source"]
     assert by_source["openclipart"] == 2 and by_source["tuxpaint"] == 2 and by_source["emoji_openmoji"] == 9
     assert (cache / "sheets/noto.png").is_file() and (cache / "prepare_summary.json").is_file()

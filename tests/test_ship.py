@@ -165,6 +165,16 @@ def test_the_card_command_keeps_a_continued_stage_init_data_and_augmentation(tmp
         "'scale=(0.5,1.0)' 'color_jitter=(0.3,0.3,0.3,0.05)' color_jitter_prob=0.5 gray_scale_prob=0.4")
 
 
+def test_the_card_names_a_stage_caption_file_from_what_prepare_recorded():
+    from training.model_card import stage_data_lines
+
+    pretrain = {"caption_sets": {"train_classwords.csv": {"pairs": 46250, "about": "class words added"}}}
+    assert stage_data_lines("", pretrain) == [] and stage_data_lines("/c/pretrain/train.csv", pretrain) == []
+    assert stage_data_lines("/c/pretrain/train_classwords.csv", pretrain)[-1] == (
+        "The last stage trained on `/c/pretrain/train_classwords.csv` (46250 caption pairs: class words added).")
+    assert "recorded nowhere else" in stage_data_lines("/data/mine.csv", pretrain)[-1]
+
+
 def test_a_continued_stage_records_the_stage_it_started_from(shipped, tmp_path, capsys):
     out, ckpt, argv, first = shipped
     stage1 = tmp_path / "stage1.ship.json"

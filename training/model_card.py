@@ -268,11 +268,7 @@ def model_card(report: dict) -> str:
     for key, package, licence, captions in PRETRAIN_SOURCES:
         lines.append(f"| {key} | {package} | {licence} | {captions} | {by_source.get(key, '?')} |")
     pt = data.get("pretrain", {})
-    stage_csv = Path(params.get("train_data") or "train.csv").name
-    if stage_csv == "train_classwords.csv":
-        lines += ["", f"The last stage trained on `pretrain/train_classwords.csv`: the same train pictures, "
-                  f"{pt.get('train_classwords_pairs', '?')} pairs (each pretraining emoji's bare class words added "
-                  "as two more captions; see docs/backbone.md)."]
+    lines += stage_data_lines(params.get("train_data") or "", pt)
     lines += ["", f"{pt.get('train_pairs', '?')} train caption pairs over {pt.get('train_images', '?')} images "
               f"({pt.get('val_pairs', '?')} pairs / {pt.get('val_images', '?')} images held out for validation). "
               "OpenMoji is CC-BY-SA-4.0 and the Tux Paint stamps are GPL-2: whoever redistributes these weights "
@@ -295,6 +291,17 @@ def model_card(report: dict) -> str:
               "## How to reproduce", "", "```", *report["commands"], "```", "",
               f"Shipped on {report['machine_line']} in {_dur(report['wall_s'])}.", ""]
     return "\n".join(lines)
+
+
+def stage_data_lines(train_data: str, pretrain_summary: dict) -> list[str]:
+    """Card lines naming the caption file the last stage trained on, when it is not prepare's plain train.csv."""
+    name = Path(train_data).name
+    if not train_data or name == "train.csv":
+        return []
+    known = pretrain_summary.get("caption_sets", {}).get(name)
+    what = (f"{known['pairs']} caption pairs: {known['about']}" if known
+            else "not a caption file `mmserve-train prepare` writes, so its content is recorded nowhere else")
+    return ["", f"The last stage trained on `{train_data}` ({what})."]
 
 
 def readme(report: dict) -> str:

@@ -157,6 +157,14 @@ def with_class_words(pairs: list[Pair]) -> list[Pair]:
             if "subgroup" in p.extra else p for p in pairs]
 
 
+def caption_sets(n_train: int, n_class_words: int) -> dict[str, dict]:
+    """What each pretraining caption CSV under pretrain/ holds, keyed by file name (the model card names a stage's)."""
+    return {"train.csv": {"pairs": n_train, "about": "the train pictures with their own captions"},
+            "train_classwords.csv": {"pairs": n_class_words,
+                                     "about": "the same train pictures, each pretraining emoji's bare class words "
+                                              "added as two more captions (the continued stage of docs/backbone.md)"}}
+
+
 def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
     """Fail if any pretraining picture is a task-style emoji render or lies in the task tree."""
     tasks_dir, emoji_dir = (cache_dir / "tasks").resolve(), (cache_dir / "emoji").resolve()
@@ -251,8 +259,7 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
                            "train_images": len(train), "val_images": len(val),
                            "train_pairs": n_train, "val_pairs": n_val,
                            "train_csv": str(pre_dir / "train.csv"), "val_csv": str(pre_dir / "val.csv"),
-                           "train_classwords_pairs": n_class_words,
-                           "train_classwords_csv": str(pre_dir / "train_classwords.csv")}
+                           "caption_sets": caption_sets(n_train, n_class_words)}
     if cfg.sheets:
         summary["sheets"] = write_sheets(cfg, emoji["task"], renders, pairs)
     summary["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
