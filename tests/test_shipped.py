@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,20 @@ def _same_answer(got: dict, want: dict) -> None:
     assert abs(got["score"] - want["score"]) < 1e-4
     if "top_k" in want:
         assert [p["label"] for p in got["top_k"]] == [p["label"] for p in want["top_k"]]
+
+
+def test_readme_shows_the_answers_the_shipped_examples_get(expected: dict) -> None:
+    """The README's curl examples on models/examples/ are the recorded answers, so a re-ship cannot leave them stale."""
+    lines = (MODELS.parent / "README.md").read_text().splitlines()
+    shown = [(cmd, json.loads(reply.replace("[...]", "null"))) for cmd, reply in pairwise(lines)
+             if cmd.startswith("$ curl -F image=@models/examples/")]
+    assert len(shown) >= 2
+    for cmd, reply in shown:
+        want = expected["fuse"]["answer"] if "/fuse" in cmd else expected["classify"][reply["task"]]["answer"]
+        if "/classify" in cmd:
+            assert f"image=@models/examples/{expected['classify'][reply['task']]['file']} " in cmd
+        assert reply["registry_version"] == want["registry_version"]
+        _same_answer(reply, want)
 
 
 def test_default_config_points_at_the_shipped_files() -> None:
