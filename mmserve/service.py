@@ -18,8 +18,6 @@ fails the rest of its batch.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import logging
@@ -44,9 +42,13 @@ from mmserve.config import ServeConfig
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
 from mmserve.errors import RegistryError
 from mmserve.images import ImageDecoder, ImageError, preprocess_from_config, split_preprocess
+from mmserve.wire import ClassifyItem, FuseItem, pack_pixels, pixels_to_tensor, unpack_pixels
 
 logger = logging.getLogger("mmserve")
 
+CONFIG = ServeConfig.from_env()
+NO_TASK = "-"  # metrics label for requests whose task is missing or unknown (keeps label values bounded)
+ENGINE_RESOURCES: dict[str, Any] = {"gpu": 1} if CONFIG.device.startswith("cuda") else {"cpu": "2"}
 ENGINE_ATTEMPTS = 3  # calls to the internal engine service: first try + retries on a dropped connection
 
 
@@ -55,9 +57,6 @@ def dropped_connection(exc: BaseException) -> bool:
     if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
         return True
     return isinstance(exc, RuntimeError) and "Connection closed" in str(exc)
-CONFIG = ServeConfig.from_env()
-NO_TASK = "-"  # metrics label for requests whose task is missing or unknown (keeps label values bounded)
-ENGINE_RESOURCES: dict[str, Any] = {"gpu": 1} if CONFIG.device.startswith("cuda") else {"cpu": "2"}
 
 
 def _as_text(value: Any) -> Any:
@@ -66,52 +65,6 @@ def _as_text(value: Any) -> Any:
 
 
 Text = Annotated[str, BeforeValidator(_as_text)]
-
-
-def pack_pixels(pixels: np.ndarray) -> str:
-    """Pixels as base64 of their C-order bytes: the front -> engine wire format, float32 (3, S, S) or uint8
-    (S, S, 3) (a JSON list of floats is 3.7x larger than float32 and costs ~4 ms per 96 px image to write and parse,
-    more than the forward pass; uint8 is 4x smaller again)."""
-    dtype = np.uint8 if pixels.dtype == np.uint8 else np.float32
-    return base64.b64encode(np.ascontiguousarray(pixels, dtype=dtype).tobytes()).decode("ascii")
-
-
-def unpack_pixels(data: str, size: int, kind: str = "float32") -> np.ndarray:
-    """The inverse of pack_pixels: float32 shaped (3, size, size) or uint8 shaped (size, size, 3) when the length
-    fits, else flat (the engine refuses it)."""
-    dtype = np.uint8 if kind == "uint8" else np.float32
-    try:
-        flat = np.frombuffer(base64.b64decode(data, validate=True), dtype=dtype)
-    except (binascii.Error, ValueError):
-        return np.zeros(0, dtype=dtype)
-    if flat.size != 3 * size * size:
-        return flat
-    return flat.reshape(size, size, 3) if dtype == np.uint8 else flat.reshape(3, size, size)
-
-
-def pixels_to_tensor(pixels: np.ndarray, finish: Any) -> torch.Tensor | np.ndarray:
-    """Engine side of the wire: uint8 (S, S, 3) through the transform's tensor part (`finish`); float32 as is."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or finish is None:
-        return pixels
-    return finish(pixels.copy())  # frombuffer arrays are read-only; to_tensor wants a writable one
-
-
-class ClassifyItem(BaseModel):
-    """One classification request as the engine's batchable API receives it."""
-
-    image: str  # pack_pixels of the preprocessed image
-    task: str
-    top_k: int = 5
-    pixels: str = "float32"  # float32: (3, S, S) after the whole transform; uint8: (S, S, 3) before ToTensor
-
-
-class FuseItem(BaseModel):
-    """One fusion request as the engine's batchable API receives it."""
-
-    image: str  # pack_pixels of the preprocessed image
-    text: str
-    task: str
-    pixels: str = "float32"  # as ClassifyItem.pixels
 
 
 class EngineMetrics:

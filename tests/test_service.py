@@ -41,7 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.bench import bentoml_server
 from mmserve.images import ImageDecoder, ImageError, decode_image, preprocess_from_config, split_preprocess
-from mmserve.service import admin_authorized, pack_pixels, pixels_to_tensor, unpack_pixels
+from mmserve.service import admin_authorized
+from mmserve.wire import pack_pixels, pixels_to_tensor, unpack_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
