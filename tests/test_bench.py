@@ -41,7 +41,7 @@ def test_bench_cli_writes_every_section_and_ratio(tmp_path: Path, capsys) -> Non
         assert _positive(report["ratios"]["engine_over_floor"][batch]["torch"])
         for rt in ("onnx-fp32", "onnx-opt", "onnx-int8"):
             assert _positive(report["ratios"]["onnx_over_torch"][batch][rt])
-    assert 0.0 <= report["agreement"]["int8_vs_fp32"] <= 1.0
+    assert report["agreement"]["int8_vs_fp32"] >= 0.5  # random tiny weights: int8 mostly agrees, no 99% claim
     assert report["agreement"]["pairs"]["onnx-fp32 vs torch"] == 1.0  # fp32 graphs give torch's labels
     assert "skipped" in report["http"]
     calibration = report["meta"]["machine"]["thread_calibration"]
@@ -67,7 +67,8 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
             case = http["traffic"][traffic][conc]
             assert case["ok"] == case["sent"] == 4
             assert _positive(case["throughput"]) and case["p99_ms"] >= case["p50_ms"] > 0
-            assert case["engine_batch_mean"] is None or 1 <= case["engine_batch_mean"] <= 2
+            assert case["engine_batch_mean"] is not None and 1 <= case["engine_batch_mean"] <= 2  # from /metrics
+            assert 1 <= case["engine_tasks_per_batch_mean"] <= case["engine_batch_mean"]
             assert case["client_cpu_ms_per_request"] > 0
         assert _positive(report["ratios"]["http_over_engine"][traffic])
         assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
@@ -122,7 +123,7 @@ def test_loadgen_bounds_concurrency_and_counts_statuses() -> None:
     finally:
         server.shutdown()
     assert result.requests == 20 and result.ok == 16 and result.errors == {500: 4}
-    assert state["peak"] <= 3
+    assert state["peak"] == 3  # bounded at the concurrency asked for, and reaching it
     assert result.p99_ms >= result.p50_ms > 0 and result.throughput > 0
 
 

@@ -105,8 +105,9 @@ def test_export_writes_checked_graphs_and_sidecars(onnx_dir: Path, tiny_backbone
         onnx.checker.check_model(str(onnx_dir / g.file))
         assert g.fingerprint == tiny_backbone.fingerprint and g.export_batch >= 2
         assert all(dims[0] == "batch" for dims in list(g.inputs.values()) + list(g.outputs.values()))
+        assert g.parity_max_abs_diff is not None  # measured at export for every variant
         if g.variant != "int8":
-            assert g.parity_max_abs_diff is not None and g.parity_max_abs_diff <= TOL
+            assert g.parity_max_abs_diff <= TOL
     image = infos[("image", 2, 4, None, "opt")]
     assert image.inputs["prompts"] == ["batch", 2, 4, tiny_backbone.vision_width]
     assert image.fused_ops.get("Attention") == tiny_backbone.vision_layers
@@ -172,9 +173,10 @@ def test_int8_agreement_is_measured_and_sane(onnx_dir: Path, registry_dir: Path,
     assert torch.isfinite(int8).all() and int8.shape == fp32.shape
     cosine = (fp32 * int8).sum(-1)  # both normalised
     assert cosine.min().item() > 0.9  # int8 is close to fp32, not equal (random tiny model: no 99% claim here)
-    text = torch.nn.functional.normalize(torch.randn(10, tiny_backbone.embed_dim), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(10, tiny_backbone.embed_dim,
+                                                     generator=torch.Generator().manual_seed(0)), dim=-1)
     agreement = ((fp32 @ text.T).argmax(-1) == (int8 @ text.T).argmax(-1)).float().mean().item()
-    assert 0.5 <= agreement <= 1.0
+    assert agreement >= 0.8
 
 
 def test_fusion_graph_and_fallback_match_torch(onnx_dir: Path, registry_dir: Path, tiny_backbone) -> None:
@@ -270,7 +272,9 @@ def test_session_settings_and_provider_selection(onnx_dir: Path, tiny_backbone, 
     assert so.intra_op_num_threads == physical_cores() and so.inter_op_num_threads == 1
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
-    assert select_providers() == ["CPUExecutionProvider"] or "CUDAExecutionProvider" in ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_providers() == ["CPUExecutionProvider"]  # a GPU but the CPU-only onnxruntime package
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]

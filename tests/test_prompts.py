@@ -139,10 +139,11 @@ def test_fusion_model_heads():
         model = FusionModel(cfg, 64, 2, backbone.embed_dim, 8, n_classes=3, head=head).eval()
         out = model(enc, torch.randn(2, 3, 32, 32), torch.randn(2, 8))
         probs = out.probabilities(model.multilabel)
-        assert probs.shape == (2, 3)
+        assert probs.shape == (2, 3) and model.multilabel == (head == "multilabel")
         if head == "multiclass":
             assert torch.allclose(probs.sum(-1), torch.ones(2))
+            assert torch.allclose(probs, out.logits.softmax(-1))
         else:
-            assert ((probs > 0) & (probs < 1)).all()
+            assert torch.allclose(probs, out.logits.sigmoid())  # independent labels: not a softmax
     with pytest.raises(PromptConfigError, match="fusion head"):
         FusionModel(cfg, 64, 2, 32, 8, 3, head="softmax")

@@ -92,12 +92,15 @@ def test_version_changes_with_content_and_old_files_are_removed(saved, tiny_back
     manifest = reg.manifest
     manifest.task("photo").metrics = {"top1": 0.9}
     save_registry(root, manifest, reg.group_weights, reg.task_weights)
-    assert read_manifest(root).version != first.version
+    second = read_manifest(root).version
+    assert second != first.version
     reg.task_weights["photo"] = {k: v + 1 for k, v in reg.task_weights["photo"].items()}
     save_registry(root, manifest, reg.group_weights, reg.task_weights)
+    assert read_manifest(root).version not in (first.version, second)  # new weights: a new content hash
     files = sorted(p.name for p in (root / "tasks").iterdir())
     assert len(files) == 3 and not any(f.startswith(".") for f in files)
-    load_registry(root, tiny_backbone)
+    again = load_registry(root, tiny_backbone)
+    assert all(torch.equal(again.task_weights["photo"][k], v) for k, v in reg.task_weights["photo"].items())
 
 
 def _edit_manifest(root: Path, edit) -> None:
@@ -186,4 +189,10 @@ def test_copy_of_registry_loads_elsewhere(saved, tmp_path, tiny_backbone):
     root, _ = saved
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    assert load_registry(copy, tiny_backbone).version == load_registry(root, tiny_backbone).version
+    original = load_registry(root, tiny_backbone)
+    shutil.rmtree(root)  # the copy must not point back at the original's files
+    assert all(not Path(e.weights).is_absolute() for e in [*original.manifest.tasks, *original.manifest.groups])
+    loaded = load_registry(copy, tiny_backbone)
+    assert loaded.version == original.version
+    assert all(torch.equal(loaded.task_weights[t][k], w) for t, ws in original.task_weights.items()
+               for k, w in ws.items())

@@ -282,7 +282,7 @@ ERROR_CASES: list[tuple[str, str, Callable[[], dict[str, Any]], int, str]] = [
     ("classify task on /fuse", "/fuse", lambda: {"files": upload(RED), "data": {"text": "x", "task": "colors"}}, 400,
      "POST /classify"),
     ("not an image on /fuse", "/fuse?task=pet", lambda: {"files": upload(b"GIF89a broken"), "data": {"text": "x"}},
-     400, "not"),
+     400, "not an image: the upload is in no format Pillow can identify"),
 ]
 
 

@@ -86,6 +86,9 @@ def test_registry_loads_with_the_exported_backbone(shipped):
     assert registry.manifest.groups and {t for g in registry.manifest.groups for t in g.tasks} == {"noto",
                                                                                                     "fluent_mono"}
     assert report["registry"]["served_equals_trainer"]  # the served path predicts what the trainers evaluated
+    rows = report["registry"]["eval"].values()
+    assert rows and all(r["trainer_score"] is not None and r["score"] == pytest.approx(r["trainer_score"])
+                        for r in rows)
 
 
 def test_model_card_and_readme_name_the_numbers_and_commands(shipped):

@@ -46,6 +46,9 @@ def test_readme_shows_the_answers_the_shipped_examples_get(expected: dict) -> No
         want = expected["fuse"]["answer"] if "/fuse" in cmd else expected["classify"][reply["task"]]["answer"]
         if "/classify" in cmd:
             assert f"image=@models/examples/{expected['classify'][reply['task']]['file']} " in cmd
+        else:
+            fuse = expected["fuse"]
+            assert f"image=@models/examples/{fuse['file']} -F 'text={fuse['text']}' " in cmd and fuse["task"] in cmd
         assert reply["registry_version"] == want["registry_version"]
         _same_answer(reply, want)
 
