@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,17 +181,23 @@ def test_the_card_names_a_stage_caption_file_from_what_prepare_recorded():
 
 def test_a_continued_stage_records_the_stage_it_started_from(shipped, tmp_path, capsys):
     out, ckpt, argv, first = shipped
-    stage1 = tmp_path / "stage1.ship.json"
-    stage1.write_text((out / "ship.json").read_text())
     again = tmp_path / "models"
+    shutil.copytree(out, again)  # stage 1 shipped here; stage 2 ships over it, reading its ship.json first
+    stage1 = again / "ship.json"
+    stage1_bytes = stage1.read_bytes()
     argv2 = [a if a != str(out) else str(again) for a in argv] + ["--continued-from", str(stage1)]
     assert main(argv2) == 0
     report = json.loads((again / "ship.json").read_text())
     assert report["earlier_stage"]["backbone"]["fingerprint"] == first["backbone"]["fingerprint"]
+    assert report["stage"] == 2 and first["stage"] == 1 and report["earlier_stage"]["stage"] == 1
+    # ship keeps stage 1's report itself (nothing under models/ by hand), byte for byte, and lists it
+    assert report["earlier_stage"]["kept_as"] == "backbone/stage1.ship.json"
+    assert (again / "backbone" / "stage1.ship.json").read_bytes() == stage1_bytes
+    assert "`backbone/stage1.ship.json`" in (again / "README.md").read_text()
     assert report["commands"][:len(first["commands"])] == first["commands"]  # stage 1 first: it makes stage 2's init
     assert report["commands"][-1].endswith(f"--continued-from {stage1}")
     card = (again / "backbone" / "MODEL_CARD.md").read_text()
-    assert f"Continued from earlier weights (stage 1, recorded in `{stage1}`)" in card
+    assert "Continued from earlier weights (stage 1, recorded in `models/backbone/stage1.ship.json`)" in card
     assert first["backbone"]["sha256"] in card
     bad = tmp_path / "not-a-report.json"
     bad.write_text("{}")

@@ -208,8 +208,9 @@ def _earlier_stage_lines(stage: dict | None) -> list[str]:
     if not stage:
         return []
     pre, bb, log = stage["pretrain"], stage["backbone"], stage["pretrain"].get("log", {})
-    return [f"- Continued from earlier weights (stage 1, recorded in `{stage['source']}`): fingerprint "
-            f"`{bb['fingerprint']}`, sha256 `{bb['sha256']}`, {bb.get('epoch') or '?'} epochs, "
+    return [f"- Continued from earlier weights (stage {stage.get('stage', 1)}, recorded in "
+            f"`{'models/' + stage['kept_as'] if stage.get('kept_as') else stage['source']}`): "
+            f"fingerprint `{bb['fingerprint']}`, sha256 `{bb['sha256']}`, {bb.get('epoch') or '?'} epochs, "
             f"{pre.get('steps', '?')} steps, {_dur(log.get('wall_s'))} over {log.get('sessions', '?')} session(s), "
             f"augmentation {pre.get('aug_cfg', 'unknown')}, zero-shot mean {_pct(stage.get('zero_shot_mean'))}%; "
             f"command `{pre.get('command') or 'unknown'}`. The lines below describe the last stage."]
@@ -317,6 +318,10 @@ def readme(report: dict) -> str:
              f"(fingerprint `{report['backbone']['fingerprint']}`) |",
              "| `backbone/MODEL_CARD.md` | its data, licences, pretraining command, steps, wall time, zero-shot |",
              f"| `registry/` | {len(reg['tasks'])} servable tasks: {', '.join(f'`{t}`' for t in reg['tasks'])} |",
+             *([f"| `{report['earlier_stage']['kept_as']}` | the ship report of the weights this backbone's "
+                "last pretraining stage started from (a copy of the `--continued-from` file) |"]
+               if (report.get("earlier_stage") or {}).get("kept_as") else []),
+             "| `examples/` | one held-out emoji per style and the answers the server gave (tests/test_shipped.py) |",
              "| `ship.json` | every number of this page and of the model card |", "",
              "## The shipped registry", "",
              f"Full MmAP (group-shared + task-specific prompts, grouping computed from gradient similarity) on the "

@@ -27,7 +27,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from mmserve.backbone import EMBEDDED_MODEL, Backbone, BackboneSpec, load_backbone
-from mmserve.fileio import sha256_file
+from mmserve.fileio import atomic_write_bytes, sha256_file
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import BackboneRef, Manifest, load_registry, save_registry
 from training.classify import Towers
@@ -95,17 +95,30 @@ class ShipConfig:
     command: str = ""
 
 
-def earlier_stage(path: Path) -> dict:
+def earlier_stage(path: Path) -> tuple[dict, bytes]:
     """What the model card keeps of the stage a continued pretraining started from: its ship report's weights,
-    pretraining record and commands (prepare, pretrain, ship: they produce the weights stage 2 starts from)."""
+    pretraining record and commands (prepare, pretrain, ship: they produce the weights stage 2 starts from), and
+    the report's bytes (ship keeps them beside the new weights, so `--continued-from models/ship.json` works)."""
     try:
-        report = json.loads(path.read_text())
-        stage = {"source": str(path), "backbone": {k: report["backbone"].get(k) for k in (
-            "fingerprint", "sha256", "epoch", "source")}, "pretrain": report["pretrain"],
-            "zero_shot_mean": report["zero_shot"]["mean"], "commands": report["commands"]}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raw = path.read_bytes()
+        report = json.loads(raw)
+        stage = {"source": str(path), "stage": int(report.get("stage") or 1),
+                 "backbone": {k: report["backbone"].get(k) for k in ("fingerprint", "sha256", "epoch", "source")},
+                 "pretrain": report["pretrain"], "zero_shot_mean": report["zero_shot"]["mean"],
+                 "commands": report["commands"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(f"{path}: not a ship report ({exc.__class__.__name__}: {exc})") from exc
-    return stage
+    return stage, raw
+
+
+def keep_earlier_stage(out: Path, stage: dict, raw: bytes) -> str:
+    """Write the earlier stage's ship report to <out>/backbone/stage<N>.ship.json (atomically; the same file when
+    --continued-from already named it) and return that path relative to <out>."""
+    rel = f"backbone/stage{stage['stage']}.ship.json"
+    dest = out / rel
+    if not (dest.is_file() and dest.read_bytes() == raw):
+        atomic_write_bytes(dest, raw)
+    return rel
 
 
 def export_backbone(checkpoint: Path, dest: Path, model: str) -> dict:
@@ -185,7 +198,8 @@ def ship(cfg: ShipConfig) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     meta = read_tasks(cache)
     styles = list(cfg.tasks or meta["tasks"])
-    earlier = earlier_stage(Path(cfg.continued_from)) if cfg.continued_from else None  # read before overwriting
+    earlier, earlier_raw = earlier_stage(Path(cfg.continued_from)) if cfg.continued_from else (None, b"")
+    # (read before anything under <out> is overwritten: --continued-from may be <out>/ship.json itself)
     weights = out / "backbone" / f"{cfg.model}.safetensors"
     log(f"ship: exporting {checkpoint} -> {weights}")
     bb_info = export_backbone(checkpoint, weights, cfg.model)
@@ -279,6 +293,8 @@ def ship(cfg: ShipConfig) -> dict:
         data = {"pretrain": summary.get("pretrain", {}), "tasks": summary.get("tasks", {}),
                 "fusion": summary.get("fusion", {})}
     mmap_mean = sum(eval_rows[s]["score"] for s in styles) / len(styles)
+    if earlier:
+        earlier["kept_as"] = keep_earlier_stage(out, earlier, earlier_raw)
     commands = list(earlier["commands"]) if earlier else [_prepare_command(cache)]
     if pre.get("command"):
         commands.append(pre["command"] + ("   # then, in each later session: same command + --resume latest"
@@ -289,6 +305,7 @@ def ship(cfg: ShipConfig) -> dict:
                                "parameters": sum(p.numel() for p in backbone.model.parameters())},
         "pretrain": pre,
         "earlier_stage": earlier,
+        "stage": earlier["stage"] + 1 if earlier else 1,  # pretraining stages behind these weights
         "data": data,
         "zero_shot": {"per_style": zs["scores"], "mean": zs["mean"], "n_test": zs["n_test"],
                       "template": cfg.template, "n_classes": len(meta["classes"]),
