@@ -3,7 +3,7 @@
 Examples:
   mmserve-train split --root data/tasks/images --out split.json --shots 16
   mmserve-train classify --root data/tasks/images --split split.json --run-dir runs/mmap \\
-      --model mmserve-vit-p12-96 --pretrained models/backbone.safetensors
+      --model mmserve-vit-p12-96 --pretrained models/backbone/mmserve-vit-p12-96.safetensors
   mmserve-train classify ... --prompt text --sharing task        (CoOp-style text-only ablation)
   mmserve-train fuse --train fusion/train.jsonl --test fusion/test.jsonl --run-dir runs/mope
   mmserve-train eval --registry runs/mmap/registry --split split.json
