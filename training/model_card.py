@@ -262,7 +262,9 @@ def model_card(report: dict) -> str:
               f"last validation: {log.get('last_val', 'none')}",
               f"- Record read from: `{pre.get('run_dir')}` (params.txt, out.log)"
               + (f"; missing: {', '.join(pre['missing'])}" if pre.get("missing") else ""), "",
-              "## Data and licences (see ../shared/DATA.md)", "",
+              "## Data and licences", "",
+              "From the data notes of the workspace this was built in (`shared/DATA.md`, outside this repository); "
+              "`mmserve-train prepare` installs every package named here.", "",
               "Pretraining (captioned pictures; none of the five evaluation styles' images):", "",
               "| source | package | licence | captions | images |", "| --- | --- | --- | --- | ---: |"]
     by_source = data.get("pretrain", {}).get("images_by_source", {})
