@@ -107,6 +107,24 @@ def test_centred_scores_split_all_positive_affinities_into_their_blocks():
     groups, info = choose_groups(GroupingConfig("auto"), tasks, affinity)
     assert sorted(groups) == [["line", "mono"], ["noto", "twemoji", "flat"]] and info["centered"] is True
     assert centered(sim)[0][0] == pytest.approx(1.0 - 0.18) and centered(sim)[3][4] == pytest.approx(0.3 - 0.18)
+    assert info["center_offset"] == pytest.approx(0.18)
+
+
+@pytest.mark.parametrize(("s12", "together"), [(-5.0, False), (5.0, True)])
+def test_two_tasks_are_grouped_by_the_sign_of_their_affinity(s12: float, together: bool):
+    # one pair has no other pair to be compared with: centring must not make every pair a tie
+    tasks = ["a", "b"]
+    sim = [[1.0, s12], [s12, 1.0]]
+    groups, info = choose_groups(GroupingConfig("auto"), tasks, Affinity(tasks, sim, sim, snapshots=1, losses=[]))
+    assert sorted(groups) == ([["a", "b"]] if together else [["a"], ["b"]]) and info["center_offset"] == 0.0
+
+
+def test_when_every_pair_conflicts_no_pair_is_grouped():
+    # centred on a negative mean, the least-conflicting pair (a, b: -1) would look better than average
+    tasks = ["a", "b", "c"]
+    sim = [[0.0, -1.0, -1.2], [-1.0, 0.0, -3.0], [-1.2, -3.0, 0.0]]
+    groups, info = choose_groups(GroupingConfig("auto"), tasks, Affinity(tasks, sim, sim, snapshots=1, losses=[]))
+    assert sorted(groups) == [["a"], ["b"], ["c"]] and info["center_offset"] == 0.0
 
 
 def _colour_task(name: str, images: torch.Tensor, labels: torch.Tensor) -> TaskData:

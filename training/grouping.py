@@ -3,7 +3,8 @@
 1. Train one global shared prompt on all tasks (summed losses, SGD). Every `every` steps (from step 0) take
    each task's gradient w.r.t. the shared prompt; S_ij = mean over snapshots of <g_i, g_j> (or cosine).
 2. Partition the tasks into disjoint groups maximising the total within-group similarity
-   sum_groups sum_{i<j in group} (S_ij - c), c the mean off-diagonal S_ij (`center`, the default) or 0.
+   sum_groups sum_{i<j in group} (S_ij - c), c the mean off-diagonal S_ij (`center`, the default) or 0; c is
+   never negative, and 0 for two tasks (see `center_offset`).
    Exact for up to `exact_limit` tasks: a depth-first enumeration of every set partition (Bell(10) = 115,975)
    with incremental scores. Beyond that, a heuristic: agglomerative merging of the pair of groups whose cross
    similarity is largest while it is positive (or until `n_groups` remain), then
@@ -12,6 +13,8 @@
 Why centre: task gradients w.r.t. one shared prompt usually all agree a little (every S_ij > 0), and with raw
 scores any merge then adds score, so the optimum is always one group. Centred, two tasks share a group when their
 gradients agree more than the average pair: tasks that agree unusually well end up together, the others apart.
+When the average pair conflicts (mean S_ij < 0) c is 0, so the least-conflicting pair is not grouped for being
+better than average; with two tasks there is no average to beat, and raw S_12 > 0 groups them.
 With `center=False` (raw eq. 8 scores) conflicting tasks (negative S_ij) still end up apart; pass `n_groups` to
 ask for exactly that many groups either way.
 """
@@ -54,12 +57,21 @@ def partition_score(sim: list[list[float]], groups: list[list[int]]) -> float:
     return sum(sim[a][b] for g in groups for i, a in enumerate(g) for b in g[i + 1:])
 
 
-def centered(sim: list[list[float]]) -> list[list[float]]:
-    """S_ij minus the mean of the off-diagonal entries (the diagonal is never scored)."""
+def center_offset(sim: list[list[float]]) -> float:
+    """The c subtracted from every S_ij: the mean off-diagonal S_ij, but never below 0 (a conflicting pair, raw
+    S_ij <= 0, must not gain from a merge when all pairs conflict) and 0 for fewer than 3 tasks (one pair has no
+    other pair to be compared with: raw eq. 8 decides)."""
     n = len(sim)
+    if n < 3:
+        return 0.0
     pairs = [sim[i][j] for i in range(n) for j in range(n) if i != j]
-    mean = sum(pairs) / len(pairs) if pairs else 0.0
-    return [[sim[i][j] - mean for j in range(n)] for i in range(n)]
+    return max(0.0, sum(pairs) / len(pairs))
+
+
+def centered(sim: list[list[float]]) -> list[list[float]]:
+    """S_ij minus center_offset(S) (the diagonal is never scored)."""
+    c = center_offset(sim)
+    return [[sim[i][j] - c for j in range(len(sim))] for i in range(len(sim))]
 
 
 def exact_partition(sim: list[list[float]], n_groups: int | None = None) -> tuple[list[list[int]], float]:
@@ -243,7 +255,8 @@ def choose_groups(cfg: GroupingConfig, names: list[str], affinity: Affinity | No
         scored = centered(sim) if cfg.center else sim
         index_groups, score, method = best_partition(scored, cfg.n_groups, cfg.exact_limit)
         groups = [[affinity.tasks[i] for i in g] for g in index_groups]
-        info |= {"similarity_kind": cfg.similarity, "centered": cfg.center, "score": score, "method": method,
+        info |= {"similarity_kind": cfg.similarity, "centered": cfg.center,
+                 "center_offset": center_offset(sim) if cfg.center else 0.0, "score": score, "method": method,
                  "tasks": affinity.tasks,
                  "similarity": affinity.dot, "cosine": affinity.cosine, "snapshots": affinity.snapshots,
                  "global_prompt_losses": affinity.losses}
