@@ -122,13 +122,16 @@ class PromptedTextEncoder(_FrozenTower):
     def tokenize(self, texts: list[str], n_prompt: int) -> torch.Tensor:
         """Token ids (B, L) of "X X ... X <text>" with `n_prompt` placeholders right after SOT."""
         prefix = " ".join([PLACEHOLDER] * n_prompt)
-        tokens = self.tokenizer([f"{prefix} {t}" if n_prompt else t for t in texts])
+        # one slot more than the context: a text that fills the context exactly leaves it empty, a longer one
+        # (which the tokenizer would truncate, writing EOT into the last slot either way) does not
+        tokens = self.tokenizer([f"{prefix} {t}" if n_prompt else t for t in texts],
+                                context_length=self.context_length + 1)
         if n_prompt and not bool((tokens[:, 1:1 + n_prompt] == self.placeholder_id).all()):
             raise PromptConfigError(f"placeholder '{PLACEHOLDER}' did not tokenize to {n_prompt} single tokens")
         if bool((tokens[:, -1] != 0).any()):
             raise PromptConfigError(f"text longer than the context length {self.context_length} with {n_prompt} "
                                     f"prompt tokens: {texts[int((tokens[:, -1] != 0).nonzero()[0])]!r}")
-        return tokens
+        return tokens[:, :-1].contiguous()
 
     def forward(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None, normalize: bool = True
                 ) -> torch.Tensor:

@@ -173,6 +173,12 @@ def test_prompt_shape_errors_are_clear(tiny_backbone):
     text_enc = PromptedTextEncoder(tiny_backbone)
     with pytest.raises(PromptConfigError, match="context length"):
         text_enc.tokenize(["word " * 40], n_prompt=4)
+    # SOT + 4 placeholders + n words + EOT: exactly the context fits, one word more does not
+    fits = text_enc.context_length - 6
+    tokens = text_enc.tokenize(["word " * fits], n_prompt=4)
+    assert tokens.shape == (1, text_enc.context_length) and int(tokens[0, -1]) != 0  # EOT in the last slot
+    with pytest.raises(PromptConfigError, match="context length"):
+        text_enc.tokenize(["word " * (fits + 1)], n_prompt=4)
 
 
 def test_truncation_after_eot_is_exact(tiny_backbone):
