@@ -95,6 +95,9 @@ def test_mope_router_can_use_image_summary():
     with pytest.raises(PromptConfigError, match="image_summary"):
         mope(torch.randn(2, 8))
     assert mope(torch.randn(2, 8), torch.randn(2, 32)).prompts.shape == (2, 3, 5, 32)
+    psi, summary = torch.randn(2, 8), torch.randn(2, 32)
+    # the summary enters the router at unit length, like psi: its scale does not change the routing
+    assert torch.allclose(mope.route(psi, summary), mope.route(psi, 100 * summary), atol=1e-6)
 
 
 def test_importance_loss_zero_without_gradient_when_balanced():

@@ -29,7 +29,7 @@ class MoPEConfig:
     temperature: float = 0.1  # tau
     noise_std: float = 1.0  # router noise, training only
     routing: str = "dense"  # "dense" or "top1"
-    router_uses_image: bool = False  # public MoPE code: router also sees pooled image embeddings
+    router_uses_image: bool = False  # public MoPE code: router also sees pooled image embeddings (unit-normalised)
     importance_threshold: float = 0.05  # gamma: no importance loss (nor gradient) below it
     importance_weight: float = 0.01
     depth: int | None = None  # prompted layers of the image tower (None = all)
@@ -100,7 +100,9 @@ class MoPE(nn.Module):
         if self.config.router_uses_image:
             if image_summary is None:
                 raise PromptConfigError("this MoPE routes on image embeddings too: pass image_summary")
-            router_in = torch.cat([psi, image_summary], dim=-1)
+            # unit length like psi: the mean patch embedding (after ln_pre) has norm ~sqrt(d_v), which would
+            # swamp psi and, divided by tau, start the router nearly one-hot
+            router_in = torch.cat([psi, F.normalize(image_summary, dim=-1)], dim=-1)
         logits = torch.einsum("bi,kei->bke", router_in, self.router) / self.config.temperature  # (B, K, k)
         if self.training and self.config.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.config.noise_std
