@@ -13,7 +13,7 @@ import torch
 
 from mmserve.backbone import TINY_MODEL
 from mmserve.prompts import MmAPConfig
-from training.classify import Towers
+from training.classify import Towers, class_tokens
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.grouping import (
     Affinity,
@@ -130,6 +130,15 @@ def test_when_every_pair_conflicts_no_pair_is_grouped():
 def _colour_task(name: str, images: torch.Tensor, labels: torch.Tensor) -> TaskData:
     part = PartTensors(images, labels, [None] * len(labels))
     return TaskData(name, ["red", "blue"], ["red", "blue"], part, part)
+
+
+def test_task_class_tokens_are_cached_per_template(tiny_backbone):
+    towers = Towers.of(tiny_backbone)
+    part = PartTensors(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]), [None, None])
+    task = TaskData("t", ["red", "blue"], ["red", "blue"], part, part)
+    photo, bare = task.class_tokens(towers, "a photo of a {}.", 2), task.class_tokens(towers, "{}", 2)
+    assert not torch.equal(photo, bare)  # a second template is not served the first one's cached tokens
+    assert torch.equal(bare, class_tokens(towers, ["red", "blue"], "{}", 2))
 
 
 def test_gradient_similarity_groups_copies_together_and_permuted_labels_apart(tiny_backbone):

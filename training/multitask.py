@@ -35,14 +35,14 @@ class TaskData:
     class_names: list[str]
     train: PartTensors
     test: PartTensors
-    tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # n_prompt -> (C, L) class tokens
-    frozen_text: torch.Tensor | None = None  # class features without text prompts (cached)
+    tokens: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (template, n_prompt) -> (C, L)
+    frozen_text: dict[str, torch.Tensor] = field(default_factory=dict)  # template -> unprompted class features
 
     def class_tokens(self, towers: Towers, template: str, n_prompt: int) -> torch.Tensor:
-        """Tokens of "X..X <template>" for every class, cached per prompt length."""
-        if n_prompt not in self.tokens:
-            self.tokens[n_prompt] = class_tokens(towers, self.class_names, template, n_prompt)
-        return self.tokens[n_prompt]
+        """Tokens of "X..X <template>" for every class, cached per template and prompt length."""
+        if (template, n_prompt) not in self.tokens:
+            self.tokens[template, n_prompt] = class_tokens(towers, self.class_names, template, n_prompt)
+        return self.tokens[template, n_prompt]
 
 
 class Batcher:
@@ -104,10 +104,10 @@ def multitask_step(towers: Towers, tasks: list[TaskData], prompts: list[TowerPro
     if text is None:
         txt_parts = []
         for t in tasks:
-            if t.frozen_text is None:
+            if template not in t.frozen_text:
                 with torch.no_grad():
-                    t.frozen_text = towers.text(t.class_tokens(towers, template, 0))
-            txt_parts.append(t.frozen_text)
+                    t.frozen_text[template] = towers.text(t.class_tokens(towers, template, 0))
+            txt_parts.append(t.frozen_text[template])
         txt = torch.cat(txt_parts)
     else:
         tokens = torch.cat([t.class_tokens(towers, template, text.shape[-2]) for t in tasks])
