@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ENV_DIR = "MMSERVE_ONNX_DIR"
 ENV_VARIANT = "MMSERVE_ONNX_VARIANT"
 ENV_THREADS = "MMSERVE_ONNX_THREADS"
+ENV_SPINNING = "MMSERVE_ONNX_SPINNING"
 VARIANT_CHOICES = ("auto", *VARIANTS)  # auto: opt when exported, else fp32 (int8 only when asked for)
 
 
@@ -111,7 +112,7 @@ class OnnxOptions:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OnnxOptions:
-        """MMSERVE_ONNX_DIR, MMSERVE_ONNX_VARIANT, MMSERVE_ONNX_THREADS."""
+        """MMSERVE_ONNX_DIR, MMSERVE_ONNX_VARIANT, MMSERVE_ONNX_THREADS, MMSERVE_ONNX_SPINNING."""
         env = dict(os.environ) if env is None else env
         variant = (env.get(ENV_VARIANT) or "auto").strip().lower()
         if variant not in VARIANT_CHOICES:
@@ -121,8 +122,12 @@ class OnnxOptions:
             n_threads = int(threads) if threads else None
         except ValueError:
             raise OnnxGraphError(f"{ENV_THREADS}={threads!r}: expected an integer") from None
+        spinning = (env.get(ENV_SPINNING) or "0").strip().lower()
+        if spinning not in ("0", "1", "false", "true"):
+            raise OnnxGraphError(f"{ENV_SPINNING}={spinning!r}: expected 0 or 1")
         return cls(onnx_dir=Path(env[ENV_DIR]) if env.get(ENV_DIR) else None, variant=variant,
-                   intra_op_threads=n_threads, device=env.get("MMSERVE_DEVICE") or None)
+                   intra_op_threads=n_threads, spinning=spinning in ("1", "true"),
+                   device=env.get("MMSERVE_DEVICE") or None)
 
 
 class OnnxImageRuntime:

@@ -27,9 +27,11 @@ def test_bench_cli_writes_every_section_and_ratio(tmp_path: Path, capsys) -> Non
     out = tmp_path / "bench.json"
     code = main(["bench", "--model", TINY_MODEL, "--pretrained", "none", "--batch-sizes", "1,2", "--rounds", "1",
                  "--iters", "1", "--warmup", "0", "--tasks", "3", "--agreement-images", "6", "--target-batch", "2",
-                 "--exporter", "legacy", "--no-http", "--out", str(out)])
+                 "--exporter", "legacy", "--no-http", "--onnx-spinning", "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
+    assert report["meta"]["config"]["onnx_spinning"] is True
+    assert {v: d["spinning"] for v, d in report["meta"]["onnx"].items()} == dict.fromkeys(("fp32", "opt", "int8"), True)
     assert set(SECTIONS) <= set(report) and set(RATIOS) <= set(report["ratios"])
     assert "random" in report["meta"]["backbone"]["note"] and "speed only" in report["meta"]["registry"]["note"]
     for batch in ("1", "2"):

@@ -263,6 +263,19 @@ def test_sidecar_validation(tmp_path: Path) -> None:
         GraphInfo.load(tmp_path / "x.json")
 
 
+def test_options_from_the_environment() -> None:
+    assert OnnxOptions.from_env({}) == OnnxOptions()  # auto variant, physical cores, no spinning
+    opts = OnnxOptions.from_env({"MMSERVE_ONNX_DIR": "/g", "MMSERVE_ONNX_VARIANT": "INT8", "MMSERVE_ONNX_THREADS": "3",
+                                 "MMSERVE_ONNX_SPINNING": "1", "MMSERVE_DEVICE": "cpu"})
+    assert (opts.onnx_dir, opts.variant, opts.intra_op_threads, opts.spinning, opts.device) == (
+        Path("/g"), "int8", 3, True, "cpu")
+    for env, name in (({"MMSERVE_ONNX_VARIANT": "fp16"}, "MMSERVE_ONNX_VARIANT"),
+                      ({"MMSERVE_ONNX_THREADS": "two"}, "MMSERVE_ONNX_THREADS"),
+                      ({"MMSERVE_ONNX_SPINNING": "yes"}, "MMSERVE_ONNX_SPINNING")):
+        with pytest.raises(OnnxGraphError, match=name):
+            OnnxOptions.from_env(env)
+
+
 def test_session_settings_and_provider_selection(onnx_dir: Path, tiny_backbone, monkeypatch) -> None:
     runtime = _runtime(tiny_backbone, onnx_dir, "opt")
     assert runtime.threads == physical_cores() >= 1
@@ -272,6 +285,9 @@ def test_session_settings_and_provider_selection(onnx_dir: Path, tiny_backbone, 
     assert so.intra_op_num_threads == physical_cores() and so.inter_op_num_threads == 1
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # the server shares its cores
+    spinning = _runtime(tiny_backbone, onnx_dir, "opt", spinning=True)._session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_providers() == ["CPUExecutionProvider"]  # a GPU but the CPU-only onnxruntime package

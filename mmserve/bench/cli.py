@@ -38,6 +38,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="real images <root>/<task>/.../*.png for the agreement check (default: synthetic)")
     p.add_argument("--target-batch", type=int, default=d.target_batch)
     p.add_argument("--no-http", action="store_true", help="skip the end-to-end HTTP section")
+    p.add_argument("--onnx-spinning", action="store_true",
+                   help="let onnxruntime's intra-op threads spin between ops, as torch's OpenMP threads do (the "
+                        "server's default is off: MMSERVE_ONNX_SPINNING)")
     p.add_argument("--http-runtime", default=d.http_runtime, choices=("torch", "onnx-fp32", "onnx-opt", "onnx-int8"))
     p.add_argument("--http-concurrency", type=_ints, default=d.http_concurrency)
     p.add_argument("--http-requests", type=int, default=d.http_requests, help="requests per load run")
@@ -53,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        variants=tuple(v for v in args.variants.split(",") if v), exporter=args.exporter,
                        threads=args.threads, agreement_images=args.agreement_images,
                        agreement_root=args.agreement_root, target_batch=args.target_batch,
+                       onnx_spinning=args.onnx_spinning,
                        http=not args.no_http, http_runtime=args.http_runtime,
                        http_concurrency=tuple(args.http_concurrency), http_requests=args.http_requests,
                        http_runs=args.http_runs, http_max_batch=args.http_max_batch, out=args.out, seed=args.seed)

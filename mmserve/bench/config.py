@@ -25,6 +25,7 @@ class BenchConfig:
     exporter: str = "dynamo"
     threads: int | None = None  # intra-op threads for torch and onnxruntime; None = calibrate (1 vs physical cores)
     agreement_images: int = 256
+    onnx_spinning: bool = False  # onnxruntime intra-op threads spin between ops (the server's default: off)
     agreement_root: Path | None = None  # real images <root>/<task>/.../*.png; default: synthetic pictures
     target_batch: int = 8  # the batch size the onnx/torch and engine/floor targets are judged at
     http: bool = True

@@ -119,6 +119,7 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
         "MMSERVE_BACKBONE_SEED": str(backbone.spec.seed), "MMSERVE_RUNTIME": runtime,
         "MMSERVE_MAX_BATCH_SIZE": str(config.http_max_batch), "MMSERVE_MAX_LATENCY_MS": "120000",
         "OMP_NUM_THREADS": str(torch_threads), "MMSERVE_ONNX_THREADS": str(onnx_threads),
+        "MMSERVE_ONNX_SPINNING": "1" if config.onnx_spinning else "0",
     })
     if runtime == "onnx":
         env.update({"MMSERVE_ONNX_DIR": str(onnx_dir), "MMSERVE_ONNX_VARIANT": variant or "auto"})

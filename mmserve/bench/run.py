@@ -96,13 +96,15 @@ def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Cal
             log(f"exported in {time.perf_counter() - started:.0f} s")
         probe = config.variants[-1]
         runtimes = {t: OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=probe, intra_op_threads=t,
-                                                              export_missing=False)) for t in candidates}
+                                                              spinning=config.onnx_spinning, export_missing=False))
+                    for t in candidates}
         onnx_threads = _calibrate(calibration, f"onnx-{probe}", {
             t: Case(f"onnx@{t}", lambda rt=rt: rt.encode(x, None), len(x)) for t, rt in runtimes.items()}, config)
         log(f"onnxruntime threads: {onnx_threads} ({calibration[f'onnx-{probe}']})")
         for variant in config.variants:
             rt = OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=variant,
-                                                        intra_op_threads=onnx_threads, export_missing=False))
+                                                        intra_op_threads=onnx_threads, spinning=config.onnx_spinning,
+                                                        export_missing=False))
             onnx_runtimes[variant] = rt
             e = copy.copy(engine)  # shares the immutable snapshot; only the image-tower runtime differs
             e.runtime = rt
