@@ -25,7 +25,8 @@ class Method:
 
 CLASSIFY_METHODS = (
     Method("zero-shot", "classify", "zero-shot",
-           '"a photo of a {class}." with the frozen backbone; nothing trained (the reference)'),
+           "each class name in the class-prompt template (Settings above) against the image, frozen backbone; "
+           "nothing trained (the reference)"),
     Method("text-only", "classify", "text-only prompts (CoOp-style)",
            "deep text prompts only (b = 4 tokens per layer, every text layer), one per task, no sharing"),
     Method("visual-only", "classify", "visual-only prompts (VPT-style)",
@@ -44,7 +45,7 @@ CLASSIFY_METHODS = (
 )
 FUSION_METHODS = (
     Method("fusion-zero-shot", "fusion", "zero-shot (image vs class names)",
-           "the image alone against \"a photo of a {class}.\"; nothing trained"),
+           "the image alone against the class names in the class-prompt template (Settings above); nothing trained"),
     Method("image-only", "fusion", "image-only (linear head on the image feature)",
            "a linear softmax head on the frozen CLIP image feature: MoPE's head without psi and without prompts"),
     Method("text-only-clip", "fusion", "text-only (linear head on psi, CLIP text)",
