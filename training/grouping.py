@@ -68,9 +68,9 @@ def center_offset(sim: list[list[float]]) -> float:
     return max(0.0, sum(pairs) / len(pairs))
 
 
-def centered(sim: list[list[float]]) -> list[list[float]]:
-    """S_ij minus center_offset(S) (the diagonal is never scored)."""
-    c = center_offset(sim)
+def centered(sim: list[list[float]], offset: float | None = None) -> list[list[float]]:
+    """S_ij minus `offset` (default center_offset(S)); the diagonal is never scored."""
+    c = center_offset(sim) if offset is None else offset
     return [[sim[i][j] - c for j in range(len(sim))] for i in range(len(sim))]
 
 
@@ -252,11 +252,12 @@ def choose_groups(cfg: GroupingConfig, names: list[str], affinity: Affinity | No
         if affinity is None:
             raise ValueError("grouping 'auto' needs the task affinity")
         sim = affinity.dot if cfg.similarity == "dot" else affinity.cosine
-        scored = centered(sim) if cfg.center else sim
+        offset = center_offset(sim) if cfg.center else 0.0
+        scored = centered(sim, offset) if cfg.center else sim
         index_groups, score, method = best_partition(scored, cfg.n_groups, cfg.exact_limit)
         groups = [[affinity.tasks[i] for i in g] for g in index_groups]
         info |= {"similarity_kind": cfg.similarity, "centered": cfg.center,
-                 "center_offset": center_offset(sim) if cfg.center else 0.0, "score": score, "method": method,
+                 "center_offset": offset, "score": score, "method": method,
                  "tasks": affinity.tasks,
                  "similarity": affinity.dot, "cosine": affinity.cosine, "snapshots": affinity.snapshots,
                  "global_prompt_losses": affinity.losses}

@@ -106,7 +106,7 @@ def earlier_stage(path: Path) -> tuple[dict, bytes]:
                  "backbone": {k: report["backbone"].get(k) for k in ("fingerprint", "sha256", "epoch", "source")},
                  "pretrain": report["pretrain"], "zero_shot_mean": report["zero_shot"]["mean"],
                  "commands": report["commands"]}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+    except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:  # ValueError: JSONDecodeError too
         raise ValueError(f"{path}: not a ship report ({exc.__class__.__name__}: {exc})") from exc
     return stage, raw
 

@@ -94,17 +94,17 @@ def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Cal
                        options=ExportOptions(optimize="opt" in config.variants or "int8" in config.variants,
                                              int8="int8" in config.variants, exporter=config.exporter))
             log(f"exported in {time.perf_counter() - started:.0f} s")
+        def onnx_runtime(variant: str, threads: int) -> OnnxImageRuntime:
+            return OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=variant, intra_op_threads=threads,
+                                                          spinning=config.onnx_spinning, export_missing=False))
+
         probe = config.variants[-1]
-        runtimes = {t: OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=probe, intra_op_threads=t,
-                                                              spinning=config.onnx_spinning, export_missing=False))
-                    for t in candidates}
+        runtimes = {t: onnx_runtime(probe, t) for t in candidates}
         onnx_threads = _calibrate(calibration, f"onnx-{probe}", {
             t: Case(f"onnx@{t}", lambda rt=rt: rt.encode(x, None), len(x)) for t, rt in runtimes.items()}, config)
         log(f"onnxruntime threads: {onnx_threads} ({calibration[f'onnx-{probe}']})")
         for variant in config.variants:
-            rt = OnnxImageRuntime(backbone, OnnxOptions(onnx_dir=onnx_dir, variant=variant,
-                                                        intra_op_threads=onnx_threads, spinning=config.onnx_spinning,
-                                                        export_missing=False))
+            rt = onnx_runtime(variant, onnx_threads)
             onnx_runtimes[variant] = rt
             e = copy.copy(engine)  # shares the immutable snapshot; only the image-tower runtime differs
             e.runtime = rt
