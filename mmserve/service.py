@@ -49,6 +49,8 @@ logger = logging.getLogger("mmserve")
 CONFIG = ServeConfig.from_env()
 NO_TASK = "-"  # metrics label for requests whose task is missing or unknown (keeps label values bounded)
 ENGINE_RESOURCES: dict[str, Any] = {"gpu": 1} if CONFIG.device.startswith("cuda") else {"cpu": "2"}
+ENGINE_POOL_MAX_REQUESTS = 1_000_000_000  # effectively never by count (see MmServeEngine)
+ENGINE_POOL_MAX_AGE_S = 3600.0
 ENGINE_ATTEMPTS = 3  # calls to the internal engine service: first try + retries on a dropped connection
 
 
@@ -85,7 +87,13 @@ class EngineMetrics:
         self.batch_tasks.labels(endpoint=endpoint).observe(len(set(tasks)))
 
 
-@bentoml.service(name="mmserve-engine", workers=1, threads=1, resources=ENGINE_RESOURCES, traffic={"timeout": 120})
+# no access log here: every engine call is one front request, which the front's access log already records.
+# runner_connection: BentoML's client to this service replaces its whole connection pool every `max_requests`
+# calls (default 100) and closes the old pool with calls still in flight on it, which fail with "server
+# disconnected" (about 1 request in 5 at concurrency 32); the calls stay on one pool, renewed by age only
+@bentoml.service(name="mmserve-engine", workers=1, threads=1, resources=ENGINE_RESOURCES, traffic={"timeout": 120},
+                 logging={"access": {"enabled": False}},
+                 runner_connection={"max_requests": ENGINE_POOL_MAX_REQUESTS, "max_age": ENGINE_POOL_MAX_AGE_S})
 class MmServeEngine:
     """Internal service: the backbone, the registry snapshot and the batchable inference APIs."""
 

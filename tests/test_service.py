@@ -335,6 +335,18 @@ def test_mixed_task_burst_equals_single_answers_and_shares_batches(server: Serve
     assert delta("bentoml_service_adaptive_batch_size_count", method_name="classify_batch") == batches
 
 
+def test_sustained_concurrent_load_never_drops_an_engine_connection(server: Server) -> None:
+    """BentoML's client to the engine renews its connection pool every `runner_connection.max_requests` calls
+    (default 100), closing the old pool under calls still in flight; the engine's config keeps one pool."""
+    offset = server.log.stat().st_size
+    data = image_bytes("colors", "red", seed=5)
+    responses = asyncio.run(_burst(server.url, [("colors", data)] * 240))
+    assert [r.status_code for r in responses] == [200] * 240
+    with server.log.open("rb") as f:
+        f.seek(offset)
+        assert b"engine connection dropped" not in f.read()
+
+
 def test_metrics_count_requests_and_latency_per_task(client: httpx.Client) -> None:
     before = metric_samples(client)
     for seed in range(3):
