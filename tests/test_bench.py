@@ -12,6 +12,7 @@ import pytest
 
 from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, BackboneSpec, load_backbone
 from mmserve.bench import BenchConfig, Case, format_report, measure, run_bench, token_cost
+from mmserve.bench.report import cpu_budget
 from mmserve.cli import main
 from mmserve.loadgen import RequestSpec, run_load
 
@@ -39,6 +40,7 @@ def test_bench_cli_writes_every_section_and_ratio(tmp_path: Path, capsys) -> Non
         for rt in ("torch", "onnx-fp32", "onnx-opt", "onnx-int8"):
             assert _positive(report["engine"][batch][f"single/{rt}"]["images_per_s"])
             assert _positive(report["mixed"][batch][f"mixed/{rt}"]["images_per_s"])
+            assert _positive(report["engine"][batch][f"single/{rt}"]["cpu_ms_per_image"])
             assert _positive(report["ratios"]["mixed_over_single"][batch][rt])
         assert _positive(report["ratios"]["engine_over_floor"][batch]["torch"])
         for rt in ("onnx-fp32", "onnx-opt", "onnx-int8"):
@@ -72,11 +74,32 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
             assert case["engine_batch_mean"] is not None and 1 <= case["engine_batch_mean"] <= 2  # from /metrics
             assert 1 <= case["engine_tasks_per_batch_mean"] <= case["engine_batch_mean"]
             assert case["client_cpu_ms_per_request"] > 0
+            server = case["server_cpu_ms_per_request"]  # the front and the engine workers were found and used CPU
+            assert server["front"] > 0 and server["engine"] > 0 and server["supervisor"] >= 0
         assert _positive(report["ratios"]["http_over_engine"][traffic])
         assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
+        budget = report["cpu_budget"][traffic]
+        assert budget["model_ms"] > 0 and budget["total_ms"] == pytest.approx(
+            budget["client_ms"] + budget["front_ms"] + budget["engine_ms"] + budget["supervisor_ms"])
     after = http["after_load"]
     assert after["concurrency"] == 1 and after["ok"] == after["sent"] == 4 and after["p99_ms"] >= after["p50_ms"] > 0
     assert "HTTP on loopback" in format_report(report) and "right after the load" in format_report(report)
+    assert "CPU ms per request (single" in format_report(report)
+
+
+def test_cpu_budget_splits_a_request_into_model_and_overhead() -> None:
+    config = BenchConfig(http_runtime="torch", http_concurrency=(1, 32), http_max_batch=32)
+    http = {"traffic": {"single": {"32": {"client_cpu_ms_per_request": 1.5, "server_cpu_ms_per_request":
+                                          {"front": 3.5, "engine": 12.0, "supervisor": 0.0}}},
+                        "mixed": {"32": {"client_cpu_ms_per_request": 1.5}}}}  # no server figures: left out
+    timings = {"32": {"single/torch": {"cpu_ms_per_image": 10.0}, "mixed/torch": {"cpu_ms_per_image": 10.0}}}
+    budget = cpu_budget(timings, http, config)
+    single = budget["single"]
+    assert single["total_ms"] == pytest.approx(17.0) and single["engine_web_ms"] == pytest.approx(2.0)
+    assert single["overhead_ms"] == pytest.approx(7.0)
+    assert single["predicted_http_over_engine"] == pytest.approx(10.0 / 17.0)
+    assert "mixed" not in budget and budget["concurrency"] == 32 and budget["engine_batch"] == 32
+    assert cpu_budget(timings, {"skipped": "disabled"}, config) == {}
 
 
 def test_measure_interleaves_rounds_and_takes_the_median() -> None:

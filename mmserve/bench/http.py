@@ -39,6 +39,14 @@ def _png(image: Image.Image) -> bytes:
 @contextmanager
 def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) -> Iterator[str]:
     """`bentoml serve mmserve.service:MmServe` on 127.0.0.1 and a free port; yields its URL; stops it after."""
+    with bentoml_server_process(env, log_path, ready_timeout) as (url, _):
+        yield url
+
+
+@contextmanager
+def bentoml_server_process(env: dict[str, str], log_path: Path, ready_timeout: float
+                           ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As `bentoml_server`, yielding (URL, the `bentoml serve` process) so callers can watch its workers."""
     import httpx
 
     bentoml_bin = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
@@ -64,7 +72,7 @@ def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) ->
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {ready_timeout:.0f} s: {log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
         try:
@@ -72,6 +80,41 @@ def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) ->
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def server_roles(pid: int) -> dict[int, str]:
+    """The `bentoml serve` process tree by role: 'front' (the MmServe worker), 'engine' (MmServeEngine) or
+    'supervisor' (BentoML's arbiter and anything else it started)."""
+    import psutil
+
+    roles: dict[int, str] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return roles
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        name = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else None
+        roles[p.pid] = {"mmserve-engine": "engine", "mmserve": "front"}.get(name or "", "supervisor")
+    return roles
+
+
+def server_cpu_s(roles: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role of the server's process tree."""
+    import psutil
+
+    out = {role: 0.0 for role in roles.values()}
+    for pid, role in roles.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[role] += t.user + t.system
+    return out
 
 
 def _engine_batches(url: str) -> dict[str, float]:
@@ -134,10 +177,11 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
                                "runs": config.http_runs, "max_batch_size": config.http_max_batch,
                                "traffic": {"single": {}, "mixed": {}}}
     try:
-        with bentoml_server(env, work / "server.log", config.http_ready_timeout) as url:
+        with bentoml_server_process(env, work / "server.log", config.http_ready_timeout) as (url, proc):
             warm = run_load(url, maker(True), max(8, config.http_max_batch), min(8, config.http_max_batch))
             if warm.ok == 0:
                 return {"skipped": f"server answered no request during warm-up: {warm.errors}"}
+            roles = server_roles(proc.pid)  # after the warm-up: every worker is up
             results["served_runtime"] = _served_runtime(url)
             runs: dict[tuple[str, int], list] = {}
             batches: dict[tuple[str, int], dict[str, float]] = {}
@@ -147,13 +191,15 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
                 for conc in config.http_concurrency:
                     for traffic in ("single", "mixed"):
                         before = _engine_batches(url)
-                        cpu = time.process_time()
+                        cpu, server_before = time.process_time(), server_cpu_s(roles)
                         res = run_load(url, maker(traffic == "mixed"), config.http_requests, conc)
-                        cpu = time.process_time() - cpu
+                        cpu, server_after = time.process_time() - cpu, server_cpu_s(roles)
                         after = _engine_batches(url)
                         runs.setdefault((traffic, conc), []).append(res)
                         acc = batches.setdefault((traffic, conc), {})
                         acc["client_cpu_s"] = acc.get("client_cpu_s", 0.0) + cpu
+                        for role, used in server_after.items():
+                            acc[f"{role}_cpu_s"] = acc.get(f"{role}_cpu_s", 0.0) + used - server_before.get(role, 0.0)
                         for k in after:
                             acc[k] = acc.get(k, 0.0) + after[k] - before.get(k, 0.0)
             # BentoML's adaptive dispatcher holds a lone request while `n * (wait_n + tick + o_a)` is below 0.95x
@@ -182,12 +228,17 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
             "failures": {k: sum(r.failures.get(k, 0) for r in rs) for k in {k for r in rs for k in r.failures}}}
         acc = batches.get((traffic, conc), {})
         n = acc.get("mmserve_engine_batch_size_count")
+        sent = max(1, sum(r.requests for r in rs))
         results["traffic"][traffic][str(conc)].update({  # from the server's /metrics: did requests coalesce?
             "engine_batch_mean": acc["mmserve_engine_batch_size_sum"] / n if n else None,
             "engine_tasks_per_batch_mean": acc.get("mmserve_engine_batch_tasks_sum", 0.0) / n if n else None,
             # the load generator shares the cores with the server: its CPU per request is overhead the engine
             # figure never pays
-            "client_cpu_ms_per_request": 1e3 * acc.get("client_cpu_s", 0.0) / max(1, sum(r.requests for r in rs))})
+            "client_cpu_ms_per_request": 1e3 * acc.get("client_cpu_s", 0.0) / sent,
+            # where the server's CPU goes per request: the front (upload parsing, decoding, the internal call)
+            # and the engine (its HTTP handling plus the forward pass); see report.cpu_budget
+            "server_cpu_ms_per_request": {role: 1e3 * acc.get(f"{role}_cpu_s", 0.0) / sent
+                                          for role in ("front", "engine", "supervisor")}})
     if server_log is not None:
         results["server_log"] = str(server_log)
     return results

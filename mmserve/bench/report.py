@@ -39,6 +39,31 @@ def compute_ratios(throughput: dict[str, dict[str, float]], http: dict[str, Any]
     return ratios
 
 
+def cpu_budget(timings: dict[str, dict[str, Any]], http: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
+    """Where the CPU of one HTTP request goes at the top concurrency, beside the in-process engine's CPU per image.
+
+    When the cores are saturated, throughput is CPU available / CPU per request, so HTTP/engine is about
+    model / (client + front + engine + supervisor): the share of a request's CPU that is the forward pass.
+    """
+    if "traffic" not in http:
+        return {}
+    b, top = str(config.http_max_batch), str(max(config.http_concurrency))
+    out: dict[str, Any] = {"concurrency": int(top), "engine_batch": int(b)}
+    for traffic, cases in http["traffic"].items():
+        case = cases.get(top, {})
+        server = case.get("server_cpu_ms_per_request")
+        model = timings.get(b, {}).get(f"{traffic}/{config.http_runtime}", {}).get("cpu_ms_per_image")
+        if not server or model is None:
+            continue
+        client = case.get("client_cpu_ms_per_request", 0.0)
+        total = client + sum(server.values())
+        out[traffic] = {"client_ms": client, **{f"{role}_ms": v for role, v in server.items()},
+                        "total_ms": total, "model_ms": model,
+                        "engine_web_ms": server.get("engine", 0.0) - model,
+                        "overhead_ms": total - model, "predicted_http_over_engine": _ratio(model, total)}
+    return out
+
+
 def judge_targets(ratios: dict[str, Any], agreement: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
     """Each target of the issue with its measured value and whether it is met (None: not measured)."""
     b = str(config.target_batch)
@@ -147,6 +172,16 @@ def format_report(report: dict[str, Any]) -> str:
                                                  for k in ("single", "mixed")) +
                      f" (concurrency {r['http_over_engine'].get('concurrency')} vs engine batch "
                      f"{r['http_over_engine'].get('engine_batch')}, same runtime)")
+        budget = report.get("cpu_budget") or {}
+        for traffic in ("single", "mixed"):
+            c = budget.get(traffic)
+            if c:
+                lines.append(f"CPU ms per request ({traffic}, concurrency {budget['concurrency']}): client "
+                             f"{c['client_ms']:.1f} + front {c['front_ms']:.1f} + engine {c['engine_ms']:.1f} "
+                             f"+ supervisor {c['supervisor_ms']:.1f} = {c['total_ms']:.1f}; the in-process engine "
+                             f"spends {c['model_ms']:.1f} per image at batch {budget['engine_batch']}, so "
+                             f"{c['overhead_ms']:.1f} is web stack and load generator and CPU shares predict "
+                             f"http/engine {_fmt(c['predicted_http_over_engine'])}")
     else:
         lines.append(f"HTTP: skipped ({http.get('skipped')})")
     t = report["tokens"]

@@ -21,7 +21,7 @@ from mmserve.backbone import Backbone
 from mmserve.bench.config import BenchConfig
 from mmserve.bench.http import http_section
 from mmserve.bench.inputs import agreement_inputs, make_random_registry, mixed_tasks, synthetic_images
-from mmserve.bench.report import compute_ratios, judge_targets
+from mmserve.bench.report import compute_ratios, cpu_budget, judge_targets
 from mmserve.bench.timing import Case, measure, token_cost
 from mmserve.config import ServeConfig
 from mmserve.images import decode_image
@@ -248,6 +248,7 @@ def run_bench(config: BenchConfig, backbone: Backbone, backbone_note: str,
             "agreement": agreement,
             "http": http,
             "ratios": ratios,
+            "cpu_budget": cpu_budget(timings, http, config),
             "tokens": tokens,
         }
         report["targets"] = judge_targets(ratios, agreement, config)

@@ -32,6 +32,7 @@ class Timing:
     min_s: float
     max_s: float
     rounds: int
+    cpu_s: float | None = None  # process CPU seconds per call (all threads), median over rounds
 
     @property
     def images_per_s(self) -> float:
@@ -40,13 +41,17 @@ class Timing:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"batch": self.batch, "images_per_s": self.images_per_s, "median_ms": self.median_s * 1e3,
-                "min_ms": self.min_s * 1e3, "max_ms": self.max_s * 1e3, "rounds": self.rounds}
+        out = {"batch": self.batch, "images_per_s": self.images_per_s, "median_ms": self.median_s * 1e3,
+               "min_ms": self.min_s * 1e3, "max_ms": self.max_s * 1e3, "rounds": self.rounds}
+        if self.cpu_s is not None:
+            out["cpu_ms_per_image"] = self.cpu_s * 1e3 / self.batch
+        return out
 
 
 def measure(cases: list[Case], rounds: int, iters: int, warmup: int) -> dict[str, Timing]:
     """Interleaved rounds: each round times every case `iters` times (rotating the order); median over rounds."""
     samples: dict[str, list[float]] = {c.name: [] for c in cases}
+    cpu: dict[str, list[float]] = {c.name: [] for c in cases}
     for case in cases:
         if case.before:
             case.before()
@@ -59,14 +64,15 @@ def measure(cases: list[Case], rounds: int, iters: int, warmup: int) -> dict[str
         for case in order:
             if case.before:
                 case.before()
-            started = time.perf_counter()
+            cpu_started, started = time.process_time(), time.perf_counter()
             for _ in range(iters):
                 case.fn()
             samples[case.name].append((time.perf_counter() - started) / iters)
+            cpu[case.name].append((time.process_time() - cpu_started) / iters)
             if case.after:
                 case.after()
     return {c.name: Timing(c.name, c.batch, statistics.median(samples[c.name]), min(samples[c.name]),
-                           max(samples[c.name]), rounds) for c in cases}
+                           max(samples[c.name]), rounds, statistics.median(cpu[c.name])) for c in cases}
 
 
 def token_cost(backbone: Backbone, prompt_tokens: int) -> dict[str, float]:
