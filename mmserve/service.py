@@ -232,8 +232,9 @@ class MmServe:
         client = getattr(self.engine, "to_async", None)  # served: a remote proxy; in-process: a local instance
         if client is None:
             return await asyncio.to_thread(getattr(self.engine, name), *args, **kwargs)
-        # BentoML's internal client can reuse a pooled connection the engine's server already closed
-        # (bentoml/BentoML#4971); every engine API is idempotent, so retrying on a fresh connection is safe
+        # BentoML's internal client can fail a call with "server disconnected": a pooled connection the engine's
+        # server already closed (bentoml/BentoML#4971), or the pool renewed (by age, see MmServeEngine) under calls
+        # in flight; every engine API is idempotent, so retrying on a fresh connection is safe
         for attempt in range(ENGINE_ATTEMPTS):
             try:
                 return await getattr(client, name)(*args, **kwargs)
