@@ -40,6 +40,17 @@ def test_emoji_split_tests_on_the_heldout_identities(toy_cache: Path):
     assert {Path(it.image).stem for it in fusion.test} == {h for p in held.values() for h in p["test"]}
 
 
+def test_a_cell_shows_its_spread_whenever_it_has_several_seeds():
+    from training.results.markdown import _pct
+
+    tie = {"scores": {"noto": {"mean": 0.1724, "std": 0.0, "values": [0.1724, 0.1724, 0.1724]}}}
+    assert _pct(tie, "noto") == "17.2 ± 0.0"  # three seeds scoring alike, not one value
+    assert _pct({"mean": {"mean": 0.1724, "std": 0.0}, "seeds_done": [0, 1]}, "mean") == "17.2 ± 0.0"
+    assert _pct({"mean": {"mean": 0.206, "std": 0.0}, "seeds_done": []}, "mean") == "20.6"  # zero-shot: no seed
+    assert _pct({"scores": {"noto": {"mean": 0.206, "std": 0.0, "values": [0.206]}}}, "noto") == "20.6"
+    assert _pct({"scores": {}}, "noto") == "—"
+
+
 def test_grouping_verdict_names_colour_vs_monochrome():
     styles = ["noto", "twemoji", "fluent_flat", "openmoji_line", "fluent_mono"]
     assert grouping_verdict([["noto", "twemoji", "fluent_flat"], ["fluent_mono", "openmoji_line"]],

@@ -36,7 +36,9 @@ def _pct(cell: dict, key: str) -> str:
     v = cell.get("mean") if key == "mean" else cell.get("scores", {}).get(key)
     if v is None:
         return "—"
-    return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" if v["std"] else f"{100 * v['mean']:.1f}"
+    # a spread whenever there is more than one seed, even 0.0 (seeds that happen to score alike)
+    several = len(v["values"] if "values" in v else cell.get("seeds_done", [])) > 1
+    return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" if several else f"{100 * v['mean']:.1f}"
 
 
 def _seeds(cell: dict) -> str:
