@@ -66,6 +66,7 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
     http = report["http"]
     assert "traffic" in http, http
     assert http["served_runtime"] == "onnx"
+    server_cpu: dict[str, float] = {}
     for traffic in ("single", "mixed"):
         for conc in ("1", "2"):
             case = http["traffic"][traffic][conc]
@@ -74,13 +75,16 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
             assert case["engine_batch_mean"] is not None and 1 <= case["engine_batch_mean"] <= 2  # from /metrics
             assert 1 <= case["engine_tasks_per_batch_mean"] <= case["engine_batch_mean"]
             assert case["client_cpu_ms_per_request"] > 0
-            server = case["server_cpu_ms_per_request"]  # the front and the engine workers were found and used CPU
-            assert server["front"] > 0 and server["engine"] > 0 and server["supervisor"] >= 0
+            for role, ms in case["server_cpu_ms_per_request"].items():
+                server_cpu[role] = server_cpu.get(role, 0.0) + ms
         assert _positive(report["ratios"]["http_over_engine"][traffic])
         assert _positive(report["ratios"]["http_p99_over_p50"][traffic])
         budget = report["cpu_budget"][traffic]
         assert budget["model_ms"] > 0 and budget["total_ms"] == pytest.approx(
             budget["client_ms"] + budget["front_ms"] + budget["engine_ms"] + budget["supervisor_ms"])
+    # the front and the engine workers were found and used CPU (summed over the cases: Linux counts process CPU in
+    # 10 ms ticks, more than 4 tiny requests may use)
+    assert server_cpu["front"] > 0 and server_cpu["engine"] > 0 and server_cpu["supervisor"] >= 0
     after = http["after_load"]
     assert after["concurrency"] == 1 and after["ok"] == after["sent"] == 4 and after["p99_ms"] >= after["p50_ms"] > 0
     assert "HTTP on loopback" in format_report(report) and "right after the load" in format_report(report)
