@@ -253,7 +253,7 @@ def choose_groups(cfg: GroupingConfig, names: list[str], affinity: Affinity | No
             raise ValueError("grouping 'auto' needs the task affinity")
         sim = affinity.dot if cfg.similarity == "dot" else affinity.cosine
         offset = center_offset(sim) if cfg.center else 0.0
-        scored = centered(sim, offset) if cfg.center else sim
+        scored = centered(sim, offset)  # offset 0: the raw similarities
         index_groups, score, method = best_partition(scored, cfg.n_groups, cfg.exact_limit)
         groups = [[affinity.tasks[i] for i in g] for g in index_groups]
         info |= {"similarity_kind": cfg.similarity, "centered": cfg.center,
