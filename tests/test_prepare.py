@@ -62,7 +62,7 @@ def make_npm_tree(root: Path) -> Path:
 
 def make_openclipart(root: Path) -> Path:
     """Two openclipart drawings (PNG on a big transparent page + SVG metadata), one with a boilerplate title."""
-    for rel, title, kws in (("animals/cat_someone_01", "Cute cat", ["cat", "hash", "animal"]),
+    for rel, title, kws in (("animals/mammals/housecats/cat_someone_01", "Cute cat", ["cat", "hash", "animal"]),
                             ("computer/icons/flat-theme/edit_copy", "Part of the Flat Icon Collection (Wed)",
                              ["icons", "action"])):
         png = root / "png" / f"{rel}.png"
@@ -93,6 +93,20 @@ def make_tuxpaint(root: Path) -> Path:
                                '<circle cx="20" cy="20" r="15" fill="#852"/></svg>')
     (d / "owl.txt").write_text("An owl.\n")
     return root
+
+
+def test_folder_subgroup_takes_the_longest_mapped_folder() -> None:
+    from training.prepare.folder_classes import folder_subgroup
+
+    assert folder_subgroup("openclipart", "animals/mammals") == "animal-mammal"
+    assert folder_subgroup("openclipart", "animals/mammals/big_cats") == "animal-mammal"
+    assert folder_subgroup("openclipart", "animals") is None  # a mixed folder carries no class
+    assert folder_subgroup("tuxpaint", "vehicles/auto") == "transport-ground"
+    assert folder_subgroup("tuxpaint", "vehicles/flight") == "transport-air"
+    assert folder_subgroup("tuxpaint", "vehicles/ship") is None  # taken back out of vehicles
+    assert folder_subgroup("tuxpaint", "symbols/alphabets/english") == "alphanum"
+    assert folder_subgroup("tuxpaint", "symbols/alphabets/asl") is None
+    assert folder_subgroup("emoji_openmoji", "animals/mammals") is None
 
 
 def test_normalise_hexcode_and_class_name() -> None:
@@ -161,7 +175,8 @@ def test_openclipart_metadata_and_boilerplate(tmp_path: Path) -> None:
     drawings, stats = clipart.scan_openclipart(root)
     by_name = {d.png.stem: d for d in drawings}
     cat = by_name["cat_someone_01"]
-    assert cat.title == "Cute cat" and cat.keywords == ["cat", "animal"] and cat.folder_words == ["animals"]
+    assert cat.title == "Cute cat" and cat.keywords == ["cat", "animal"]
+    assert cat.folder_words == ["animals", "mammals", "housecats"]
     icon = by_name["edit_copy"]
     assert icon.title_from_filename and icon.title == "edit copy" and icon.folder_words == ["computer"]
     assert stats["boilerplate_title"] == 1
@@ -227,6 +242,13 @@ def test_prepare_end_to_end_on_fixtures(tmp_path: Path) -> None:
     assert len(with_words) - len(plain) == 2 * len({line.split("\t")[0] for line in plain if "/emoji/" in line})
     sets = summary["pretrain"]["caption_sets"]
     assert sets["train.csv"]["pairs"] == len(plain) - 1 and sets["train_classwords.csv"]["pairs"] == len(with_words) - 1
+    # folder class words: the cat sits in animals/mammals (a task class); the crow's animal-bird is not one here
+    with_folders = (cache / "pretrain/train_classwords_folders.csv").read_text().splitlines()
+    cat = next(line.split("\t")[0] for line in plain if "Cute cat" in line)
+    assert set(with_folders) - set(with_words) == {f"{cat}\tanimal mammal", f"{cat}\tan animal mammal"}
+    assert set(with_words) <= set(with_folders)
+    assert sets["train_classwords_folders.csv"]["pairs"] == len(with_folders) - 1
+    assert summary["pretrain"]["folder_class_words"] == {"pictures": 1, "by_subgroup": {"animal-mammal": 1}}
     by_source = summary["pretrain"]["images_by_source"]
     assert by_source["openclipart"] == 2 and by_source["tuxpaint"] == 2 and by_source["emoji_openmoji"] == 9
     assert (cache / "sheets/noto.png").is_file() and (cache / "prepare_summary.json").is_file()

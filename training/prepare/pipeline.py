@@ -15,6 +15,7 @@ from .clipart import scan_openclipart
 from .contact_sheet import contact_sheet
 from .emoji import PRETRAIN_STYLES, STYLE_PACKAGES, TASK_STYLES, class_name, load_emojibase, load_styles
 from .emoji import select_task_emoji as _select
+from .folder_classes import folder_subgroup
 from .pretrain_pairs import Pair, split_pairs, write_caption_csv
 from .render import RenderJob, run_jobs
 from .tasks import write_fusion, write_json, write_tasks
@@ -105,7 +106,8 @@ def openclipart_pairs(cfg: PrepareConfig) -> tuple[list[Pair], dict]:
         jobs.append(RenderJob("raster", str(d.png), outs[d.png], cfg.size, 0.04, str(svg) if svg.is_file() else None))
     errors = run_jobs(jobs, cfg.workers, label="openclipart")
     _report_failures("openclipart", {Path(str(p).replace(str(out_dir), str(png_root))): e for p, e in errors.items()})
-    pairs = [Pair(outs[d.png], drawing_captions(d.title, d.keywords, d.folder_words), "openclipart")
+    pairs = [Pair(outs[d.png], drawing_captions(d.title, d.keywords, d.folder_words), "openclipart",
+                  {"folder": d.png.parent.relative_to(png_root).as_posix()})
              for d in drawings if outs[d.png].exists()]
     return pairs, {**stats, "drawings": len(drawings), "failed": len(errors), "images": len(pairs)}
 
@@ -127,7 +129,8 @@ def tuxpaint_pairs(cfg: PrepareConfig) -> tuple[list[Pair], dict]:
     errors = run_jobs(jobs, cfg.workers, label="tuxpaint")
     inverse = {v: k for k, v in outs.items()}
     _report_failures("tuxpaint", {inverse.get(p, p): e for p, e in errors.items()})
-    pairs = [Pair(outs[s.path], drawing_captions(s.description, [], s.folder_words, kind="picture"), "tuxpaint")
+    pairs = [Pair(outs[s.path], drawing_captions(s.description, [], s.folder_words, kind="picture"), "tuxpaint",
+                  {"folder": s.path.parent.relative_to(cfg.tuxpaint_dir).as_posix()})
              for s in stamps if outs[s.path].exists()]
     n_svg = sum(s.is_svg for s in stamps)
     n_svg_ok = sum(s.is_svg and outs[s.path].exists() for s in stamps)
@@ -157,12 +160,31 @@ def with_class_words(pairs: list[Pair]) -> list[Pair]:
             if "subgroup" in p.extra else p for p in pairs]
 
 
-def caption_sets(n_train: int, n_class_words: int) -> dict[str, dict]:
+def with_folder_class_words(pairs: list[Pair], classes: set[str]) -> tuple[list[Pair], Counter]:
+    """`with_class_words`, and each openclipart / Tux Paint picture whose category folder maps to one of `classes`
+    (subgroup ids, see folder_classes.py) gets that class's bare words too; return them and per-subgroup counts."""
+    out, counts = [], Counter()
+    for p in with_class_words(pairs):
+        sub = folder_subgroup(p.source, p.extra["folder"]) if "folder" in p.extra else None
+        if sub is not None and sub in classes:
+            counts[sub] += 1
+            p = replace(p, captions=p.captions + class_word_captions(class_name(sub)))
+        out.append(p)
+    return out, counts
+
+
+def caption_sets(n_train: int, n_class_words: int, n_folder_words: int | None = None) -> dict[str, dict]:
     """What each pretraining caption CSV under pretrain/ holds, keyed by file name (the model card names a stage's)."""
-    return {"train.csv": {"pairs": n_train, "about": "the train pictures with their own captions"},
+    sets = {"train.csv": {"pairs": n_train, "about": "the train pictures with their own captions"},
             "train_classwords.csv": {"pairs": n_class_words,
                                      "about": "the same train pictures, each pretraining emoji's bare class words "
                                               "added as two more captions (the continued stage of docs/backbone.md)"}}
+    if n_folder_words is not None:
+        sets["train_classwords_folders.csv"] = {
+            "pairs": n_folder_words,
+            "about": "train_classwords.csv, and each openclipart / Tux Paint picture whose category folder depicts "
+                     "one task class gets that class's bare words as two more captions (docs/backbone.md)"}
+    return sets
 
 
 def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
@@ -254,12 +276,16 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     n_train = write_caption_csv(pre_dir / "train.csv", train)
     n_val = write_caption_csv(pre_dir / "val.csv", val)
     n_class_words = write_caption_csv(pre_dir / "train_classwords.csv", with_class_words(train))
+    folder_pairs, folder_counts = with_folder_class_words(train, {e.subgroup for e in emoji["task"].values()})
+    n_folder_words = write_caption_csv(pre_dir / "train_classwords_folders.csv", folder_pairs)
     by_source = Counter(p.source for p in pairs)
     summary["pretrain"] = {"images": len(pairs), "images_by_source": dict(sorted(by_source.items())),
                            "train_images": len(train), "val_images": len(val),
                            "train_pairs": n_train, "val_pairs": n_val,
                            "train_csv": str(pre_dir / "train.csv"), "val_csv": str(pre_dir / "val.csv"),
-                           "caption_sets": caption_sets(n_train, n_class_words)}
+                           "caption_sets": caption_sets(n_train, n_class_words, n_folder_words),
+                           "folder_class_words": {"pictures": sum(folder_counts.values()),
+                                                  "by_subgroup": dict(sorted(folder_counts.items()))}}
     if cfg.sheets:
         summary["sheets"] = write_sheets(cfg, emoji["task"], renders, pairs)
     summary["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
