@@ -161,10 +161,10 @@ def with_class_words(pairs: list[Pair]) -> list[Pair]:
 
 
 def with_folder_class_words(pairs: list[Pair], classes: set[str]) -> tuple[list[Pair], Counter]:
-    """`with_class_words`, and each openclipart / Tux Paint picture whose category folder maps to one of `classes`
-    (subgroup ids, see folder_classes.py) gets that class's bare words too; return them and per-subgroup counts."""
+    """Every pair; each openclipart / Tux Paint picture whose category folder maps to one of `classes` (subgroup ids,
+    see folder_classes.py) gets that class's bare words as two more captions; return them and per-subgroup counts."""
     out, counts = [], Counter()
-    for p in with_class_words(pairs):
+    for p in pairs:
         sub = folder_subgroup(p.source, p.extra["folder"]) if "folder" in p.extra else None
         if sub is not None and sub in classes:
             counts[sub] += 1
@@ -275,8 +275,10 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     pre_dir = cfg.cache_dir / "pretrain"
     n_train = write_caption_csv(pre_dir / "train.csv", train)
     n_val = write_caption_csv(pre_dir / "val.csv", val)
-    n_class_words = write_caption_csv(pre_dir / "train_classwords.csv", with_class_words(train))
-    folder_pairs, folder_counts = with_folder_class_words(train, {e.subgroup for e in emoji["task"].values()})
+    class_word_pairs = with_class_words(train)
+    n_class_words = write_caption_csv(pre_dir / "train_classwords.csv", class_word_pairs)
+    task_classes = {e.subgroup for e in emoji["task"].values()}
+    folder_pairs, folder_counts = with_folder_class_words(class_word_pairs, task_classes)
     n_folder_words = write_caption_csv(pre_dir / "train_classwords_folders.csv", folder_pairs)
     by_source = Counter(p.source for p in pairs)
     summary["pretrain"] = {"images": len(pairs), "images_by_source": dict(sorted(by_source.items())),
