@@ -173,18 +173,16 @@ def with_folder_class_words(pairs: list[Pair], classes: set[str]) -> tuple[list[
     return out, counts
 
 
-def caption_sets(n_train: int, n_class_words: int, n_folder_words: int | None = None) -> dict[str, dict]:
+def caption_sets(n_train: int, n_class_words: int, n_folder_words: int) -> dict[str, dict]:
     """What each pretraining caption CSV under pretrain/ holds, keyed by file name (the model card names a stage's)."""
-    sets = {"train.csv": {"pairs": n_train, "about": "the train pictures with their own captions"},
+    return {"train.csv": {"pairs": n_train, "about": "the train pictures with their own captions"},
             "train_classwords.csv": {"pairs": n_class_words,
                                      "about": "the same train pictures, each pretraining emoji's bare class words "
-                                              "added as two more captions (the continued stage of docs/backbone.md)"}}
-    if n_folder_words is not None:
-        sets["train_classwords_folders.csv"] = {
-            "pairs": n_folder_words,
-            "about": "train_classwords.csv, and each openclipart / Tux Paint picture whose category folder depicts "
-                     "one task class gets that class's bare words as two more captions (docs/backbone.md)"}
-    return sets
+                                              "added as two more captions (the continued stage of docs/backbone.md)"},
+            "train_classwords_folders.csv": {
+                "pairs": n_folder_words,
+                "about": "train_classwords.csv, and each openclipart / Tux Paint picture whose category folder "
+                         "depicts one task class gets that class's bare words as two more captions (docs/backbone.md)"}}
 
 
 def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
