@@ -1,4 +1,9 @@
-"""A bounded HTTP load generator: a fixed number of requests, at most `concurrency` in flight, latency per request."""
+"""A bounded HTTP load generator: a fixed number of requests, at most `concurrency` in flight, latency per request.
+
+Built on aiohttp's client, not httpx: the generator shares the cores with the server it measures, and aiohttp
+costs ~0.13 ms of CPU per multipart request at concurrency 32 where httpx's async client costs ~3 ms (measured
+here against a bare Starlette app, README "Performance").
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import httpx
+import aiohttp
 import numpy as np
 
 
@@ -43,15 +48,28 @@ class LoadResult:
         return asdict(self)
 
 
+def _form(spec: RequestSpec) -> aiohttp.FormData | None:
+    """The multipart body of a request, or None when it carries no files or fields."""
+    if not spec.files and not spec.data:
+        return None
+    form = aiohttp.FormData()
+    for name, (filename, content, content_type) in spec.files.items():
+        form.add_field(name, content, filename=filename, content_type=content_type)
+    for name, value in spec.data.items():
+        form.add_field(name, value)
+    return form
+
+
 async def _run(base_url: str, make: Callable[[int], RequestSpec], n: int, concurrency: int,
                timeout: float) -> LoadResult:
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     failures: Counter[str] = Counter()
     next_index = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=client_timeout) as session:
 
         async def worker() -> None:
             nonlocal next_index
@@ -61,10 +79,10 @@ async def _run(base_url: str, make: Callable[[int], RequestSpec], n: int, concur
                 spec = make(index)
                 started = time.perf_counter()
                 try:
-                    response = await client.request(spec.method, spec.path, files=spec.files or None,
-                                                    data=spec.data or None)
-                    status = response.status_code
-                except httpx.HTTPError as exc:
+                    async with session.request(spec.method, spec.path, data=_form(spec)) as response:
+                        await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     status = 0
                     failures[type(exc).__name__] += 1
                 latencies.append(time.perf_counter() - started)

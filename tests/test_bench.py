@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -154,6 +155,15 @@ def test_loadgen_bounds_concurrency_and_counts_statuses() -> None:
     assert result.requests == 20 and result.ok == 16 and result.errors == {500: 4}
     assert state["peak"] == 3  # bounded at the concurrency asked for, and reaching it
     assert result.p99_ms >= result.p50_ms > 0 and result.throughput > 0
+
+
+def test_loadgen_counts_transport_errors_as_status_zero() -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run_load(f"http://127.0.0.1:{port}", lambda i: RequestSpec("/classify?task=a", data={"text": "x"}), 4, 2)
+    assert result.ok == 0 and result.errors == {0: 4} and result.throughput == 0
+    assert sum(result.failures.values()) == 4 and all("Connect" in name for name in result.failures)
 
 
 def test_token_cost_of_the_embedded_model() -> None:
