@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -249,12 +250,39 @@ def test_prepare_end_to_end_on_fixtures(tmp_path: Path) -> None:
     assert set(with_words) <= set(with_folders)
     assert sets["train_classwords_folders.csv"]["pairs"] == len(with_folders) - 1
     assert summary["pretrain"]["folder_class_words"] == {"pictures": 1, "by_subgroup": {"animal-mammal": 1}}
+    # monochrome versions of each Fluent colour emoji, captioned with its class words only; never of OpenMoji
+    with_mono = (cache / "pretrain/train_classwords_mono.csv").read_text().splitlines()
+    fluent = sorted({line.split("\t")[0] for line in plain if "/emoji/16px/fluent/" in line})
+    mono_rows = set(with_mono) - set(with_words)
+    assert set(with_words) <= set(with_mono) and len(mono_rows) == 2 * 2 * len(fluent) > 0
+    fluent_dog = next(path for path in fluent if "1F415" in path)
+    for kind in ("line", "silhouette"):
+        mono_dog = str(cache / f"emoji/16px-mono/fluent-{kind}/1F415.png")
+        assert {f"{mono_dog}\tanimal mammal", f"{mono_dog}\tan animal mammal"} <= mono_rows
+        assert Image.open(mono_dog).size == Image.open(fluent_dog).size
+    assert all("/16px-mono/fluent-" in line.split("\t")[0] for line in mono_rows)
+    assert sets["train_classwords_mono.csv"]["pairs"] == len(with_mono) - 1
+    assert summary["pretrain"]["monochrome_pictures"] == 2 * len(fluent)
     by_source = summary["pretrain"]["images_by_source"]
     assert by_source["openclipart"] == 2 and by_source["tuxpaint"] == 2 and by_source["emoji_openmoji"] == 9
     assert (cache / "sheets/noto.png").is_file() and (cache / "prepare_summary.json").is_file()
     again = prepare(cache, size=16, install=False, workers=1, min_per_class=2, min_test=1, n_tags=3, sheets=False,
                     openclipart_dir=tmp_path / "oc", tuxpaint_dir=tmp_path / "tp", val_fraction=0.0)
     assert again["pretrain"] == summary["pretrain"]
+
+
+def test_monochrome_transforms_draw_black_on_white() -> None:
+    from training.prepare.monochrome import line_art, silhouette
+
+    picture = Image.new("RGB", (32, 32), "white")
+    picture.paste((200, 60, 60), (8, 8, 24, 24))  # a red square on white
+    lines = np.asarray(line_art(picture).convert("L"))
+    assert set(np.unique(lines)) == {0, 255}
+    assert lines[16, 16] == 255 and lines[16, 2] == 255  # inside and outside the square: white
+    assert (lines[6:10, 16] == 0).any() and (lines[16, 22:26] == 0).any()  # its outline: black
+    assert (lines[0] == 255).all() and (lines[:, -1] == 255).all()  # the picture's frame is no edge
+    shape = np.asarray(silhouette(picture).convert("L"))
+    assert shape[16, 16] == 0 and shape[2, 2] == 255 and (shape[8:24, 8:24] == 0).mean() > 0.9
 
 
 def test_pretrain_argv_has_the_trainer_flags(tmp_path: Path) -> None:

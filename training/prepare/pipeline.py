@@ -16,6 +16,7 @@ from .contact_sheet import contact_sheet
 from .emoji import PRETRAIN_STYLES, STYLE_PACKAGES, TASK_STYLES, class_name, load_emojibase, load_styles
 from .emoji import select_task_emoji as _select
 from .folder_classes import folder_subgroup
+from .monochrome import monochrome_pairs
 from .pretrain_pairs import Pair, split_pairs, write_caption_csv
 from .render import RenderJob, run_jobs
 from .tasks import write_fusion, write_json, write_tasks
@@ -173,7 +174,7 @@ def with_folder_class_words(pairs: list[Pair], classes: set[str]) -> tuple[list[
     return out, counts
 
 
-def caption_sets(n_train: int, n_class_words: int, n_folder_words: int) -> dict[str, dict]:
+def caption_sets(n_train: int, n_class_words: int, n_folder_words: int, n_mono: int) -> dict[str, dict]:
     """What each pretraining caption CSV under pretrain/ holds, keyed by file name (the model card names a stage's)."""
     return {"train.csv": {"pairs": n_train, "about": "the train pictures with their own captions"},
             "train_classwords.csv": {"pairs": n_class_words,
@@ -182,7 +183,11 @@ def caption_sets(n_train: int, n_class_words: int, n_folder_words: int) -> dict[
             "train_classwords_folders.csv": {
                 "pairs": n_folder_words,
                 "about": "train_classwords.csv, and each openclipart / Tux Paint picture whose category folder "
-                         "depicts one task class gets that class's bare words as two more captions (docs/backbone.md)"}}
+                         "depicts one task class gets that class's bare words as two more captions (docs/backbone.md)"},
+            "train_classwords_mono.csv": {
+                "pairs": n_mono,
+                "about": "train_classwords.csv, and a line-art and a silhouette version of each Fluent colour emoji "
+                         "picture, each captioned with its class's bare words (monochrome.py, docs/backbone.md)"}}
 
 
 def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
@@ -278,14 +283,20 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     task_classes = {e.subgroup for e in emoji["task"].values()}
     folder_pairs, folder_counts = with_folder_class_words(class_word_pairs, task_classes)
     n_folder_words = write_caption_csv(pre_dir / "train_classwords_folders.csv", folder_pairs)
+    subgroups = {p.extra["subgroup"] for p in train if "subgroup" in p.extra}
+    mono_pairs = monochrome_pairs(train, cfg.cache_dir / "emoji" / f"{cfg.size}px-mono",
+                                  {sub: class_word_captions(class_name(sub)) for sub in subgroups})
+    _check_no_task_images(mono_pairs, cfg.cache_dir)
+    n_mono = write_caption_csv(pre_dir / "train_classwords_mono.csv", class_word_pairs + mono_pairs)
     by_source = Counter(p.source for p in pairs)
     summary["pretrain"] = {"images": len(pairs), "images_by_source": dict(sorted(by_source.items())),
                            "train_images": len(train), "val_images": len(val),
                            "train_pairs": n_train, "val_pairs": n_val,
                            "train_csv": str(pre_dir / "train.csv"), "val_csv": str(pre_dir / "val.csv"),
-                           "caption_sets": caption_sets(n_train, n_class_words, n_folder_words),
+                           "caption_sets": caption_sets(n_train, n_class_words, n_folder_words, n_mono),
                            "folder_class_words": {"pictures": sum(folder_counts.values()),
-                                                  "by_subgroup": dict(sorted(folder_counts.items()))}}
+                                                  "by_subgroup": dict(sorted(folder_counts.items()))},
+                           "monochrome_pictures": len(mono_pairs)}
     if cfg.sheets:
         summary["sheets"] = write_sheets(cfg, emoji["task"], renders, pairs)
     summary["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
