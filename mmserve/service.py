@@ -61,8 +61,15 @@ def dropped_connection(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "Connection closed" in str(exc)
 
 
+FORM_TEXTS = "mmserve.form_texts"  # ASGI scope key: the text fields of a checked multipart body, exactly as sent
+
+
 def _as_text(value: Any) -> Any:
-    """BentoML JSON-decodes multipart text fields ('42' -> 42); turn such values back into text."""
+    """BentoML JSON-decodes multipart text fields ('42' -> 42); turn such values back into text.
+
+    Only a fallback for the schema: the round trip is lossy ('1.50' -> '1.5', '"a cat"' -> 'a cat'), so /fuse
+    reads the fields as sent from the scope, where UploadGuard leaves them (FORM_TEXTS).
+    """
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -362,6 +369,8 @@ class MmServe:
     @bentoml.api(route="/fuse")
     async def fuse(self, image: Path, text: Text, ctx: bentoml.Context, task: Text | None = None) -> dict[str, Any]:
         """Fuse an uploaded image with a text: multipart 'image' + 'text' (+ 'task' when several fusion tasks)."""
+        sent = ctx.request.scope.get(FORM_TEXTS, {})  # the fields as sent, before BentoML's JSON decoding
+        text, task = sent.get("text", text), sent.get("task", task)
         return await self._answer("/fuse", ctx, time.perf_counter(),
                                   self._fuse(image, text, task or ctx.request.query_params.get("task")))
 
@@ -411,6 +420,8 @@ class UploadGuard:
         await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
 
     async def _check_form(self, scope: Any, body: bytes, spec: FormSpec) -> tuple[int, str] | None:
+        """None when the body is a multipart form with the fields of `spec` (its text fields, as sent, are left
+        in scope[FORM_TEXTS]); else the status and message to refuse it with."""
         content_type = Headers(scope=scope).get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             return 415, ("send multipart/form-data with the image as a file part, e.g. curl -F image=@photo.jpg; "
@@ -428,6 +439,7 @@ class UploadGuard:
             form = await Request(scope, receive).form(max_files=len(spec.files) + 4, max_fields=16)
         except Exception as exc:  # MultiPartException, bad boundary, undecodable headers...
             return 400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}"
+        texts: dict[str, str] = {}
         try:
             for name in spec.files:
                 value = form.get(name)
@@ -451,8 +463,10 @@ class UploadGuard:
                     pass
                 except RecursionError:
                     return 400, f"multipart field '{name}' is nested too deeply"
+                texts[name] = value
         finally:
             await form.close()
+        scope[FORM_TEXTS] = texts
         return None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -245,6 +245,20 @@ def test_fuse_returns_labels_from_image_and_text(client: httpx.Client) -> None:
         assert pet.json()["label"] == animal and pet.json()["head"] == "multiclass", (i, text, pet.json())
 
 
+def test_fuse_reads_the_text_exactly_as_sent(client: httpx.Client) -> None:
+    """BentoML JSON-decodes text fields ('1.50' -> 1.5); the text tower must see the characters that were sent."""
+    image = upload(png_bytes(fusion_sample(np.random.default_rng(7), 1)[0][0]))
+
+    def scores(text: str) -> list[float]:
+        resp = client.post("/fuse", params={"task": "tags"}, data={"text": text}, files=image)
+        assert resp.status_code == 200, resp.text
+        return [p["score"] for p in resp.json()["scores"]]
+
+    for sent, decoded in (("1.50", "1.5"), ('"a red cat"', "a red cat"), ("1e3", "1000.0")):
+        assert scores(sent) != scores(decoded), sent
+    assert scores("1.50") == scores("1.50")  # and the same text answers the same
+
+
 def _bomb() -> bytes:
     return png_bytes(Image.new("1", (1500, 1500), 0))  # 2.25 Mpx in a ~1 kB file; the test server allows 1 Mpx
 
