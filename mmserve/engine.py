@@ -135,7 +135,8 @@ class FuseResult:
     def labels(self) -> tuple[Prediction, ...]:
         """Multi-label: the classes above threshold (best first); multi-class: the top class."""
         if self.head == "multilabel":
-            return tuple(p for p in self.scores if p.score > float(self.threshold or 0.5))
+            threshold = 0.5 if self.threshold is None else float(self.threshold)
+            return tuple(p for p in self.scores if p.score > threshold)
         return self.scores[:1]
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,9 @@ from mmserve.config import ConfigError, ServeConfig
 from mmserve.engine import (
     ClassifyRequest,
     FuseRequest,
+    FuseResult,
     InferenceEngine,
+    Prediction,
     RuntimeUnavailableError,
     UnknownTaskError,
     WrongTaskKindError,
@@ -131,6 +133,17 @@ def test_class_text_features_are_computed_once_at_load(engine: InferenceEngine, 
     feats = engine.snapshot.classify["colors"].text_features
     assert feats.shape == (3, backbone.embed_dim)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_multilabel_threshold_is_applied_as_stored() -> None:
+    scores = (Prediction("a", 0.6), Prediction("b", 0.3), Prediction("c", 0.05))
+
+    def labels(threshold: float | None) -> list[str]:
+        return [p.label for p in FuseResult("t", "multilabel", scores, "v1", threshold).labels]
+
+    assert labels(0.0) == ["a", "b", "c"]  # a threshold of 0 is a threshold, not "unset"
+    assert labels(0.5) == ["a"] and labels(None) == ["a"] and labels(0.2) == ["a", "b"]
+    assert FuseResult("t", "multiclass", scores, "v1").labels == scores[:1]
 
 
 def test_unknown_and_wrong_kind_tasks_are_refused(engine: InferenceEngine, backbone: Backbone) -> None:
