@@ -391,7 +391,7 @@ class InferenceEngine:
                     fusion[entry.name] = self._build_fusion(registry, entry)
             except RegistryError:
                 raise
-            except (MmserveError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            except (MmserveError, ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError) as exc:
                 raise RegistryError(f"{root / MANIFEST}: tasks[{entry.name}]: {exc}") from None
         by_shape: dict[tuple[int, int], list[ClassifyTask]] = {}
         for task in classify.values():

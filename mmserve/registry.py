@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from mmserve.errors import PromptConfigError, RegistryError
 from mmserve.fileio import atomic_write_bytes, sha256_file
+
+if TYPE_CHECKING:
+    from mmserve.backbone import Backbone
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -170,8 +174,26 @@ def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str,
     return Registry(root, manifest, dict(group_weights), dict(task_weights))
 
 
-def _build(cls, data, where: str):
-    """Construct dataclass `cls` from a dict, naming `where` and the field on any mismatch."""
+# JSON types each manifest field annotation admits (the annotations are strings: `from __future__ import annotations`)
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
+                                            "list[str]": (list,)}
+
+
+def _check_type(value: object, annotation: str, where: str) -> None:
+    """Refuse a manifest value whose JSON type does not fit the field's annotation (bool is not a number)."""
+    base = annotation.removesuffix(" | None")
+    if value is None and base != annotation:
+        return
+    types = _JSON_TYPES.get(base)
+    if types is None:  # nested dataclasses: built and checked by the caller
+        return
+    if not isinstance(value, types) or isinstance(value, bool) or (
+            base == "list[str]" and not all(isinstance(x, str) for x in value)):
+        raise RegistryError(f"{where}: expected {base}, got {json.dumps(value)[:80]}")
+
+
+def _build(cls: type, data: object, where: str):
+    """Construct dataclass `cls` from a dict, naming `where` and the field on any mismatch of name or type."""
     if not isinstance(data, dict):
         raise RegistryError(f"{where}: expected an object, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
@@ -182,6 +204,9 @@ def _build(cls, data, where: str):
     missing = required - set(data)
     if missing:
         raise RegistryError(f"{where}: missing field(s) {sorted(missing)}")
+    for f in fields(cls):
+        if f.name in data:
+            _check_type(data[f.name], str(f.type), f"{where}.{f.name}")
     return cls(**data)
 
 
@@ -216,6 +241,10 @@ def read_manifest(root: str | Path) -> Manifest:
         raise RegistryError(f"{path}: no manifest (not a registry directory)") from None
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path}: invalid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: not UTF-8 text: {exc}") from None
+    except OSError as exc:  # the path is a file, a directory without read permission, ...
+        raise RegistryError(f"{path}: unreadable ({exc.strerror or exc}; is {root} a registry directory?)") from None
     if not isinstance(data, dict):
         raise RegistryError(f"{path}: expected a JSON object")
     version = data.get("schema_version")
@@ -225,6 +254,9 @@ def read_manifest(root: str | Path) -> Manifest:
     for key in ("backbone", "groups", "tasks"):
         if key not in data:
             raise RegistryError(f"{path}: missing field '{key}'")
+    for key in ("groups", "tasks"):
+        if not isinstance(data[key], list):
+            raise RegistryError(f"{path}: {key}: expected a list, got {json.dumps(data[key])[:80]}")
     manifest = _build(Manifest, {
         **data,
         "backbone": _build(BackboneRef, data["backbone"], f"{path}: backbone"),
@@ -261,7 +293,7 @@ def check_tensors(path: str, expected: dict[str, torch.Size], got: dict[str, tor
                                 f"{tuple(shape)}")
 
 
-def load_registry(root: str | Path, backbone=None) -> Registry:
+def load_registry(root: str | Path, backbone: Backbone | None = None) -> Registry:
     """Load and validate a registry; with `backbone`, also check its fingerprint and every tensor's shape."""
     from mmserve.builders import expected_shapes  # late import: builders depends on this file's dataclasses
 
@@ -281,6 +313,6 @@ def load_registry(root: str | Path, backbone=None) -> Registry:
                 check_tensors(str(root / g.weights), expected_shapes(g.prompt_config, backbone), groups[g.name])
             for t in manifest.tasks:
                 check_tensors(str(root / t.weights), expected_shapes(t, backbone), tasks[t.name])
-        except PromptConfigError as exc:
+        except (PromptConfigError, TypeError, ValueError, KeyError) as exc:  # values of a wrong type or range
             raise RegistryError(f"{root / MANIFEST}: prompt_config: {exc}") from None
     return Registry(root, manifest, groups, tasks)

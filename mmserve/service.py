@@ -380,7 +380,14 @@ class MmServe:
         if not admin_authorized(ctx.request.headers.get("authorization"), CONFIG.admin_token):
             ctx.response.status_code = 401
             return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
-        result = await self._call("reload", path=path)
+        try:
+            result = await self._call("reload", path=path)
+        except Exception as exc:  # the engine unreachable or restarting, or a bug: a clear status, never a trace
+            unavailable = dropped_connection(exc) or getattr(getattr(exc, "error_code", None), "value", 0) == 503
+            logger.exception("registry reload of %s failed", path)
+            ctx.response.status_code = 503 if unavailable else 500
+            return {"error": "inference engine unavailable; retry" if unavailable else
+                    "reload failed; see the server log"}
         await self.engine_view(refresh=True)
         if not result.pop("ok"):
             ctx.response.status_code = 422

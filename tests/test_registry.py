@@ -143,6 +143,21 @@ CORRUPTIONS = {
     "fusion_shape": (lambda r: _corrupt_tensor(r, "pairs", lambda t: t.update({"head.bias": torch.zeros(5)})),
                      r"pairs-.*tensor 'head.bias' has shape \(5,\)"),
     "not_json": (lambda r: (r / MANIFEST).write_text("{"), r"manifest.json: invalid JSON"),
+    "not_utf8": (lambda r: (r / MANIFEST).write_bytes(b"\xff\xfe\x00binary"), r"manifest.json: not UTF-8"),
+    "classes_not_a_list": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(classes=5)),
+                           r"tasks\[0\]\.classes: expected list\[str\], got 5"),
+    "class_not_a_name": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(classes=["a", 1])),
+                         r"tasks\[0\]\.classes: expected list\[str\]"),
+    "groups_null": (lambda r: _edit_manifest(r, lambda d: d.update(groups=None)), r"groups: expected a list, got null"),
+    "template_not_text": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(template=["{}"])),
+                          r"tasks\[0\]\.template: expected str"),
+    "prompt_config_not_object": (lambda r: _edit_manifest(r, lambda d: d["tasks"][0].update(prompt_config="x")),
+                                 r"tasks\[0\]\.prompt_config: expected dict"),
+    "prompt_value_not_a_number": (
+        lambda r: _edit_manifest(r, lambda d: d["tasks"][0]["prompt_config"].update(n_tokens="four")),
+        r"manifest.json: prompt_config: "),
+    "params_bool": (lambda r: _edit_manifest(r, lambda d: d["groups"][0].update(trainable_params=True)),
+                    r"groups\[0\]\.trainable_params: expected int, got true"),
 }
 
 
@@ -154,6 +169,13 @@ def test_corruption_raises_clear_error(saved, tiny_backbone, case):
     with pytest.raises(RegistryError, match=message) as info:
         load_registry(root, tiny_backbone)
     assert str(root) in str(info.value)
+
+
+def test_a_file_is_not_a_registry(tmp_path, tiny_backbone):
+    path = tmp_path / "registry.json"
+    path.write_text("{}")
+    with pytest.raises(RegistryError, match=r"registry\.json/manifest\.json: unreadable .*registry directory"):
+        load_registry(path, tiny_backbone)
 
 
 def test_backbone_mismatch_is_refused(saved):

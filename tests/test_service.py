@@ -391,6 +391,11 @@ def test_registry_swap_while_requests_flow(server: Server, client: httpx.Client,
     shutil.copytree(server.registries.v1, corrupt)
     weights = next((corrupt / "tasks").glob("colors-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    wrong_types = tmp_path / "wrong-types"
+    shutil.copytree(server.registries.v1, wrong_types)
+    manifest = json.loads((wrong_types / "manifest.json").read_text())
+    manifest["tasks"][0]["classes"] = 5
+    (wrong_types / "manifest.json").write_text(json.dumps(manifest))
     seen: list[list[tuple[int, str, str]]] = [[], []]
     stop = threading.Event()
 
@@ -421,6 +426,11 @@ def test_registry_swap_while_requests_flow(server: Server, client: httpx.Client,
         body = assert_json_error(client.post("/admin/reload", json={"path": str(corrupt)}), 422, "sha256")
         assert body["serving_version"] == v2 and f"still serving {v2}" in body["error"]
         assert_json_error(client.post("/admin/reload", json={"path": str(tmp_path / "missing")}), 422, "no manifest")
+        a_file = tmp_path / "registry.json"
+        a_file.write_text("{}")
+        assert_json_error(client.post("/admin/reload", json={"path": str(a_file)}), 422, "registry directory")
+        assert_json_error(client.post("/admin/reload", json={"path": str(wrong_types)}), 422,
+                          "tasks[0].classes: expected list[str], got 5")
         mark = [len(s) for s in seen]
         wait_for(lambda: all(len(s) >= m + 3 for s, m in zip(seen, mark, strict=True)))
     finally:
