@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -189,3 +191,13 @@ def test_agreement_inputs_take_the_task_from_the_folder(tmp_path: Path) -> None:
         assert t == folder if folder in ("noto", "twemoji") else t in ("noto", "twemoji")
     few, _ = agreement_inputs(tmp_path, 4, ["noto"], seed=0)
     assert len(few) == 4 and few == agreement_inputs(tmp_path, 4, ["noto"], seed=0)[0]
+
+
+def test_stopping_a_server_that_already_exited_is_no_error() -> None:
+    """A server that died during start-up must leave its own error as the one reported, not ProcessLookupError."""
+    from mmserve.bench.http import _stop_group
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait(30)
+    _stop_group(proc)  # its process group is gone
+    assert proc.returncode == 0

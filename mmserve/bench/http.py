@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +74,20 @@ def bentoml_server_process(env: dict[str, str], log_path: Path, ready_timeout: f
             time.sleep(0.5)
         yield url, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group (start_new_session), SIGKILL after 30 s; a group already gone (the
+    server exited during start-up) is no error, so the start-up failure stays the one reported."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        proc.wait(10)
 
 
 def server_roles(pid: int) -> dict[int, str]:
