@@ -64,6 +64,12 @@ def dropped_connection(exc: BaseException) -> bool:
 FORM_TEXTS = "mmserve.form_texts"  # ASGI scope key: the text fields of a checked multipart body, exactly as sent
 
 
+def engine_unavailable(exc: BaseException) -> bool:
+    """True when a call to the engine failed because it is unreachable, restarting or shedding load (503)."""
+    code = getattr(getattr(exc, "error_code", None), "value", None)  # BentoML's errors carry the HTTP status
+    return dropped_connection(exc) or isinstance(exc, ConnectionError) or code == 503
+
+
 def _as_text(value: Any) -> Any:
     """BentoML JSON-decodes multipart text fields ('42' -> 42); turn such values back into text.
 
@@ -353,9 +359,12 @@ class MmServe:
     async def _answer(self, endpoint: str, ctx: bentoml.Context, started: float, work: Any) -> dict[str, Any]:
         try:
             reply = await work
-        except Exception:  # a bug, or the engine still starting: never a stack trace to the client
+        except Exception as exc:  # a bug, or the engine starting or unreachable: never a stack trace to the client
             logger.exception("%s failed", endpoint)
-            reply = Reply.error(503 if self._view is None else 500, "internal error; see the server log")
+            if self._view is None or engine_unavailable(exc):
+                reply = Reply.error(503, "inference engine unavailable; retry")
+            else:
+                reply = Reply.error(500, "internal error; see the server log")
         ctx.response.status_code = reply.status
         self.metrics.record(endpoint, reply.task, reply.status, time.perf_counter() - started)
         return reply.body
@@ -383,7 +392,7 @@ class MmServe:
         try:
             result = await self._call("reload", path=path)
         except Exception as exc:  # the engine unreachable or restarting, or a bug: a clear status, never a trace
-            unavailable = dropped_connection(exc) or getattr(getattr(exc, "error_code", None), "value", 0) == 503
+            unavailable = engine_unavailable(exc)
             logger.exception("registry reload of %s failed", path)
             ctx.response.status_code = 503 if unavailable else 500
             return {"error": "inference engine unavailable; retry" if unavailable else

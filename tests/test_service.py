@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.bench import bentoml_server
 from mmserve.images import ImageDecoder, ImageError, decode_image, preprocess_from_config, split_preprocess
-from mmserve.service import admin_authorized
+from mmserve.service import admin_authorized, engine_unavailable
 from mmserve.wire import pack_pixels, pixels_to_tensor, unpack_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +257,14 @@ def test_fuse_reads_the_text_exactly_as_sent(client: httpx.Client) -> None:
     for sent, decoded in (("1.50", "1.5"), ('"a red cat"', "a red cat"), ("1e3", "1000.0")):
         assert scores(sent) != scores(decoded), sent
     assert scores("1.50") == scores("1.50")  # and the same text answers the same
+
+
+def test_engine_failures_that_mean_retry_later() -> None:
+    from bentoml.exceptions import InternalServerError, ServiceUnavailable
+
+    assert engine_unavailable(ConnectionRefusedError()) and engine_unavailable(ServiceUnavailable("busy"))
+    assert engine_unavailable(RuntimeError("Connection closed by the server"))
+    assert not engine_unavailable(InternalServerError("bug")) and not engine_unavailable(ValueError("bug"))
 
 
 def _bomb() -> bytes:
