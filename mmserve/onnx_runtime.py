@@ -13,12 +13,14 @@ the MoPE prompts and the head run in torch around the shared image graph for tha
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,7 @@ class OnnxImageRuntime:
         self._sessions: dict[tuple, object] = {}
         self._graphs: dict[tuple, dict[str, _Graph]] = {}
         self._export_dir: Path | None = None
+        self._cpu_copy: Backbone | None = None
         self._digests: weakref.WeakKeyDictionary[FusionModel, str] = weakref.WeakKeyDictionary()
         self._torch_encoder = PromptedImageEncoder(backbone)  # embeddings for MoPE routing on image summaries
         self._scan(self.onnx_dir)
@@ -197,7 +200,18 @@ class OnnxImageRuntime:
             import tempfile
 
             self._export_dir = Path(tempfile.mkdtemp(prefix="mmserve-onnx-"))
+            weakref.finalize(self, shutil.rmtree, self._export_dir, ignore_errors=True)  # gone with the runtime
         return self._export_dir
+
+    def _cpu_backbone(self) -> Backbone:
+        """The backbone to export from: graphs are traced on CPU (the export's example inputs and parity check run
+        there), so a backbone served from a GPU is exported from a CPU copy of its weights."""
+        if self.backbone.device.type == "cpu":
+            return self.backbone
+        if self._cpu_copy is None:
+            self._cpu_copy = replace(self.backbone, model=copy.deepcopy(self.backbone.model).to("cpu"),
+                                     spec=replace(self.backbone.spec, device="cpu"))
+        return self._cpu_copy
 
     def _export_image(self, depth: int, tokens: int) -> None:
         variant = self.options.variant
@@ -205,7 +219,7 @@ class OnnxImageRuntime:
         target = self._export_target()
         log.warning("no ONNX image graph for prompts (K=%d, P=%d) in %s: exporting one to %s (run `mmserve "
                     "export-onnx --registry ...` before serving to avoid this)", depth, tokens, self.onnx_dir, target)
-        for info in export_image_graph(self.backbone, target, depth, tokens, opts):
+        for info in export_image_graph(self._cpu_backbone(), target, depth, tokens, opts):
             self._graphs.setdefault(info.key, {})[info.variant] = _Graph(info, target)
 
     def session(self, key: tuple):
@@ -244,7 +258,9 @@ class OnnxImageRuntime:
             if self.fusion_graph(task, model) is not None:
                 self.session(("fusion", task))
             else:  # torch MoPE + the image graph of its prompt shape: one tiny run finds and opens it
-                self.fuse(task, model, torch.zeros(2, 3, size, size), torch.zeros(2, psi_dim))
+                device = self.backbone.device
+                self.fuse(task, model, torch.zeros(2, 3, size, size, device=device), torch.zeros(2, psi_dim,
+                                                                                             device=device))
 
     def _run(self, key: tuple, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         sess, _info = self.session(key)

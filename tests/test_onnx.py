@@ -239,6 +239,25 @@ def test_prompt_shape_without_graph_is_refused_or_exported(onnx_dir: Path, tiny_
     assert (tmp_path / "lazy" / "image-k1-p3.fp32.onnx").is_file()
 
 
+def test_graphs_exported_to_a_temp_dir_go_with_the_runtime(tiny_backbone, tmp_path: Path, monkeypatch) -> None:
+    import gc
+
+    from mmserve import onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime.os, "access", lambda *args: False)  # the graph directory is not writable
+    lazy = OnnxImageRuntime(tiny_backbone, OnnxOptions(onnx_dir=tmp_path / "read-only", variant="fp32",
+                                                       export_missing=True))
+    with torch.no_grad():
+        reference = tiny_backbone.model.encode_image(_images(2), normalize=True)
+    assert (lazy.encode(_images(2), None) - reference).abs().max().item() <= TOL
+    export_dir = lazy._export_dir
+    assert export_dir is not None and list(export_dir.glob("image-k0-p0.fp32.onnx"))
+    assert not list((tmp_path / "read-only").glob("*.onnx"))
+    del lazy
+    gc.collect()
+    assert not export_dir.exists()
+
+
 def test_legacy_exporter_parity(tiny_backbone, tmp_path: Path) -> None:
     infos = export_image_graph(tiny_backbone, tmp_path, 1, 3, ExportOptions(optimize=False, exporter="legacy"))
     assert [g.variant for g in infos] == ["fp32"] and infos[0].exporter == "legacy"
