@@ -129,7 +129,7 @@ class OnnxOptions:
             raise OnnxGraphError(f"{ENV_SPINNING}={spinning!r}: expected 0 or 1")
         return cls(onnx_dir=Path(env[ENV_DIR]) if env.get(ENV_DIR) else None, variant=variant,
                    intra_op_threads=n_threads, spinning=spinning in ("1", "true"),
-                   device=env.get("MMSERVE_DEVICE") or None)
+                   device=(env.get("MMSERVE_DEVICE") or "").strip().lower() or None)  # as ServeConfig reads it
 
 
 class OnnxImageRuntime:

@@ -288,6 +288,7 @@ def test_options_from_the_environment() -> None:
                                  "MMSERVE_ONNX_SPINNING": "1", "MMSERVE_DEVICE": "cpu"})
     assert (opts.onnx_dir, opts.variant, opts.intra_op_threads, opts.spinning, opts.device) == (
         Path("/g"), "int8", 3, True, "cpu")
+    assert OnnxOptions.from_env({"MMSERVE_DEVICE": " CPU "}).device == "cpu"  # read as ServeConfig reads it
     for env, name in (({"MMSERVE_ONNX_VARIANT": "fp16"}, "MMSERVE_ONNX_VARIANT"),
                       ({"MMSERVE_ONNX_THREADS": "two"}, "MMSERVE_ONNX_THREADS"),
                       ({"MMSERVE_ONNX_SPINNING": "yes"}, "MMSERVE_ONNX_SPINNING")):
