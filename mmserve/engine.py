@@ -33,7 +33,7 @@ from mmserve.complementary import ComplementaryEncoder, build_complementary
 from mmserve.config import ServeConfig
 from mmserve.encoders import PromptedTextEncoder
 from mmserve.errors import MmserveError, PromptConfigError, RegistryError
-from mmserve.fusion import FusionModel
+from mmserve.fusion import FusionModel, head_probabilities
 from mmserve.images import preprocess_config
 from mmserve.registry import MANIFEST, Registry, TaskEntry, load_registry, now_iso
 from mmserve.runtime import ImageRuntime, TorchImageRuntime
@@ -495,7 +495,7 @@ class InferenceEngine:
         images = images.to(self.backbone.device, torch.float32)
         psi = entry.complement.encode(list(texts)).to(images.device)
         logits, _routing = self.runtime.fuse(task, entry.model, images, psi)
-        probs = (logits.sigmoid() if entry.model.multilabel else logits.softmax(dim=-1)).cpu()
+        probs = head_probabilities(logits, entry.model.multilabel).cpu()
         order = probs.argsort(dim=-1, descending=True)
         info = entry.info
         return [FuseResult(task, info.head or "multiclass",

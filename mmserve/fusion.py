@@ -14,6 +14,11 @@ from mmserve.prompts.mope import MoPE, MoPEConfig
 HEADS = ("multiclass", "multilabel")
 
 
+def head_probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Softmax for multi-class heads, independent sigmoids for multi-label heads."""
+    return logits.sigmoid() if multilabel else logits.softmax(dim=-1)
+
+
 @dataclass
 class FusionOutput:
     """Head logits (B, C) and the routing scores (B, K, k) behind them."""
@@ -23,7 +28,7 @@ class FusionOutput:
 
     def probabilities(self, multilabel: bool) -> torch.Tensor:
         """Softmax for multi-class heads, independent sigmoids for multi-label heads."""
-        return self.logits.sigmoid() if multilabel else self.logits.softmax(dim=-1)
+        return head_probabilities(self.logits, multilabel)
 
 
 class FusionModel(nn.Module):

@@ -493,7 +493,8 @@ def export_image_graph(backbone: Backbone, out_dir: str | Path, depth: int, prom
         expected = [PromptedImageEncoder(backbone)(*check_args).numpy()]
     feeds = {n: a.numpy() for n, a in zip(names, check_args, strict=True)}
     info = {"kind": "image", "depth": depth, "prompt_tokens": prompt_tokens}
-    return _write_variants(base, f"image-k{depth}-p{prompt_tokens}", out_dir, info, backbone, options, feeds,
+    stem = image_graph_name(depth, prompt_tokens, "x")[: -len(".x.onnx")]
+    return _write_variants(base, stem, out_dir, info, backbone, options, feeds,
                            expected, names + ["features"])
 
 

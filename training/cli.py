@@ -481,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mmserve-train`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("prepare", "pretrain") and not {"-h", "--help"} & set(argv[:1]):
-        # hand every remaining argument, options included, to the delegate's own parser
+    if argv and argv[0] in ("prepare", "pretrain"):
+        # hand every remaining argument, options included (--help too), to the delegate's own parser
         func = cmd_prepare if argv[0] == "prepare" else cmd_pretrain
         return func(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)

@@ -22,11 +22,6 @@ class TowerPrompts:
         """Prompt tokens per layer in the text tower."""
         return 0 if self.text is None else self.text.shape[-2]
 
-    @property
-    def vision_tokens(self) -> int:
-        """Prompt tokens per layer in the image tower."""
-        return 0 if self.vision is None else self.vision.shape[-2]
-
 
 def _cat_layers(parts: list[torch.Tensor]) -> torch.Tensor | None:
     if not parts:
