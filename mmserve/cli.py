@@ -11,8 +11,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmserve.errors import MmserveError
+
+if TYPE_CHECKING:
+    from mmserve.backbone import Backbone
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def resolve_pretrained(model: str, pretrained: str) -> tuple[str | None, str]:
     return pretrained, f"weights: {pretrained}"
 
 
-def load_backbone_from_args(args: argparse.Namespace):
+def load_backbone_from_args(args: argparse.Namespace) -> Backbone:
     """Load the backbone named by --model/--pretrained/--seed; returns (backbone, note)."""
     from mmserve.backbone import BackboneSpec, load_backbone
 

@@ -36,7 +36,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -50,6 +50,9 @@ from mmserve.encoders import PromptedImageEncoder
 from mmserve.errors import MmserveError
 from mmserve.fileio import atomic_write_bytes, sha256_file
 from mmserve.fusion import FusionModel
+
+if TYPE_CHECKING:
+    from mmserve.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +526,7 @@ def export_fusion_graph(backbone: Backbone, out_dir: str | Path, task: str, mode
                            [out.logits.numpy(), out.routing.numpy()], names + ["logits", "routing"])
 
 
-def registry_prompt_shapes(registry, backbone: Backbone) -> dict[tuple[int, int], list[str]]:
+def registry_prompt_shapes(registry: Registry, backbone: Backbone) -> dict[tuple[int, int], list[str]]:
     """(K, P) of the visual prompts of every task in a registry, with the tasks that have it.
 
     Classification tasks: their (group + task) visual prompts. Fusion tasks: their MoPE prompts (used by the
@@ -546,8 +549,9 @@ def registry_prompt_shapes(registry, backbone: Backbone) -> dict[tuple[int, int]
     return shapes
 
 
-def export_all(backbone: Backbone, out_dir: str | Path, registry=None, shapes: list[tuple[int, int]] | None = None,
-               options: ExportOptions | None = None, unprompted: bool = True) -> list[GraphInfo]:
+def export_all(backbone: Backbone, out_dir: str | Path, registry: Registry | None = None,
+               shapes: list[tuple[int, int]] | None = None, options: ExportOptions | None = None,
+               unprompted: bool = True) -> list[GraphInfo]:
     """Export the image graphs for `shapes` and the registry's prompt shapes, plus a graph per fusion task."""
     from mmserve.builders import load_fusion
 

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -222,7 +223,7 @@ class OnnxImageRuntime:
         for info in export_image_graph(self._cpu_backbone(), target, depth, tokens, opts):
             self._graphs.setdefault(info.key, {})[info.variant] = _Graph(info, target)
 
-    def session(self, key: tuple):
+    def session(self, key: tuple) -> tuple[Any, GraphInfo]:
         """The onnxruntime session for ("image", K, P) or ("fusion", task); exports missing image graphs."""
         graph = self._pick(key)
         if graph is not None and (key, graph.info.variant) in self._sessions:

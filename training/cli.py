@@ -91,7 +91,7 @@ def _tasks(value: str | None) -> list[str] | None:
     return [t for t in value.split(",") if t] if value else None
 
 
-def cmd_prepare(a) -> int:
+def cmd_prepare(a: argparse.Namespace) -> int:
     """Delegate to the data preparation (training.prepare)."""
     try:
         from training.prepare.__main__ import main as prepare_main
@@ -100,7 +100,7 @@ def cmd_prepare(a) -> int:
     return int(prepare_main(a.rest) or 0)
 
 
-def cmd_pretrain(a) -> int:
+def cmd_pretrain(a: argparse.Namespace) -> int:
     """Delegate to backbone pretraining (training.pretrain)."""
     try:
         from training.pretrain import pretrain
@@ -109,7 +109,7 @@ def cmd_pretrain(a) -> int:
     return int(pretrain(a.rest) or 0)
 
 
-def cmd_split(a) -> int:
+def cmd_split(a: argparse.Namespace) -> int:
     """Draw a split file from an image-folder root or a fusion JSONL."""
     from training.data import BadFiles, discover_image_tasks, read_fusion_jsonl
     from training.splits import classify_split, fusion_split, read_split, validation_split, write_split
@@ -145,7 +145,7 @@ def _multitask_config(a):
         resume=a.resume, stop_after_epoch=a.stop_after_epoch, eval_each_epoch=not a.no_eval_each_epoch)
 
 
-def cmd_classify(a) -> int:
+def cmd_classify(a: argparse.Namespace) -> int:
     """Train multi-task classification prompts (MmAP or an ablation)."""
     from training.mmap_trainer import train_multitask
 
@@ -154,7 +154,7 @@ def cmd_classify(a) -> int:
     return 0
 
 
-def cmd_group(a) -> int:
+def cmd_group(a: argparse.Namespace) -> int:
     """Only the task grouping: similarity matrix and groups, written to <run-dir>/grouping.json."""
     from mmserve.backbone import load_backbone
     from training.classify import Towers
@@ -176,7 +176,7 @@ def cmd_group(a) -> int:
     return 0
 
 
-def cmd_fuse(a) -> int:
+def cmd_fuse(a: argparse.Namespace) -> int:
     """Train a MoPE fusion task."""
     from training.mope_trainer import FuseConfig, train_mope
 
@@ -195,7 +195,7 @@ def cmd_fuse(a) -> int:
     return 0
 
 
-def cmd_zeroshot(a) -> int:
+def cmd_zeroshot(a: argparse.Namespace) -> int:
     """Zero-shot metrics of every task of a split."""
     from mmserve.backbone import load_backbone
     from training.data import BadFiles
@@ -211,7 +211,7 @@ def cmd_zeroshot(a) -> int:
     return 0
 
 
-def cmd_eval(a) -> int:
+def cmd_eval(a: argparse.Namespace) -> int:
     """Evaluate a registry on a split; write JSON and a Markdown table."""
     from mmserve.backbone import BackboneSpec
     from training.evaluate import evaluate_registry, write_report
@@ -231,7 +231,7 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def cmd_compare(a) -> int:
+def cmd_compare(a: argparse.Namespace) -> int:
     """One Markdown row per finished run: method, score, zero-shot, trainable parameters, per-task scores."""
     from training.compare import compare_markdown, run_summary
 
@@ -251,7 +251,7 @@ def _command_line(a) -> str:
     return "mmserve-train " + shlex.join(a.argv) if getattr(a, "argv", None) else ""
 
 
-def cmd_results(a) -> int:
+def cmd_results(a: argparse.Namespace) -> int:
     """The accuracy table of issue 5, resumable: <out>.md, <out>.json, <out>.png."""
     from training.results import ResultsConfig, build_results
 
@@ -268,7 +268,7 @@ def cmd_results(a) -> int:
     return 1 if s["failed"] else 0
 
 
-def cmd_ship(a) -> int:
+def cmd_ship(a: argparse.Namespace) -> int:
     """Export the backbone, train the shipped registry, write the model card and models/README.md."""
     from training.ship import ShipConfig, ship
 

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ class RunResult:
     skipped: list[dict] = field(default_factory=list)  # bad files left out
 
 
-def to_jsonable(obj):
+def to_jsonable(obj: Any) -> Any:
     """Dataclasses, paths and tensors turned into plain JSON values."""
     if is_dataclass(obj) and not isinstance(obj, type):
         return to_jsonable(asdict(obj))

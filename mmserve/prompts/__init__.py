@@ -12,7 +12,7 @@ from mmserve.prompts.mmap import MmAP, MmAPConfig, mmap_param_count
 PromptConfig = MmAPConfig | DeepPromptConfig
 
 
-def prompt_config_from_dict(data: dict):
+def prompt_config_from_dict(data: dict) -> PromptConfig:
     """Rebuild a classification prompt config (MmAP or deep) from its manifest dict."""
     kinds = {"mmap": MmAPConfig, "deep": DeepPromptConfig}
     kind = data.get("type")
@@ -26,7 +26,8 @@ def prompt_config_from_dict(data: dict):
     return cls(**data)
 
 
-def build_prompt(config, text_width: int, vision_width: int, text_layers: int, vision_layers: int) -> nn.Module:
+def build_prompt(config: PromptConfig | dict, text_width: int, vision_width: int, text_layers: int,
+                 vision_layers: int) -> nn.Module:
     """Instantiate the prompt module that `config` describes (MmAP or a single-tower deep prompt)."""
     if isinstance(config, dict):
         config = prompt_config_from_dict(config)
