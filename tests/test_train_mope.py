@@ -61,7 +61,7 @@ def test_multiclass_loss_falls_and_routing_is_reported_every_epoch(runs):
             assert 0 < e[f"{part}_routing_entropy"] <= math.log(4) + 1e-6
             shares = torch.tensor(e[f"{part}_expert_importance"])
             assert shares.shape == (2, 4) and torch.allclose(shares.sum(dim=1), torch.ones(2))
-        assert e["train_importance_loss"] >= 0 and "test_accuracy" in e
+        assert 0 <= e["train_importance_loss"] <= 4 - 1 and "test_accuracy" in e  # CV^2 of k = 4 scores <= k - 1
 
 
 def test_multilabel_head_reports_f1_micro_and_macro(runs):
