@@ -17,8 +17,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a written file, or a directory's entries after a rename, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename over `path`: readers never see half."""
+    """Write `data` to a temp file beside `path`, fsync it, then rename over `path` (and fsync the directory):
+    readers never see half, and after a crash the file is the old one or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -28,6 +38,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

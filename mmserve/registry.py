@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmserve.errors import PromptConfigError, RegistryError
-from mmserve.fileio import atomic_write_bytes, sha256_file
+from mmserve.fileio import atomic_write_bytes, fsync_path, sha256_file
 
 if TYPE_CHECKING:
     from mmserve.backbone import Backbone
@@ -130,10 +130,12 @@ def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Ten
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        fsync_path(tmp)  # on disk before the manifest that points at it
         digest = sha256_file(Path(tmp))
         rel = f"{sub}/{name}-{digest[:12]}.safetensors"
         (root / sub).mkdir(parents=True, exist_ok=True)
         os.replace(tmp, root / rel)
+        fsync_path(root / sub)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
