@@ -269,6 +269,13 @@ class MmServe:
                                                  CONFIG.max_image_pixels)
             return self._view
 
+    async def view_for(self, task: str | None) -> EngineView:
+        """The engine view, asked again once when it lacks `task`: another front worker may have reloaded."""
+        view = await self.engine_view()
+        if task and task not in view.kinds:
+            view = await self.engine_view(refresh=True)
+        return view
+
     def task_label(self, name: str | None) -> str:
         """Metrics label for a task name: the name when the registry has it, else '-'."""
         view = self._view
@@ -307,9 +314,9 @@ class MmServe:
     # ---- endpoints ------------------------------------------------------------------------------------------
 
     async def _classify(self, image: Path, params: Mapping[str, str]) -> Reply:
-        view = await self.engine_view()
-        known = view.names("classify")
         task = params.get("task")
+        view = await self.view_for(task)
+        known = view.names("classify")
         if not task:
             return Reply.error(422, "query parameter 'task' is required: POST /classify?task=NAME",
                                known_tasks=known)
@@ -334,7 +341,7 @@ class MmServe:
         return await self._infer("classify_batch", item, task, view)
 
     async def _fuse(self, image: Path, text: str, task: str | None) -> Reply:
-        view = await self.engine_view()
+        view = await self.view_for(task)
         known = view.names("fuse")
         if not task:
             if len(known) != 1:

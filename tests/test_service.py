@@ -267,6 +267,37 @@ def test_engine_failures_that_mean_retry_later() -> None:
     assert not engine_unavailable(InternalServerError("bug")) and not engine_unavailable(ValueError("bug"))
 
 
+def test_a_task_added_by_another_front_worker_is_found(tiny_backbone) -> None:
+    """The front caches the engine's task list; a task it does not know makes it ask the engine once more."""
+    from mmserve.images import preprocess_config
+    from mmserve.service import MmServe
+
+    answers = [["colors"], ["colors", "added-elsewhere"]]  # what describe() returns, call after call
+    calls: list[str] = []
+
+    async def fake_call(name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(name)
+        names = answers[min(len(calls), len(answers)) - 1]
+        return {"registry_version": f"v{len(calls)}", "tasks": [{"name": n, "kind": "classify"} for n in names],
+                "preprocess": preprocess_config(tiny_backbone)}
+
+    front = MmServe.inner.__new__(MmServe.inner)  # no __init__: it would set this process's torch threads
+    front._view, front._stale, front._decoder = None, True, None
+    front._call = fake_call
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        front._lock = asyncio.Lock()
+        first = await front.view_for("colors")
+        known = await front.view_for("colors")  # cached: no new call
+        assert known is first and calls == ["describe"]
+        found = await front.view_for("added-elsewhere")
+        missing = await front.view_for("nope")  # asked again, and still unknown
+        return sorted(found.kinds), sorted(missing.kinds)
+
+    found, missing = asyncio.run(scenario())
+    assert found == ["added-elsewhere", "colors"] == missing and calls == ["describe"] * 3
+
+
 def _bomb() -> bytes:
     return png_bytes(Image.new("1", (1500, 1500), 0))  # 2.25 Mpx in a ~1 kB file; the test server allows 1 Mpx
 
