@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +44,17 @@ class BenchSetup:
     onnx_threads: int
     calibration: dict[str, Any]
     prompt_shapes: list[tuple[int, int]]
-    cleanup: list[Path] = field(default_factory=list)
 
 
-def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Callable[[str], None]) -> BenchSetup:
+def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Callable[[str], None],
+           cleanup: list[Path]) -> BenchSetup:
+    """Registry, engines, ONNX runtimes and thread counts of a run; temp directories it makes go into `cleanup`."""
     from mmserve.engine import InferenceEngine
     from mmserve.onnx_export import ExportOptions, export_all, read_sidecars
     from mmserve.onnx_runtime import OnnxImageRuntime, OnnxOptions, physical_cores
     from mmserve.registry import load_registry
 
     candidates = [config.threads] if config.threads else sorted({1, physical_cores()})
-    cleanup: list[Path] = []
     if config.registry is not None:
         registry_dir, note = config.registry, f"{config.registry}"
     else:
@@ -110,7 +110,7 @@ def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Cal
             e.runtime = rt
             engines[f"onnx-{variant}"] = e
     return BenchSetup(backbone, backbone_note, registry_dir, note, task_names, engines, onnx_dir, onnx_runtimes,
-                      images, torch_threads, onnx_threads, calibration, shapes, cleanup)
+                      images, torch_threads, onnx_threads, calibration, shapes)
 
 
 def _calibrate(record: dict[str, Any], what: str, cases: dict[int, Case], config: BenchConfig) -> int:
@@ -206,8 +206,9 @@ def run_bench(config: BenchConfig, backbone: Backbone, backbone_note: str,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every section and return the JSON-able report (also written to config.out)."""
     load_before = _load()
-    setup = _setup(config, backbone, backbone_note, log)
+    cleanup: list[Path] = []  # the temp directories _setup makes, removed however the run ends (setup included)
     try:
+        setup = _setup(config, backbone, backbone_note, log, cleanup)
         timings: dict[str, dict[str, Any]] = {}
         throughput: dict[str, dict[str, float]] = {}
         with torch.inference_mode():
@@ -256,5 +257,5 @@ def run_bench(config: BenchConfig, backbone: Backbone, backbone_note: str,
         config.out.write_text(json.dumps(report, indent=2) + "\n")
         return report
     finally:
-        for path in setup.cleanup:
+        for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
