@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -153,10 +154,19 @@ class MmServeEngine:
         return {"ok": True, **result.to_dict()}
 
 
-def admin_authorized(authorization: str | None, token: str | None) -> bool:
-    """True when no admin token is configured or the header is exactly `Bearer <token>` (constant-time)."""
+def is_loopback(host: str | None) -> bool:
+    """True for a caller on this machine (127.0.0.0/8, ::1)."""
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_authorized(authorization: str | None, token: str | None, client_host: str | None) -> bool:
+    """With an admin token: the header is exactly `Bearer <token>` (constant-time). Without one: loopback callers
+    only, so a server whose port is published does not let anyone on the network swap its registry."""
     if token is None:
-        return True
+        return is_loopback(client_host)
     return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
 
 
@@ -393,7 +403,13 @@ class MmServe:
     @bentoml.api(route="/admin/reload")
     async def reload(self, ctx: bentoml.Context, path: str | None = None) -> dict[str, Any]:
         """Load a new registry version without restart: JSON {"path": DIR} or no body to re-read the current one."""
-        if not admin_authorized(ctx.request.headers.get("authorization"), CONFIG.admin_token):
+        client = ctx.request.client
+        if not admin_authorized(ctx.request.headers.get("authorization"), CONFIG.admin_token,
+                                client.host if client else None):
+            if CONFIG.admin_token is None:
+                ctx.response.status_code = 403
+                return {"error": "without MMSERVE_ADMIN_TOKEN only callers on the server's own machine may reload; "
+                                 "set the token to reload from elsewhere"}
             ctx.response.status_code = 401
             return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
         try:

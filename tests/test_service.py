@@ -189,10 +189,16 @@ def test_uint8_wire_gives_the_same_tensor_as_the_whole_transform() -> None:
 
 
 def test_admin_token_is_checked_when_configured() -> None:
-    assert admin_authorized(None, None) and admin_authorized("anything", None)
-    assert admin_authorized("Bearer s3cret", "s3cret")
-    assert not admin_authorized(None, "s3cret") and not admin_authorized("Bearer wrong", "s3cret")
-    assert not admin_authorized("s3cret", "s3cret")
+    for host in ("127.0.0.1", "203.0.113.7"):
+        assert admin_authorized("Bearer s3cret", "s3cret", host)
+        assert not admin_authorized(None, "s3cret", host) and not admin_authorized("Bearer wrong", "s3cret", host)
+        assert not admin_authorized("s3cret", "s3cret", host)
+
+
+def test_without_a_token_only_loopback_callers_may_reload() -> None:
+    assert admin_authorized(None, None, "127.0.0.1") and admin_authorized("anything", None, "::1")
+    for host in ("203.0.113.7", "10.0.0.2", "fe80::1", "testclient", None):
+        assert not admin_authorized(None, None, host), host
 
 
 # ---- the running server ------------------------------------------------------------------------------------------
