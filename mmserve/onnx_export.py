@@ -144,15 +144,14 @@ def sidecar_name(graph_file: str) -> str:
     return graph_file[: -len(".onnx")] + ".json" if graph_file.endswith(".onnx") else graph_file + ".json"
 
 
-def image_graph_name(depth: int, prompt_tokens: int, variant: str) -> str:
-    """File name of the image graph for prompts (K, P)."""
-    return f"image-k{depth}-p{prompt_tokens}.{variant}.onnx"
+def image_graph_stem(depth: int, prompt_tokens: int) -> str:
+    """File name, less `.<variant>.onnx`, of the image graph for prompts (K, P)."""
+    return f"image-k{depth}-p{prompt_tokens}"
 
 
-def fusion_graph_name(task: str, variant: str) -> str:
-    """File name of the fusion graph of `task`."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
-    return f"fuse-{safe}.{variant}.onnx"
+def fusion_graph_stem(task: str) -> str:
+    """File name, less `.<variant>.onnx`, of the fusion graph of `task`."""
+    return "fuse-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
 
 
 def read_sidecars(directory: str | Path) -> list[GraphInfo]:
@@ -496,8 +495,7 @@ def export_image_graph(backbone: Backbone, out_dir: str | Path, depth: int, prom
         expected = [PromptedImageEncoder(backbone)(*check_args).numpy()]
     feeds = {n: a.numpy() for n, a in zip(names, check_args, strict=True)}
     info = {"kind": "image", "depth": depth, "prompt_tokens": prompt_tokens}
-    stem = image_graph_name(depth, prompt_tokens, "x")[: -len(".x.onnx")]
-    return _write_variants(base, stem, out_dir, info, backbone, options, feeds,
+    return _write_variants(base, image_graph_stem(depth, prompt_tokens), out_dir, info, backbone, options, feeds,
                            expected, names + ["features"])
 
 
@@ -521,8 +519,7 @@ def export_fusion_graph(backbone: Backbone, out_dir: str | Path, task: str, mode
     feeds = {n: a.numpy() for n, a in zip(names, check, strict=True)}
     info = {"kind": "fusion", "depth": model.mope.depth, "prompt_tokens": model.mope.n_tokens, "task": task,
             "task_digest": weights_digest(model), "n_classes": int(model.head.out_features), "psi_dim": psi_dim}
-    stem = fusion_graph_name(task, "x")[: -len(".x.onnx")]
-    return _write_variants(base, stem, out_dir, info, backbone, options, feeds,
+    return _write_variants(base, fusion_graph_stem(task), out_dir, info, backbone, options, feeds,
                            [out.logits.numpy(), out.routing.numpy()], names + ["logits", "routing"])
 
 

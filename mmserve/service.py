@@ -65,10 +65,14 @@ def dropped_connection(exc: BaseException) -> bool:
 FORM_TEXTS = "mmserve.form_texts"  # ASGI scope key: the text fields of a checked multipart body, exactly as sent
 
 
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status a BentoML error carries (e.g. 503 when the batch queue sheds load), else None."""
+    return getattr(getattr(exc, "error_code", None), "value", None)
+
+
 def engine_unavailable(exc: BaseException) -> bool:
     """True when a call to the engine failed because it is unreachable, restarting or shedding load (503)."""
-    code = getattr(getattr(exc, "error_code", None), "value", None)  # BentoML's errors carry the HTTP status
-    return dropped_connection(exc) or isinstance(exc, ConnectionError) or code == 503
+    return dropped_connection(exc) or isinstance(exc, ConnectionError) or http_status(exc) == 503
 
 
 def _as_text(value: Any) -> Any:
@@ -306,11 +310,10 @@ class MmServe:
         try:
             outcome = (await self._call(api, [item]))[0]
         except Exception as exc:  # engine overloaded (503 from BentoML's batch deadline), restarting or failing
-            status = getattr(getattr(exc, "error_code", None), "value", 500)
             if dropped_connection(exc):
                 logger.warning("engine connection failed %d times during %s", ENGINE_ATTEMPTS, api)
                 return Reply.error(503, "inference engine connection failed; retry", task)
-            if status == 503:
+            if http_status(exc) == 503:
                 return Reply.error(503, "server overloaded: the batch queue is past MMSERVE_MAX_LATENCY_MS; retry",
                                    task)
             logger.exception("engine call %s failed", api)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
+from .captions import class_word_captions
+from .emoji import class_name
 from .pretrain_pairs import Pair
 
 SOURCE_STYLE = "fluent"  # the pretraining emoji style transformed (see the module docstring)
@@ -43,9 +45,9 @@ def silhouette(image: Image.Image) -> Image.Image:
 TRANSFORMS = {"line": line_art, "silhouette": silhouette}
 
 
-def monochrome_pairs(pairs: list[Pair], out_dir: Path, class_words: dict[str, list[str]]) -> list[Pair]:
+def monochrome_pairs(pairs: list[Pair], out_dir: Path) -> list[Pair]:
     """For each Fluent colour emoji pair, its line art and its silhouette (written once under `out_dir`, then
-    cached), each captioned with only its class's bare words (`class_words[subgroup]`)."""
+    cached), each captioned with only its class's bare words."""
     out: list[Pair] = []
     for pair in pairs:
         if pair.source != f"emoji_{SOURCE_STYLE}":
@@ -59,6 +61,6 @@ def monochrome_pairs(pairs: list[Pair], out_dir: Path, class_words: dict[str, li
                 tmp = path.with_name(f".{path.name}.tmp.png")
                 transform(image).save(tmp)
                 tmp.replace(path)
-            out.append(replace(pair, image=path, captions=list(class_words[pair.extra["subgroup"]]),
+            out.append(replace(pair, image=path, captions=class_word_captions(class_name(pair.extra["subgroup"])),
                                source=f"emoji_{SOURCE_STYLE}_{name}"))
     return out

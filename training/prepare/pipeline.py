@@ -283,9 +283,7 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     task_classes = {e.subgroup for e in emoji["task"].values()}
     folder_pairs, folder_counts = with_folder_class_words(class_word_pairs, task_classes)
     n_folder_words = write_caption_csv(pre_dir / "train_classwords_folders.csv", folder_pairs)
-    subgroups = {p.extra["subgroup"] for p in train if "subgroup" in p.extra}
-    mono_pairs = monochrome_pairs(train, cfg.cache_dir / "emoji" / f"{cfg.size}px-mono",
-                                  {sub: class_word_captions(class_name(sub)) for sub in subgroups})
+    mono_pairs = monochrome_pairs(train, cfg.cache_dir / "emoji" / f"{cfg.size}px-mono")
     _check_no_task_images(mono_pairs, cfg.cache_dir)
     n_mono = write_caption_csv(pre_dir / "train_classwords_mono.csv", class_word_pairs + mono_pairs)
     by_source = Counter(p.source for p in pairs)
