@@ -92,6 +92,14 @@ def test_bench_http_section_against_the_real_server(tiny_backbone, tmp_path: Pat
     assert after["concurrency"] == 1 and after["ok"] == after["sent"] == 4 and after["p99_ms"] >= after["p50_ms"] > 0
     assert "HTTP on loopback" in format_report(report) and "right after the load" in format_report(report)
     assert "CPU ms per request (single" in format_report(report)
+    # the web floor: BentoML's own per-request CPU under the same uploads, and the decode, bound http/engine
+    floor = http["web_floor"]
+    assert floor["ok"] == floor["sent"] == 4 and floor["concurrency"] == 2, floor
+    assert floor["server_cpu_ms_per_request"] >= 0 and floor["client_cpu_ms_per_request"] > 0
+    assert floor["decode_cpu_ms"] > 0
+    bound = report["cpu_budget"]["single"]["bound"]
+    assert 0 < bound["best_http_over_engine"] < 1
+    assert "web floor (BentoML, same uploads, no model" in format_report(report)
 
 
 def test_cpu_budget_splits_a_request_into_model_and_overhead() -> None:
@@ -106,7 +114,13 @@ def test_cpu_budget_splits_a_request_into_model_and_overhead() -> None:
     assert single["overhead_ms"] == pytest.approx(7.0)
     assert single["predicted_http_over_engine"] == pytest.approx(10.0 / 17.0)
     assert "mixed" not in budget and budget["concurrency"] == 32 and budget["engine_batch"] == 32
+    assert "bound" not in single  # no web floor measured
     assert cpu_budget(timings, {"skipped": "disabled"}, config) == {}
+    http["web_floor"] = {"concurrency": 32, "throughput": 900.0, "server_cpu_ms_per_request": 1.0,
+                         "client_cpu_ms_per_request": 0.5, "decode_cpu_ms": 1.0}
+    bound = cpu_budget(timings, http, config)["single"]["bound"]
+    assert bound["least_overhead_ms"] == pytest.approx(2.5)
+    assert bound["best_http_over_engine"] == pytest.approx(10.0 / 12.5)  # model / (model + least overhead)
 
 
 def test_measure_interleaves_rounds_and_takes_the_median() -> None:

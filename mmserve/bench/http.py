@@ -44,9 +44,10 @@ def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) ->
 
 
 @contextmanager
-def bentoml_server_process(env: dict[str, str], log_path: Path, ready_timeout: float
-                           ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """As `bentoml_server`, yielding (URL, the `bentoml serve` process) so callers can watch its workers."""
+def bentoml_server_process(env: dict[str, str], log_path: Path, ready_timeout: float,
+                           target: str = "mmserve.service:MmServe") -> Iterator[tuple[str, subprocess.Popen]]:
+    """As `bentoml_server`, yielding (URL, the `bentoml serve` process) so callers can watch its workers;
+    `target` is the service to serve (the bench also serves its web floor, `mmserve.bench.web_floor:WebFloor`)."""
     import httpx
 
     bentoml_bin = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
@@ -55,7 +56,7 @@ def bentoml_server_process(env: dict[str, str], log_path: Path, ready_timeout: f
     port = _free_port()
     root = Path(__file__).resolve().parents[2]  # the project root: mmserve/bench/http.py
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([bentoml_bin, "serve", "mmserve.service:MmServe", "--host", "127.0.0.1", "--port",
+        proc = subprocess.Popen([bentoml_bin, "serve", target, "--host", "127.0.0.1", "--port",
                                  str(port), "--working-dir", str(root)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -91,9 +92,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 def server_roles(pid: int) -> dict[int, str]:
-    """The `bentoml serve` process tree by role: 'front' (the MmServe worker), 'engine' (MmServeEngine) or
-    'supervisor' (BentoML's arbiter and anything else it started)."""
+    """The `bentoml serve` process tree by role: 'front' (the MmServe worker, or the web floor's), 'engine'
+    (MmServeEngine) or 'supervisor' (BentoML's arbiter and anything else it started)."""
     import psutil
+
+    from mmserve.bench.web_floor import WEB_FLOOR_NAME  # imports bentoml: only where a server runs
 
     roles: dict[int, str] = {}
     try:
@@ -107,7 +110,8 @@ def server_roles(pid: int) -> dict[int, str]:
         except psutil.Error:
             continue
         name = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else None
-        roles[p.pid] = {"mmserve-engine": "engine", "mmserve": "front"}.get(name or "", "supervisor")
+        roles[p.pid] = {"mmserve-engine": "engine", "mmserve": "front", WEB_FLOOR_NAME: "front"}.get(name or "",
+                                                                                                  "supervisor")
     return roles
 
 
@@ -150,6 +154,46 @@ def _served_runtime(url: str) -> str | None:
         return httpx.get(f"{url}/tasks", timeout=10).json().get("runtime")
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
+
+
+def _decode_cpu_ms(backbone: Backbone, uploads: list[bytes], reps: int = 8) -> float:
+    """CPU ms to decode and preprocess one upload in-process (ImageDecoder, as the server does), mean over reps."""
+    from mmserve.images import ImageDecoder, preprocess_config, preprocess_from_config
+
+    decoder = ImageDecoder(preprocess_from_config(preprocess_config(backbone)))
+    decoder(uploads[0])  # warm-up
+    started = time.process_time()
+    for _ in range(reps):
+        for data in uploads:
+            decoder(data)
+    return 1e3 * (time.process_time() - started) / (reps * len(uploads))
+
+
+def web_floor_section(config: BenchConfig, env: dict[str, str], work: Path, make: Callable[[int], Any],
+                      decode_cpu_ms: float) -> dict[str, Any]:
+    """The web floor (`mmserve.bench.web_floor`) under the same uploads at the top concurrency: BentoML's own CPU
+    per request, server and load generator, beside `decode_cpu_ms`: what no BentoML server here can avoid."""
+    from mmserve.loadgen import run_load
+
+    conc = max(config.http_concurrency)
+    out: dict[str, Any] = {"concurrency": conc, "decode_cpu_ms": decode_cpu_ms}
+    try:
+        with bentoml_server_process(env, work / "web_floor.log", config.http_ready_timeout,
+                                    "mmserve.bench.web_floor:WebFloor") as (url, proc):
+            run_load(url, make, 64, min(8, conc))  # warm-up
+            roles = server_roles(proc.pid)
+            results, server_s, client_s = [], 0.0, 0.0
+            for _ in range(config.http_runs):
+                cpu, before = time.process_time(), server_cpu_s(roles)
+                results.append(run_load(url, make, config.http_requests, conc))
+                client_s += time.process_time() - cpu
+                server_s += sum(server_cpu_s(roles).values()) - sum(before.values())
+    except RuntimeError as exc:
+        return {**out, "skipped": str(exc)}
+    sent = sum(r.requests for r in results)
+    return {**out, "throughput": statistics.median(r.throughput for r in results), "ok": sum(r.ok for r in results),
+            "sent": sent, "server_cpu_ms_per_request": 1e3 * server_s / sent,
+            "client_cpu_ms_per_request": 1e3 * client_s / sent}
 
 
 def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_dir: Path | None,
@@ -217,6 +261,7 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
             res = run_load(url, maker(False), config.http_requests, low)
             results["after_load"] = {"traffic": "single", "concurrency": low, "throughput": res.throughput,
                                      "p50_ms": res.p50_ms, "p99_ms": res.p99_ms, "ok": res.ok, "sent": res.requests}
+        results["web_floor"] = web_floor_section(config, env, work, maker(False), _decode_cpu_ms(backbone, pngs))
     except RuntimeError as exc:
         return {"skipped": str(exc)}
     finally:

@@ -44,11 +44,14 @@ def cpu_budget(timings: dict[str, dict[str, Any]], http: dict[str, Any], config:
 
     When the cores are saturated, throughput is CPU available / CPU per request, so HTTP/engine is about
     model / (client + front + engine + supervisor): the share of a request's CPU that is the forward pass.
+    With the web floor measured, `bound` is that share for a server that pays nothing beyond BentoML's own
+    per-request CPU (the floor's server and load generator) and the decode: no BentoML server here does better.
     """
     if "traffic" not in http:
         return {}
     b, top = str(config.http_max_batch), str(max(config.http_concurrency))
     out: dict[str, Any] = {"concurrency": int(top), "engine_batch": int(b)}
+    floor = http.get("web_floor", {})
     for traffic, cases in http["traffic"].items():
         case = cases.get(top, {})
         server = case.get("server_cpu_ms_per_request")
@@ -61,6 +64,13 @@ def cpu_budget(timings: dict[str, dict[str, Any]], http: dict[str, Any], config:
                         "total_ms": total, "model_ms": model,
                         "engine_web_ms": server.get("engine", 0.0) - model,
                         "overhead_ms": total - model, "predicted_http_over_engine": _ratio(model, total)}
+        if "server_cpu_ms_per_request" in floor:
+            least = (floor["server_cpu_ms_per_request"] + floor["client_cpu_ms_per_request"]
+                     + floor["decode_cpu_ms"])
+            out[traffic]["bound"] = {"web_floor_ms": floor["server_cpu_ms_per_request"],
+                                     "web_floor_client_ms": floor["client_cpu_ms_per_request"],
+                                     "decode_ms": floor["decode_cpu_ms"], "least_overhead_ms": least,
+                                     "best_http_over_engine": _ratio(model, model + least)}
     return out
 
 
@@ -182,6 +192,16 @@ def format_report(report: dict[str, Any]) -> str:
                              f"spends {c['model_ms']:.1f} per image at batch {budget['engine_batch']}, so "
                              f"{c['overhead_ms']:.1f} is web stack and load generator and CPU shares predict "
                              f"http/engine {_fmt(c['predicted_http_over_engine'])}")
+        floor = http.get("web_floor", {})
+        bound = (budget.get("single") or {}).get("bound")
+        if bound:
+            lines.append(f"web floor (BentoML, same uploads, no model, concurrency {floor['concurrency']}): "
+                         f"{floor['throughput']:.0f} req/s, server {bound['web_floor_ms']:.2f} + client "
+                         f"{bound['web_floor_client_ms']:.2f} ms CPU per request; decode + preprocess "
+                         f"{bound['decode_ms']:.2f} ms per upload; a BentoML server paying only these reaches at "
+                         f"most http/engine {_fmt(bound['best_http_over_engine'])}")
+        elif floor.get("skipped"):
+            lines.append(f"web floor: skipped ({floor['skipped']})")
     else:
         lines.append(f"HTTP: skipped ({http.get('skipped')})")
     t = report["tokens"]
