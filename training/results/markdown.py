@@ -73,9 +73,11 @@ def markdown(report: dict) -> str:
              f"- Runs: `{report['runs_dir']}`",
              f"- Cells measured: {sum(1 for c in cells if c['complete'])} of {len(cells)} complete; "
              f"{len(report['missing'])} run(s) missing (listed at the end).", "",
-             "Scores are top-1 accuracy (%) on held-out emoji identities (never seen in training, never used for "
-             "tuning), mean ± standard deviation over seeds; a seed draws the k-shot train set and initialises "
-             "the prompts. `—` = not measured yet.", ""]
+             "Scores are top-1 accuracy (%) on held-out emoji identities (never seen in prompt training, never "
+             "used for tuning), mean ± standard deviation over seeds; a seed draws the k-shot train set and "
+             "initialises the prompts. The backbone's pretraining did see every emoji, these identities included, "
+             "drawn in two other styles (OpenMoji colour, Fluent 3D) and captioned with its names and class words, "
+             "never in a task style. `—` = not measured yet.", ""]
     lines += [f"## Classification: {len(styles)} emoji styles, {report['n_classes']} classes (emojibase subgroups)",
               ""]
     for shots in report["shots"]:
