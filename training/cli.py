@@ -23,9 +23,29 @@ from pathlib import Path
 
 from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.errors import MmserveError
+from mmserve.fileio import atomic_write_bytes
 from mmserve.prompts.mope import MoPEConfig
 from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.mmap_trainer import PromptSpec
+
+
+def positive_int(value: str) -> int:
+    """argparse type of counts and periods that must be >= 1 (argparse names the option in its error)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def field_value(value: str) -> tuple[str, str]:
+    """argparse type of --select FIELD=VALUE."""
+    name, sep, wanted = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (e.g. task=noto), got {value!r}")
+    return name, wanted
 
 
 def _add_backbone(p: argparse.ArgumentParser) -> None:
@@ -40,7 +60,8 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
 def _add_split(p: argparse.ArgumentParser, shots: int | None, test_fraction: float) -> None:
     g = p.add_argument_group("split")
     g.add_argument("--shots", type=lambda s: None if s == "all" else int(s), default=shots,
-                   help=f"training samples per class, or 'all' (default {shots or 'all'})")
+                   help=f"training samples per class, or 'all' (default {shots or 'all'}); "
+                        "ignored for multi-label fusion data (every non-test sample trains)")
     g.add_argument("--test-fraction", type=float, default=test_fraction, help="per class, held out for test")
     g.add_argument("--max-test", type=int, default=None, help="cap on test samples per class")
     g.add_argument("--split-by", choices=("file", "stem"), default="file",
@@ -57,7 +78,7 @@ def _add_optim(p: argparse.ArgumentParser, d: OptimConfig) -> None:
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help="samples per task and step: a multi-task step draws this many from EACH task and sums "
                         "the task losses (MmAP eq. 11); an epoch is ceil(largest task / batch) steps")
     g.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
@@ -180,7 +201,7 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     """Train a MoPE fusion task."""
     from training.mope_trainer import FuseConfig, train_mope
 
-    select = dict(s.split("=", 1) for s in a.select)
+    select = dict(a.select)
     mope = MoPEConfig(prompt_len=a.prompt_len, n_experts=a.experts, mapped_len=a.mapped_len,
                       mapper_hidden=a.mapper_hidden, temperature=a.temperature, routing=a.routing,
                       router_uses_image=a.router_uses_image, importance_threshold=a.importance_threshold,
@@ -237,7 +258,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     table = compare_markdown([run_summary(r) for r in a.runs])
     if a.out:
-        Path(a.out).write_text(table)
+        atomic_write_bytes(a.out, table.encode())
     print(table, end="")
     return 0
 
@@ -339,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--grouping", choices=("auto", "all", "single", "random", "file"), default="auto")
         g.add_argument("--groups-file", help="JSON groups for --grouping file")
         g.add_argument("--n-groups", type=int, default=None, help="auto: exactly N groups; random: N (default 2)")
-        g.add_argument("--group-steps", type=int, default=50, help="steps of the global prompt for grouping")
-        g.add_argument("--group-every", type=int, default=5, help="gradient snapshot period (steps)")
+        g.add_argument("--group-steps", type=positive_int, default=50, help="steps of the global prompt for grouping")
+        g.add_argument("--group-every", type=positive_int, default=5, help="gradient snapshot period (steps)")
         g.add_argument("--similarity", choices=("dot", "cosine"), default="dot")
         g.add_argument("--no-center", action="store_true",
                        help="score raw similarities (eq. 8 as printed: all-positive ones always give one group)")
@@ -354,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="fusion JSON lines (split unless --test is given)")
     p.add_argument("--test", help="fusion JSON lines of the test part")
     p.add_argument("--name", help="task name (default: the train file's stem)")
-    p.add_argument("--select", action="append", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--select", action="append", default=[], metavar="FIELD=VALUE", type=field_value,
                    help="keep only lines whose FIELD equals VALUE (repeatable), e.g. task=noto")
     p.add_argument("--split", help="split file: reused when it exists, else written")
     p.add_argument("--head", choices=("multiclass", "multilabel"), default=None)
@@ -425,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5, help="classification epochs (MmAP: 5)")
     p.add_argument("--lr", type=float, default=0.0035, help="classification SGD lr (MmAP: 0.0035)")
     p.add_argument("--fuse-epochs", type=int, default=10, help="fusion epochs (MoPE trainer default: 10)")
-    p.add_argument("--group-steps", type=int, default=50, help="steps of the global prompt for grouping")
-    p.add_argument("--group-every", type=int, default=5, help="gradient snapshot period (steps)")
+    p.add_argument("--group-steps", type=positive_int, default=50, help="steps of the global prompt for grouping")
+    p.add_argument("--group-every", type=positive_int, default=5, help="gradient snapshot period (steps)")
     p.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this many minutes")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run (default: go on)")
     p.add_argument("--template", default="auto",
@@ -460,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-cols", type=int, default=mmap_prompt.source_cols, help="MmAP n")
     p.add_argument("--fuse-epochs", type=int, default=10)
     p.add_argument("--fuse-head-lr", type=float, default=None, help="fusion head lr (default: the MoPE lr, 4e-4)")
-    p.add_argument("--group-steps", type=int, default=50)
-    p.add_argument("--group-every", type=int, default=5)
+    p.add_argument("--group-steps", type=positive_int, default=50)
+    p.add_argument("--group-every", type=positive_int, default=5)
     p.add_argument("--complementary", default="clip", help="fusion psi encoder: clip or minilm")
     p.add_argument("--experts", type=int, default=16, help="MoPE k of the fusion entry")
     p.add_argument("--tags", action="store_true", help="also ship the multi-label tags fusion entry")
@@ -484,17 +505,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("prepare", "pretrain"):
         # hand every remaining argument, options included (--help too), to the delegate's own parser
         func = cmd_prepare if argv[0] == "prepare" else cmd_pretrain
-        return func(argparse.Namespace(rest=argv[1:]))
+        return _run(argv[0], func, argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     args.argv = argv
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
+    return _run(args.command, args.func, args)
+
+
+def _run(command: str, func, args: argparse.Namespace) -> int:
+    """Run a subcommand; a bad input (the message names the file or option) is one `error:` line and exit 2."""
     try:
-        return args.func(args)
-    except (MmserveError, ValueError, FileNotFoundError) as exc:
-        print(f"mmserve-train {args.command}: error: {exc}", file=sys.stderr)
+        return func(args)
+    except (MmserveError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"mmserve-train {command}: error: {exc}", file=sys.stderr)
         return 2
 
 

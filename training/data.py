@@ -106,9 +106,12 @@ def load_class_names(root: Path, names_file: str | Path | None = None) -> dict[s
     candidates = [Path(names_file)] if names_file else [root / "classes.json", root.parent / "classes.json"]
     for path in candidates:
         if path.is_file():
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
             if isinstance(data, dict) and isinstance(data.get("classes"), list):
-                mapping = {str(c["id"]): str(c["name"]) for c in data["classes"]}
+                mapping = _class_entries(path, data["classes"])
             elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
                 mapping = dict(data)
             else:
@@ -118,6 +121,16 @@ def load_class_names(root: Path, names_file: str | Path | None = None) -> dict[s
         if names_file:
             raise FileNotFoundError(f"class-names file not found: {path}")
     return {}
+
+
+def _class_entries(path: Path, entries: list) -> dict[str, str]:
+    """prepare's {"classes": [{"id", "name"}, ...]} as id -> name; an entry without both names the file."""
+    mapping = {}
+    for i, c in enumerate(entries):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise ValueError(f"{path}: field classes[{i}] needs 'id' and 'name', got {c!r}")
+        mapping[str(c["id"])] = str(c["name"])
+    return mapping
 
 
 def discover_image_tasks(root: str | Path, bad: BadFiles, tasks: list[str] | None = None,

@@ -12,6 +12,7 @@ from pathlib import Path
 from mmserve.backbone import Backbone, BackboneSpec, load_backbone
 from mmserve.builders import load_classify_prompts, load_fusion
 from mmserve.complementary import build_complementary
+from mmserve.fileio import atomic_write_bytes
 from mmserve.registry import load_registry, read_manifest
 from training.classify import DEFAULT_TEMPLATE, Towers, predict
 from training.data import BadFiles, Item
@@ -120,5 +121,5 @@ def write_report(report: EvalReport, out_dir: str | Path, stem: str = "eval") ->
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{stem}.json", report.to_json())
     md = out_dir / f"{stem}.md"
-    md.write_text(report.to_markdown())
+    atomic_write_bytes(md, report.to_markdown().encode())
     return out_dir / f"{stem}.json", md

@@ -157,6 +157,9 @@ class Affinity:
 def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: GroupingConfig, lr: float,
                   batch_size: int, template: str, seed: int = 0, progress: bool = True) -> Affinity:
     """Train one global shared prompt on all tasks and average the tasks' gradient Gram matrices."""
+    for option, value in (("--group-steps", cfg.steps), ("--group-every", cfg.every)):
+        if value < 1:  # no snapshot would be taken: the similarity would be 0/0 = NaN
+            raise ValueError(f"grouping {option} must be >= 1, got {value}")
     bb = towers.backbone
     torch.manual_seed(seed)
     shared = build_prompt(prompt_config, bb.text_width, bb.vision_width, bb.text_layers, bb.vision_layers)
@@ -207,19 +210,34 @@ def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: Gro
 def read_groups_file(path: str | Path, names: list[str]) -> list[list[str]]:
     """Groups from JSON: [[task, ...], ...], a run's grouping.json ({"groups": [...], ...}) or {group: [tasks]}.
 
-    Every task must appear exactly once.
+    Every task must appear exactly once, and every group must be a non-empty list of task names.
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if isinstance(data, dict):
         groups = data["groups"] if isinstance(data.get("groups"), list) and all(
             isinstance(g, list) for g in data["groups"]) else list(data.values())
     else:
         groups = data
+    _check_groups(path, groups)
     flat = [t for g in groups for t in g]
     if sorted(flat) != sorted(names):
         raise ValueError(f"{path}: groups must cover every task exactly once; tasks {sorted(names)}, "
                          f"file has {sorted(flat)}")
     return [list(g) for g in groups]
+
+
+def _check_groups(path: str | Path, groups) -> None:
+    """Refuse anything but a list of non-empty lists of task names, naming the file and the group."""
+    if not isinstance(groups, list):
+        raise ValueError(f"{path}: field groups: expected a list of task lists, got {type(groups).__name__}")
+    for i, g in enumerate(groups):
+        if not isinstance(g, list) or not all(isinstance(t, str) for t in g):
+            raise ValueError(f"{path}: field groups[{i}]: expected a list of task names, got {g!r}")
+        if not g:
+            raise ValueError(f"{path}: field groups[{i}]: a group must name at least one task")
 
 
 def random_groups(names: list[str], n_groups: int, seed: int) -> list[list[str]]:

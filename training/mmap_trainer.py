@@ -237,7 +237,9 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
     towers = Towers.of(backbone)
     split, root = load_or_draw_split(cfg, bad)
     write_split(run_dir / "split.json", split)
-    write_json(run_dir / "config.json", config | {"backbone_fingerprint": backbone.fingerprint, "data_root": root})
+    # a reused split file decides the data: record how it was drawn, not the command line's split options
+    write_json(run_dir / "config.json", config | {"split": to_jsonable(split.config),
+                                                  "backbone_fingerprint": backbone.fingerprint, "data_root": root})
     tasks = task_data(towers, split, root, bad, cfg.cache_dir)
     zero = {t.name: zero_shot_metrics(towers, t.test, t.class_names, "multiclass", cfg.zero_shot_template)["accuracy"]
             for t in tasks}
@@ -304,16 +306,16 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
             log(f"stopping after epoch {epoch}; resume with --resume")
             return RunResult(run_dir, run_dir / "registry", {"stopped_after_epoch": epoch}, history,
                              count_params(bank), groups, {}, bad.seen)
-    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad)
+    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, split.config)
 
 
 def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData],
-            zero: dict[str, float], history: list[dict], groups, bad: BadFiles) -> RunResult:
+            zero: dict[str, float], history: list[dict], groups, bad: BadFiles, drawn: SplitConfig) -> RunResult:
     accs, preds = _evaluate(towers, bank, tasks, cfg.template)
     final: dict = {"template": cfg.template}
     for i, t in enumerate(tasks):
         final[t.name] = {"accuracy": accs[t.name], "zero_shot_accuracy": zero[t.name], "n_train": len(t.train),
-                         "n_test": len(t.test), "shots": cfg.split.shots, "split_seed": cfg.split.seed,
+                         "n_test": len(t.test), "shots": drawn.shots, "split_seed": drawn.seed,
                          "prompt": cfg.prompt.kind, "sharing": cfg.prompt.sharing,
                          "params_used": bank.params_used(i)}
     total = count_params(bank)

@@ -185,7 +185,9 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     write_split(run_dir / "split.json", split)
     name, task = next(iter(split.tasks.items()))
     multilabel = task.head == "multilabel"
-    write_json(run_dir / "config.json", config | {"backbone_fingerprint": backbone.fingerprint, "task": name,
+    # a reused split file decides the data: record how it was drawn, not the command line's split options
+    write_json(run_dir / "config.json", config | {"split": to_jsonable(split.config),
+                                                  "backbone_fingerprint": backbone.fingerprint, "task": name,
                                                   "head": task.head})
     train = part_tensors(root, task.train, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     test = part_tensors(root, task.test, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)

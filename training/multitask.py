@@ -49,6 +49,8 @@ class Batcher:
     """Seeded per-task shuffles: each call gives one index batch per task; a task that runs out reshuffles."""
 
     def __init__(self, sizes: list[int], batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch size (--batch-size) must be >= 1, got {batch_size}")
         self.sizes = sizes
         self.batch_size = batch_size
         self.gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(sizes))]

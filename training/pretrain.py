@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmserve.fileio import atomic_write_bytes
+
 MODEL_NAME = "mmserve-vit-p12-96"
 DEFAULT_RUN = f"pretrain-{MODEL_NAME}"
 # augmentation for 96 px drawings: mild crops (objects fill the square), colour jitter and some grey
@@ -151,7 +153,7 @@ def write_smoke_csv(cfg: PretrainConfig, steps: int) -> Path:
     header, rows = lines[0], lines[1:]
     random.Random(cfg.seed).shuffle(rows)
     out = cfg.cache_dir / "pretrain" / "smoke.csv"
-    out.write_text("\n".join([header, *rows[: steps * cfg.batch_size]]) + "\n")
+    atomic_write_bytes(out, ("\n".join([header, *rows[: steps * cfg.batch_size]]) + "\n").encode())
     return out
 
 

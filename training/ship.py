@@ -328,10 +328,9 @@ def ship(cfg: ShipConfig) -> dict:
         "model_card": str(out / "backbone" / "MODEL_CARD.md"),
     }
     report["wall_s"] = round(time.time() - t0, 1)
-    (out / "backbone").mkdir(parents=True, exist_ok=True)
-    (out / "backbone" / "MODEL_CARD.md").write_text(model_card(report))
-    (out / "README.md").write_text(readme(report))
-    (out / "ship.json").write_text(dump(to_jsonable(report)))
+    atomic_write_bytes(out / "backbone" / "MODEL_CARD.md", model_card(report).encode())
+    atomic_write_bytes(out / "README.md", readme(report).encode())
+    atomic_write_bytes(out / "ship.json", dump(to_jsonable(report)).encode())
     write_json(runs / "ship_report.json", report)
     log(f"ship: done in {report['wall_s']:.0f} s; zero-shot mean {zs['mean']:.4f}, MmAP mean {mmap_mean:.4f}")
     return report

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from training.config import SplitConfig
 from training.data import ClassTask, Item, default_class_name
+from training.progress import log
 
 SPLIT_FORMAT = "mmserve-split"
 SPLIT_VERSION = 1
@@ -116,12 +117,19 @@ def labels_of(items: list[Item]) -> list[str]:
 
 def fusion_split(name: str, items: list[Item], cfg: SplitConfig, test_items: list[Item] | None = None,
                  classes: list[str] | None = None, head: str | None = None) -> Split:
-    """Split fusion items (or take `test_items` as the test part, then only train is k-shot sampled)."""
+    """Split fusion items (or take `test_items` as the test part).
+
+    Multi-class: train is k-shot sampled (`cfg.shots` per class). Multi-label: a sample has several labels, so
+    "k per class" is ambiguous: `shots` is ignored, every non-test sample trains, and the split records shots None.
+    """
     multilabel = any(isinstance(it.label, list) for it in items + (test_items or []))
     head = head or ("multilabel" if multilabel else "multiclass")
     if head == "multiclass" and multilabel:
         raise ValueError(f"task {name}: list labels need --head multilabel")
     if head == "multilabel":
+        if cfg.shots is not None:
+            log(f"task {name}: multi-label, so --shots {cfg.shots} is ignored (every non-test sample trains)")
+            cfg = replace(cfg, shots=None)
         items = [it if isinstance(it.label, list) else Item(it.image, [it.label], it.text) for it in items]
         test_items = None if test_items is None else [
             it if isinstance(it.label, list) else Item(it.image, [it.label], it.text) for it in test_items]
@@ -167,15 +175,46 @@ def read_split(path: str | Path) -> Split:
         raise ValueError(f"{path}: not a readable split file ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT or data.get("version") != SPLIT_VERSION:
         raise ValueError(f"{path}: not a {SPLIT_FORMAT} v{SPLIT_VERSION} file")
-    split = Split(data["kind"], data["root"], SplitConfig(**data["config"]))
-    for name, t in data["tasks"].items():
-        train = [Item.from_dict(d) for d in t["train"]]
-        test = [Item.from_dict(d) for d in t["test"]]
-        overlap = {it.image for it in train} & {it.image for it in test}
-        if overlap and split.kind == "classify":
-            raise ValueError(f"{path}: task {name}: train and test share {len(overlap)} image(s)")
-        split.tasks[name] = SplitTask(t["classes"], t["class_names"], train, test, t.get("head", "multiclass"))
+    split = Split(_field(data, "kind", str, path), _field(data, "root", str, path), _split_config(data, path))
+    for name, t in _field(data, "tasks", dict, path).items():
+        split.tasks[name] = _split_task(path, split.kind, name, t)
     return split
+
+
+def _field(data: dict, key: str, kind: type | tuple[type, ...], path: Path, where: str = ""):
+    """data[key], or a ValueError naming the file and the field when it is missing or of the wrong type."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: field {where.rstrip('.')} must be a JSON object, got {type(data).__name__}")
+    if key not in data:
+        raise ValueError(f"{path}: field {where}{key} is missing")
+    if not isinstance(data[key], kind):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{path}: field {where}{key} must be a {expected}, got {type(data[key]).__name__}")
+    return data[key]
+
+
+def _split_config(data: dict, path: Path) -> SplitConfig:
+    config = _field(data, "config", dict, path)
+    unknown = sorted(set(config) - {f.name for f in fields(SplitConfig)})
+    if unknown:
+        raise ValueError(f"{path}: field config has unknown key(s) {unknown}")
+    return SplitConfig(**config)
+
+
+def _split_task(path: Path, kind: str, name: str, t: dict) -> SplitTask:
+    where = f"tasks.{name}."
+    parts = {}
+    for part in ("train", "test"):
+        items = _field(t, part, list, path, where)
+        for i, d in enumerate(items):
+            _field(d, "image", str, path, f"{where}{part}[{i}].")
+            _field(d, "label", (str, list), path, f"{where}{part}[{i}].")
+        parts[part] = [Item.from_dict(d) for d in items]
+    overlap = {it.image for it in parts["train"]} & {it.image for it in parts["test"]}
+    if overlap and kind == "classify":
+        raise ValueError(f"{path}: task {name}: train and test share {len(overlap)} image(s)")
+    return SplitTask(_field(t, "classes", list, path, where), _field(t, "class_names", list, path, where),
+                     parts["train"], parts["test"], t.get("head", "multiclass"))
 
 
 def validation_split(split: Split, fraction: float = 0.25, seed: int = 0) -> Split:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from mmserve.fileio import atomic_write_bytes
 
 from .methods import ZERO_SHOT
 
@@ -45,7 +48,8 @@ def plot(report: dict, path: Path) -> Path:
         if drawn:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return path

@@ -7,6 +7,7 @@ import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mmserve.fileio import atomic_write_bytes
 from training.progress import log
 from training.runs import write_json
 
@@ -123,6 +124,6 @@ def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
     report["plot"] = str(png)
     plot(report, png)
     write_json(js, report)
-    md.write_text(markdown(report))
+    atomic_write_bytes(md, markdown(report).encode())
     log(f"results: wrote {md}, {js}, {png}")
     return md, js, png
