@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mmserve.backbone import Backbone
+from mmserve.fileio import atomic_write_bytes
 from mmserve.registry import BackboneRef
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,12 +47,8 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (a unique temp file, fsynced, then renamed; removed if the write fails)."""
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=1) + "\n").encode())
 
 
 def backbone_ref(backbone: Backbone) -> BackboneRef:
