@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from training.cli import main
 from training.evaluate import evaluate_registry
 from training.splits import read_split, write_split
 from training.synthetic import write_fusion_jsonl, write_image_task
+from training.zeroshot import zero_shot
 
 TINY = ["--model", "mmserve-tiny", "--no-progress"]
 
@@ -59,6 +63,34 @@ def test_zeroshot_command_matches_the_reference_in_eval(classify_run: Path):
     trained = json.loads((work / "run" / "metrics.json").read_text())["final"]["tasks"]
     assert {k: v["accuracy"] for k, v in zs.items()} == pytest.approx(
         {k: v["zero_shot_accuracy"] for k, v in trained.items()})
+
+
+def test_zero_shot_equals_textbook_clip_zero_shot(tiny_backbone, tmp_path: Path):
+    """The reference written out: open_clip's encode_image / encode_text, cosine, argmax, accuracy."""
+    classes = {"red_ball": "red", "green_leaf": "green", "blue_sky": "blue", "yellow_sun": "yellow",
+               "small_cat": "red", "big_dog": "blue"}
+    for i, (folder, colour) in enumerate(classes.items()):  # 2, 4, .., 12 images: a different test count each
+        write_image_task(tmp_path / "data", "shapes", {folder: colour}, 2 * (i + 1), seed=i)
+    split = str(tmp_path / "split.json")
+    assert main(["split", "--root", str(tmp_path / "data"), "--out", split, "--shots", "1"]) == 0
+    task = read_split(split).tasks["shapes"]
+    got = zero_shot(tiny_backbone, read_split(split))["shapes"]  # its default template
+
+    model = tiny_backbone.model
+    with torch.no_grad():
+        images = torch.stack([tiny_backbone.preprocess(Image.open(tmp_path / "data" / it.image).convert("RGB"))
+                              for it in task.test])
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        prompts = [f"a photo of a {folder.replace('_', ' ')}." for folder in task.classes]
+        text_features = F.normalize(model.encode_text(tiny_backbone.tokenizer(prompts)), dim=-1)
+    similarity = image_features @ text_features.T
+    labels = torch.tensor([task.classes.index(it.label) for it in task.test])
+    expected = (similarity.argmax(dim=-1) == labels).float().mean().item()
+    assert got["n_test"] == len(task.test) and len({it.label for it in task.test}) == 6
+    assert got["accuracy"] == pytest.approx(expected, abs=1e-9)
+    # the data can tell a right ranking from a wrong one (e.g. argmin), so the equality above means something (a
+    # random tiny backbone may rank every image alike: the classes' distinct test counts still tell them apart)
+    assert (similarity.argmin(dim=-1) == labels).float().mean().item() != pytest.approx(expected, abs=1e-9)
 
 
 def test_unknown_test_labels_are_reported_then_skipped_or_stop(classify_run: Path, tiny_backbone, capsys):

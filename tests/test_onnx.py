@@ -169,8 +169,17 @@ def test_int8_agreement_is_measured_and_sane(onnx_dir: Path, registry_dir: Path,
     prompts = _task_prompts(registry_dir, tiny_backbone)["clipart"]
     images = _images(64, 3)
     fp32 = _runtime(tiny_backbone, onnx_dir, "fp32").encode(images, prompts)
-    int8 = _runtime(tiny_backbone, onnx_dir, "int8").encode(images, prompts)
+    int8_runtime = _runtime(tiny_backbone, onnx_dir, "int8")
+    int8 = int8_runtime.encode(images, prompts)
     assert torch.isfinite(int8).all() and int8.shape == fp32.shape
+    # the int8 graph really served the request: the only session opened is the int8 file, quantized ops inside
+    (slot,) = int8_runtime._sessions
+    session, info = int8_runtime.session(("image", 2, 4))
+    assert slot == (("image", 2, 4), "int8") and info.variant == "int8"
+    assert Path(session._model_path).resolve() == (onnx_dir / info.file).resolve()
+    assert any(n.op_type in ("QAttention", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul")
+               for n in onnx.load(str(onnx_dir / info.file)).graph.node)
+    assert (int8 - fp32).abs().max().item() > 1e-4  # quantized: not fp32 served under the int8 name
     cosine = (fp32 * int8).sum(-1)  # both normalised
     assert cosine.min().item() > 0.9  # int8 is close to fp32, not equal (random tiny model: no 99% claim here)
     text = torch.nn.functional.normalize(torch.randn(10, tiny_backbone.embed_dim,

@@ -118,7 +118,16 @@ def test_model_card_and_readme_name_the_numbers_and_commands(shipped):
         assert f"| {name} | {ev['kind']} | {ev['metric']} | {100 * ev['score']:.1f} |" in readme
 
 
-def test_ship_from_the_exported_file_reuses_the_runs(shipped, tmp_path: Path):
+def test_ship_from_the_exported_file_reuses_the_runs(shipped, tmp_path: Path, monkeypatch):
+    import training.mmap_trainer as mmap_trainer  # where the trainers take their steps
+    import training.mope_trainer as mope_trainer
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(mmap_trainer, "multitask_step", must_not_train)  # MmAP training steps
+    monkeypatch.setattr(mmap_trainer, "task_affinity", must_not_train)  # the grouping: restored, not remeasured
+    monkeypatch.setattr(mope_trainer, "_loss", must_not_train)  # MoPE training steps (fusion and tags)
     out, _, argv, report = shipped
     again = list(argv)
     again[again.index("--checkpoint") + 1] = str(out / "backbone" / f"{TINY_MODEL}.safetensors")

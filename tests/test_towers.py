@@ -65,6 +65,13 @@ def test_text_pools_at_the_true_eot_after_insertion(tiny_backbone):
         assert (out - wrong).abs().max() > 1e-3  # the check above can tell positions apart
 
 
+def _patch_and_cls_embeds(visual, images: torch.Tensor) -> torch.Tensor:
+    """CLIP's ViT input written out by hand: [CLS, patches] + positions, then ln_pre: (B, 1 + N, d_v)."""
+    patches = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, N, d_v), row-major over the patch grid
+    cls = visual.class_embedding.expand(images.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls, patches], dim=1) + visual.positional_embedding)
+
+
 @pytest.mark.parametrize("pool_type", ["tok", "avg"])
 def test_image_pool_excludes_prompts(pool_type):
     backbone = load_backbone(BackboneSpec(TINY_MODEL, seed=1))
@@ -73,11 +80,40 @@ def test_image_pool_excludes_prompts(pool_type):
     image_enc = PromptedImageEncoder(backbone)
     images = torch.randn(2, 3, 32, 32)
     n_prompt = 5
-    prompts = torch.randn(2, n_prompt, backbone.vision_width)
-    with torch.no_grad():
-        out, hidden = _final_block_output(visual.transformer.resblocks,
-                                          lambda: image_enc(images, prompts, normalize=False))
-        assert hidden.shape[1] == 1 + n_prompt + 16  # CLS, prompts, 4x4 patches
+    prompts = torch.randn(2, n_prompt, backbone.vision_width)  # shared (K=2, P, d_v): one set per layer
+    blocks = visual.transformer.resblocks
+    seq_first = not visual.transformer.batch_first
+    block_inputs: list[torch.Tensor] = []
+    block_outputs: list[torch.Tensor] = []
+    handles = [b.register_forward_pre_hook(lambda m, args: block_inputs.append(args[0])) for b in blocks]
+    handles += [b.register_forward_hook(lambda m, args, out: block_outputs.append(out)) for b in blocks]
+    try:
+        with torch.no_grad():
+            out = image_enc(images, prompts, normalize=False)
+            embeds = _patch_and_cls_embeds(visual, images)
+    finally:
+        for h in handles:
+            h.remove()
+    ins = [x.transpose(0, 1) if seq_first else x for x in block_inputs]  # (B, L, d_v)
+    outs = [x.transpose(0, 1) if seq_first else x for x in block_outputs]
+    hidden = outs[-1]
+    assert len(ins) == len(outs) == backbone.vision_layers == 2
+    # layer 0 sees exactly [CLS, the layer-0 prompts, the 4x4 patches] in that order, independent of the encoder
+    expected = torch.cat([embeds[:, :1], prompts[0].expand(2, -1, -1), embeds[:, 1:]], dim=1)
+    assert ins[0].shape == (2, 1 + n_prompt + 16, backbone.vision_width)
+    assert (ins[0] - expected).abs().max() <= 1e-5
+    # layer 1: the layer-1 prompts replace the prompt slots after CLS, CLS and patch states pass through
+    expected = torch.cat([outs[0][:, :1], prompts[1].expand(2, -1, -1), outs[0][:, 1 + n_prompt:]], dim=1)
+    assert (ins[1] - expected).abs().max() <= 1e-5
+    with torch.no_grad():  # the whole prompted forward by hand: blocks, ln_post, pool without prompts, proj
+        x = torch.cat([embeds[:, :1], prompts[0].expand(2, -1, -1), embeds[:, 1:]], dim=1)
+        for i, block in enumerate(blocks):
+            if i:
+                x = torch.cat([x[:, :1], prompts[i].expand(2, -1, -1), x[:, 1 + n_prompt:]], dim=1)
+            x = block(x.transpose(0, 1)).transpose(0, 1) if seq_first else block(x)
+        x = visual.ln_post(x)
+        by_hand = (x[:, 0] if pool_type == "tok" else x[:, 1 + n_prompt:].mean(dim=1)) @ visual.proj
+        assert (out - by_hand).abs().max() <= 1e-5
         normed = visual.ln_post(hidden)
         if pool_type == "tok":
             pooled = normed[:, 0]

@@ -19,6 +19,7 @@ from mmserve.registry import load_registry
 from training.classify import Towers
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles
+from training.metrics import f1_scores
 from training.mope_trainer import FuseConfig, encode_texts, evaluate_fusion, train_mope
 from training.splits import read_split
 from training.synthetic import write_fusion_jsonl
@@ -62,6 +63,37 @@ def test_multiclass_loss_falls_and_routing_is_reported_every_epoch(runs):
             shares = torch.tensor(e[f"{part}_expert_importance"])
             assert shares.shape == (2, 4) and torch.allclose(shares.sum(dim=1), torch.ones(2))
         assert 0 <= e["train_importance_loss"] <= 4 - 1 and "test_accuracy" in e  # CV^2 of k = 4 scores <= k - 1
+
+
+def test_importance_loss_is_in_the_loss_that_trains(folder, tiny_backbone):
+    """Same seed, importance weight 1 vs 0: only the importance term can make the trained routers differ."""
+    mope = replace(MOPE, importance_threshold=0.0)  # every layer's CV^2 counts (and gives a gradient)
+    optim = OptimConfig("adamw", 0.03, weight_decay=0.0, epochs=1, batch_size=12, schedule="constant")
+    weighted, plain = (train_mope(_config(folder, "single", f"importance-{w}", mope=replace(mope, importance_weight=w),
+                                          optim=optim), tiny_backbone) for w in (1.0, 0.0))
+    for run, w in ((weighted, 1.0), (plain, 0.0)):  # the logged loss is the task loss plus the weighted term
+        (e,) = run.epochs
+        assert e["train_importance_loss"] > 1e-3
+        assert e["train_loss"] == pytest.approx(e["train_task_loss"] + w * e["train_importance_loss"], rel=1e-6)
+    routers = [load_fusion(load_registry(r.registry_dir, tiny_backbone), "single", tiny_backbone).mope.router
+               for r in (weighted, plain)]
+    assert (routers[0] - routers[1]).abs().max().item() > 1e-4
+
+
+def test_f1_scores_of_a_worked_example():
+    pred = torch.tensor([[1, 0], [1, 1]])
+    target = torch.tensor([[1, 0], [0, 1]])
+    # class 0: tp 1, fp 1, fn 0 -> F1 2/3; class 1: tp 1, fp 0, fn 0 -> F1 1
+    # micro: tp 2, fp 1, fn 0 -> 4 / 5; macro: (2/3 + 1) / 2 = 5/6
+    got = f1_scores(pred, target)  # computed in float32
+    assert got["f1_micro"] == pytest.approx(0.8, abs=1e-6) and got["f1_macro"] == pytest.approx(5 / 6, abs=1e-6)
+    # a class absent from targets and predictions is skipped by macro (not scored 0 or 1); nothing else changes
+    absent = f1_scores(torch.cat([pred, torch.zeros(2, 1)], 1), torch.cat([target, torch.zeros(2, 1)], 1))
+    assert absent == pytest.approx(got, abs=1e-6)
+    # a class only predicted (no positives in targets) scores F1 0: macro (2/3 + 1 + 0) / 3, micro 4 / 6
+    only_pred = f1_scores(torch.cat([pred, torch.tensor([[1], [0]])], 1), torch.cat([target, torch.zeros(2, 1)], 1))
+    assert only_pred == pytest.approx({"f1_micro": 4 / 6, "f1_macro": 5 / 9}, abs=1e-6)
+    assert f1_scores(torch.zeros(2, 2), torch.zeros(2, 2)) == {"f1_micro": 0.0, "f1_macro": 0.0}
 
 
 def test_multilabel_head_reports_f1_micro_and_macro(runs):
