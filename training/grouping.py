@@ -103,7 +103,8 @@ def exact_partition(sim: list[list[float]], n_groups: int | None = None) -> tupl
 
 
 def heuristic_partition(sim: list[list[float]], n_groups: int | None = None) -> tuple[list[list[int]], float]:
-    """Agglomerative merging by largest positive cross similarity (or down to `n_groups`), then local moves."""
+    """Agglomerative merging by largest positive cross similarity (or down to `n_groups`), then local moves: a task
+    moves to the group it gains most with, or (group count free) out on its own when its own group costs it."""
     groups = [[i] for i in range(len(sim))]
     while len(groups) > 1:
         cross = [(sum(sim[a][b] for a in groups[x] for b in groups[y]), x, y)
@@ -120,12 +121,17 @@ def heuristic_partition(sim: list[list[float]], n_groups: int | None = None) -> 
             if len(src) == 1 and n_groups is not None:
                 continue  # moving it would close a group
             loss = sum(sim[task][j] for j in src if j != task)
-            for dst in groups:
-                if dst is not src and sum(sim[task][j] for j in dst) > loss + 1e-12:
-                    src.remove(task)
-                    dst.append(task)
-                    improved = True
-                    break
+            # every move strictly raises the partition score, so the loop ends
+            options = [g for g in groups if g is not src]
+            if n_groups is None and len(src) > 1:
+                options.append([])  # a group of its own: gains 0
+            gain, dst = max(((sum(sim[task][j] for j in g), i) for i, g in enumerate(options)), default=(0.0, -1))
+            if dst >= 0 and gain > loss + 1e-12:
+                src.remove(task)
+                options[dst].append(task)
+                if not options[dst][:-1]:
+                    groups.append(options[dst])
+                improved = True
             groups = [g for g in groups if g]
     groups = [sorted(g) for g in groups]
     return sorted(groups), partition_score(sim, groups)
