@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,24 @@ def test_validation_split_holds_out_train_identities_in_every_task(tmp_path: Pat
     assert validation_split(split, 0.25, 4).tasks["noto"].test != val.tasks["noto"].test
     with pytest.raises(ValueError, match="fraction"):
         validation_split(split, 1.0)
+
+
+def test_validation_never_takes_a_class_last_train_identity(tmp_path: Path):
+    root = tmp_path / "data"
+    for task in ("noto", "twemoji"):
+        write_image_task(root, task, CLASSES, 8, seed=zlib.crc32(task.encode()) % 100)
+    tasks = discover_image_tasks(root, BadFiles())
+    for shots in (1, 2):
+        split = classify_split(root, tasks, SplitConfig(shots=shots, test_fraction=0.5, split_by="stem"))
+        val = validation_split(split, 0.25, 0)
+        held: Counter[str] = Counter()
+        for name, t in val.tasks.items():
+            assert {i.label for i in t.train} == set(t.classes), (shots, name)  # every class still trains
+            held.update(i.label for i in t.test)
+        if shots == 1:  # nothing to spare: every task keeps its one identity of each class
+            assert not held
+        else:  # two per task: each class is still validated somewhere
+            assert set(held) == set(CLASSES), held
 
 
 def test_split_file_rejects_overlap_and_foreign_files(tree: Path, tmp_path: Path):

@@ -222,22 +222,33 @@ def validation_split(split: Split, fraction: float = 0.25, seed: int = 0) -> Spl
     the real test part.
 
     Per class, a seeded `fraction` (at least one) of the train identities (file stems, one set over all tasks, so
-    an emoji drawn in two styles never sits on both sides) becomes validation; the test part is dropped.
+    an emoji drawn in two styles never sits on both sides) becomes validation, never one that is the last train
+    identity of the class in some task (a task with one shot of a class keeps it); the test part is dropped.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
     stems: dict[str, set[str]] = {}
+    per_task: dict[str, list[set[str]]] = {}  # label -> the stems of each task that trains on it
     for task in split.tasks.values():
+        of_task: dict[str, set[str]] = {}
         for it in task.train:
             for label in it.label if isinstance(it.label, list) else [it.label]:
                 stems.setdefault(label, set()).add(Path(it.image).stem)
+                of_task.setdefault(label, set()).add(Path(it.image).stem)
+        for label, s in of_task.items():
+            per_task.setdefault(label, []).append(s)
     held: set[str] = set()
     taken: set[str] = set()
     for label in sorted(stems):
         pool = sorted(stems[label] - taken)
         random.Random(f"{seed}:validation:{label}").shuffle(pool)
-        pick = pool[:max(1, round(len(pool) * fraction))] if pool else []
-        held |= set(pick)
+        want = max(1, round(len(pool) * fraction)) if pool else 0
+        for stem in pool:
+            if want == 0:
+                break
+            if all(s - held - {stem} for s in per_task[label]):  # every task keeps a train identity of the class
+                held.add(stem)
+                want -= 1
         taken |= stems[label]
     tasks = {}
     for name, t in split.tasks.items():
