@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,6 +13,7 @@ from mmserve.errors import MmserveError
 
 RUNTIMES = ("torch", "onnx")
 NO_PRETRAINED = ("", "none", "random")  # MMSERVE_BACKBONE_PRETRAINED values meaning random init (tests only)
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # MMSERVE_DEVICE values (lower-cased)
 
 
 class ConfigError(MmserveError, ValueError):
@@ -22,6 +24,17 @@ def project_root() -> Path:
     """The directory holding `mmserve/` and `models/`: the repository, or `src/` inside a built bento."""
     root = Path(__file__).resolve().parent.parent
     return root if (root / "models").is_dir() else Path.cwd()
+
+
+def _default_checkpoint(root: Path, model: str) -> Path:
+    """models/backbone/<model>.safetensors; a model other than the embedded one must have that file, or
+    MMSERVE_BACKBONE_PRETRAINED must say where its weights are."""
+    checkpoint = root / "models" / "backbone" / f"{model}.safetensors"
+    if model != EMBEDDED_MODEL and not checkpoint.is_file():
+        raise ConfigError(f"MMSERVE_BACKBONE_MODEL={model!r} without MMSERVE_BACKBONE_PRETRAINED: there is no "
+                          f"{checkpoint}; set MMSERVE_BACKBONE_PRETRAINED to a checkpoint path or an open_clip tag "
+                          f"(e.g. openai), or 'none' for random weights")
+    return checkpoint
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -63,13 +76,14 @@ class ServeConfig:
         env = os.environ if env is None else env
         root = project_root()
         registry = Path(env.get("MMSERVE_REGISTRY") or root / "models" / "registry")
+        model = env.get("MMSERVE_BACKBONE_MODEL") or EMBEDDED_MODEL
         pretrained = env.get("MMSERVE_BACKBONE_PRETRAINED")
         if pretrained is None:
-            pretrained = str(root / "models" / "backbone" / f"{EMBEDDED_MODEL}.safetensors")
+            pretrained = str(_default_checkpoint(root, model))
         elif pretrained.strip().lower() in NO_PRETRAINED:
             pretrained = None
         device = (env.get("MMSERVE_DEVICE") or "cpu").strip().lower()
-        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        if not DEVICE.fullmatch(device):
             raise ConfigError(f"MMSERVE_DEVICE={device!r}: expected cpu, cuda or cuda:N")
         runtime = (env.get("MMSERVE_RUNTIME") or "torch").strip().lower()
         if runtime not in RUNTIMES:
@@ -77,7 +91,7 @@ class ServeConfig:
         defaults = {f.name: f.default for f in fields(cls)}
         return cls(
             registry=registry,
-            backbone_model=env.get("MMSERVE_BACKBONE_MODEL") or EMBEDDED_MODEL,
+            backbone_model=model,
             backbone_pretrained=pretrained,
             backbone_seed=_int(env, "MMSERVE_BACKBONE_SEED", defaults["backbone_seed"], 0),
             device=device,

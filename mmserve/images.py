@@ -22,6 +22,7 @@ from mmserve.errors import MmserveError
 
 ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+MAX_ASPECT = 100  # long side / short side: the transform scales the short side up to the model size
 
 
 class ImageError(MmserveError, ValueError):
@@ -45,10 +46,16 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _high_bit_to_l(img: Image.Image) -> Image.Image:
-    """16-bit / 32-bit / float greyscale to 8-bit L (Pillow's convert() would clip instead of scale)."""
+    """16-bit / 32-bit / float greyscale to 8-bit L (Pillow's convert() would clip instead of scale).
+
+    I;16 modes have a known range (0..65535); only 32-bit 'I' and float 'F' guess theirs from the peak value.
+    """
     arr = np.asarray(img, dtype=np.float64)
-    peak = float(arr.max()) if arr.size else 0.0
-    scale = 1.0 if peak <= 1.0 and img.mode == "F" else (65535.0 if peak > 255 else 255.0)
+    if img.mode.startswith("I;16"):
+        scale = 65535.0
+    else:
+        peak = float(arr.max()) if arr.size else 0.0
+        scale = 1.0 if peak <= 1.0 and img.mode == "F" else (65535.0 if peak > 255 else 255.0)
     return Image.fromarray(np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -81,6 +88,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
                          f"(decompression bomb guard, MMSERVE_MAX_IMAGE_PIXELS)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(f"image is {width}x{height} px: aspect ratio over {MAX_ASPECT}:1")
     try:
         img.load()
     except MemoryError:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,11 +143,14 @@ def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Ten
     return rel, digest
 
 
+def content_version(payload: Mapping[str, object]) -> str:
+    """The version of a manifest's JSON object: a hash of everything but `version` and `created`."""
+    content = {k: v for k, v in payload.items() if k not in ("version", "created")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _manifest_version(manifest: Manifest) -> str:
-    payload = asdict(manifest)
-    payload.pop("version")
-    payload.pop("created")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return content_version(asdict(manifest))
 
 
 def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str, dict[str, torch.Tensor]],
@@ -232,6 +236,9 @@ def _check_names(manifest: Manifest, path: Path) -> None:
         for name in g.tasks:
             if name not in seen:
                 raise RegistryError(f"{path}: groups[{g.name}].tasks: unknown task '{name}'")
+    for t in manifest.tasks:
+        if not 0.0 <= t.threshold <= 1.0:  # also refuses NaN
+            raise RegistryError(f"{path}: tasks[{t.name}].threshold: {t.threshold} is not a probability in [0, 1]")
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -245,8 +252,9 @@ def read_manifest(root: str | Path) -> Manifest:
         raise RegistryError(f"{path}: invalid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
         raise RegistryError(f"{path}: not UTF-8 text: {exc}") from None
-    except OSError as exc:  # the path is a file, a directory without read permission, ...
-        raise RegistryError(f"{path}: unreadable ({exc.strerror or exc}; is {root} a registry directory?)") from None
+    except (OSError, ValueError) as exc:  # a file, a directory without read permission, a NUL byte, ...
+        reason = getattr(exc, "strerror", None) or exc
+        raise RegistryError(f"{path}: unreadable ({reason}; is {root} a registry directory?)") from None
     if not isinstance(data, dict):
         raise RegistryError(f"{path}: expected a JSON object")
     version = data.get("schema_version")
@@ -266,6 +274,10 @@ def read_manifest(root: str | Path) -> Manifest:
         "tasks": [_build(TaskEntry, t, f"{path}: tasks[{i}]") for i, t in enumerate(data["tasks"])],
     }, str(path))
     _check_names(manifest, path)
+    expected = _manifest_version(manifest)
+    if manifest.version != expected:
+        raise RegistryError(f"{path}: version: the content hash is {expected}, the manifest says "
+                            f"{manifest.version!r} (edited by hand? write registries with save_registry)")
     return manifest
 
 
@@ -273,7 +285,11 @@ def _load_weights(root: Path, rel: str, sha: str, where: str) -> dict[str, torch
     path = root / rel
     if not rel or not path.is_file():
         raise RegistryError(f"{root / MANIFEST}: {where}.weights: file '{rel}' is missing")
-    if sha256_file(path) != sha:
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise RegistryError(f"{path}: {where}.weights: unreadable ({exc.strerror or exc})") from None
+    if digest != sha:
         raise RegistryError(f"{path}: sha256 does not match {where}.sha256 in the manifest (corrupt or replaced)")
     try:
         return load_file(path)

@@ -22,6 +22,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ ENGINE_RESOURCES: dict[str, Any] = {"gpu": 1} if CONFIG.device.startswith("cuda"
 ENGINE_POOL_MAX_REQUESTS = 1_000_000_000  # effectively never by count (see MmServeEngine)
 ENGINE_POOL_MAX_AGE_S = 3600.0
 ENGINE_ATTEMPTS = 3  # calls to the internal engine service: first try + retries on a dropped connection
+MAX_FILE_NAME_BYTES = 200  # BentoML keeps the upload's file name as a temp file suffix; NAME_MAX is 255 bytes
+UNKNOWN_TASK_REFRESH_S = 1.0  # a request naming an unknown task asks the engine again at most this often
 
 
 def dropped_connection(exc: BaseException) -> bool:
@@ -244,6 +247,7 @@ class MmServe:
     """mmserve: classify images with any trained task, fuse image + text, list tasks, reload the registry."""
 
     engine = bentoml.depends(MmServeEngine)
+    _unknown_until = 0.0  # monotonic time before which an unknown task name does not make view_for ask again
 
     def __init__(self) -> None:
         torch.set_num_threads(1)  # this process only decodes and resizes uploads; the engine owns the cores
@@ -270,25 +274,36 @@ class MmServe:
                     raise
                 logger.warning("engine connection dropped during %s (%s); retrying", name, exc.__class__.__name__)
 
+    async def _refresh(self) -> EngineView:
+        """Ask the engine what it serves (caller holds the lock)."""
+        data = await self._call("describe")
+        self._view = EngineView(data["registry_version"], {t["name"]: t["kind"] for t in data["tasks"]}, data)
+        self._stale = False
+        if self._decoder is None:
+            self._decoder = ImageDecoder(preprocess_from_config(data["preprocess"]), CONFIG.max_image_pixels)
+        return self._view
+
     async def engine_view(self, refresh: bool = False) -> EngineView:
         """What the engine serves now (cached; refreshed after reloads and when an answer shows a new version)."""
         async with self._lock:
             if refresh or self._stale or self._view is None:
-                data = await self._call("describe")
-                self._view = EngineView(data["registry_version"], {t["name"]: t["kind"] for t in data["tasks"]},
-                                        data)
-                self._stale = False
-                if self._decoder is None:
-                    self._decoder = ImageDecoder(preprocess_from_config(data["preprocess"]),
-                                                 CONFIG.max_image_pixels)
+                return await self._refresh()
             return self._view
 
     async def view_for(self, task: str | None) -> EngineView:
-        """The engine view, asked again once when it lacks `task`: another front worker may have reloaded."""
+        """The engine view, asked again when it lacks `task` (another front worker may have reloaded); after an
+        answer that still lacked a requested task, not again for UNKNOWN_TASK_REFRESH_S (junk names are cheap)."""
         view = await self.engine_view()
-        if task and task not in view.kinds:
-            view = await self.engine_view(refresh=True)
-        return view
+        if not task or task in view.kinds:
+            return view
+        async with self._lock:
+            view = self._view
+            assert view is not None
+            if task not in view.kinds and time.monotonic() >= self._unknown_until:
+                view = await self._refresh()
+                if task not in view.kinds:
+                    self._unknown_until = time.monotonic() + UNKNOWN_TASK_REFRESH_S
+            return view
 
     def task_label(self, name: str | None) -> str:
         """Metrics label for a task name: the name when the registry has it, else '-'."""
@@ -439,6 +454,16 @@ class FormSpec:
     texts: tuple[str, ...] = ()
     optional_texts: tuple[str, ...] = ()
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every field the endpoint takes, in order."""
+        return (*self.files, *self.texts, *self.optional_texts)
+
+
+def file_name_bytes(filename: str) -> bytes:
+    """The bytes of an upload's file name that BentoML puts into its temp file name (the basename)."""
+    return os.path.basename(filename).encode("utf-8", "surrogatepass")
+
 
 @dataclass
 class UploadGuard:
@@ -489,8 +514,9 @@ class UploadGuard:
                     return 422, f"multipart field '{name}' (an image file) is required"
                 if not isinstance(value, UploadFile):
                     return 400, f"multipart field '{name}' must be a file part (curl -F {name}=@photo.jpg)"
-                if value.filename is not None and len(value.filename) > 200:
-                    return 400, f"file name of '{name}' is too long"
+                if value.filename is not None and len(file_name_bytes(value.filename)) > MAX_FILE_NAME_BYTES:
+                    return 400, (f"file name of '{name}' is too long: over {MAX_FILE_NAME_BYTES} bytes in UTF-8 "
+                                 f"(it becomes part of a temp file name)")
             for name in (*spec.texts, *spec.optional_texts):
                 value = form.get(name)
                 if value is None:
@@ -506,6 +532,10 @@ class UploadGuard:
                 except RecursionError:
                     return 400, f"multipart field '{name}' is nested too deeply"
                 texts[name] = value
+            unexpected = next((name for name in form if name not in spec.fields), None)
+            if unexpected is not None:  # BentoML's parser crashes on some extra parts (undecodable files, ...)
+                return 400, (f"unexpected multipart field {unexpected[:100]!r}; {scope['path']} takes: "
+                             f"{', '.join(spec.fields)}")
         finally:
             await form.close()
         scope[FORM_TEXTS] = texts

@@ -24,7 +24,8 @@ from _registry_fixture import (
 )
 from PIL import Image
 
-from mmserve.backbone import Backbone, load_backbone
+from mmserve import config as config_mod
+from mmserve.backbone import EMBEDDED_MODEL, Backbone, load_backbone
 from mmserve.config import ConfigError, ServeConfig
 from mmserve.engine import (
     ClassifyRequest,
@@ -39,7 +40,7 @@ from mmserve.engine import (
 )
 from mmserve.errors import RegistryError
 from mmserve.images import preprocess_from_config
-from mmserve.registry import MANIFEST
+from mmserve.registry import MANIFEST, content_version
 
 MAKERS = {"colors": color_image, "warmth": warmth_image, "brightness": brightness_image}
 
@@ -200,6 +201,7 @@ def test_reload_swaps_atomically_and_in_flight_snapshots_finish_on_their_version
     shutil.copytree(registries.v1, bad_template)
     manifest = json.loads((bad_template / MANIFEST).read_text())
     manifest["tasks"][0]["template"] = "a photo without a placeholder"
+    manifest["version"] = content_version(manifest)  # consistent, so the template check is what refuses it
     (bad_template / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(RegistryError, match=r"manifest.json: tasks\[colors\]: .*placeholder"):
         engine.reload(bad_template)
@@ -268,3 +270,26 @@ def test_config_from_env(tmp_path: Path) -> None:
                        ({"MMSERVE_MAX_BODY_BYTES": "10MB"}, "MMSERVE_MAX_BODY_BYTES='10MB': expected an integer")):
         with pytest.raises(ConfigError, match=match):
             ServeConfig.from_env(env)
+
+
+def test_config_rejects_malformed_cuda_devices() -> None:
+    for device in ("cuda:abc", "cuda:", "cuda:1x", "cuda:-1", "cpu:0", "cudax"):
+        with pytest.raises(ConfigError, match=f"MMSERVE_DEVICE={device!r}: expected cpu, cuda or cuda:N"):
+            ServeConfig.from_env({"MMSERVE_DEVICE": device})
+    for device, read in (("cuda", "cuda"), (" CUDA:0 ", "cuda:0"), ("cuda:12", "cuda:12"), ("CPU", "cpu")):
+        assert ServeConfig.from_env({"MMSERVE_DEVICE": device}).device == read
+
+
+def test_backbone_checkpoint_defaults_to_the_named_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_mod, "project_root", lambda: tmp_path)
+    embedded = ServeConfig.from_env({})
+    assert embedded.backbone_pretrained == str(tmp_path / "models" / "backbone" / f"{EMBEDDED_MODEL}.safetensors")
+    with pytest.raises(ConfigError, match="MMSERVE_BACKBONE_MODEL='ViT-B-32' without MMSERVE_BACKBONE_PRETRAINED"):
+        ServeConfig.from_env({"MMSERVE_BACKBONE_MODEL": "ViT-B-32"})
+    tagged = ServeConfig.from_env({"MMSERVE_BACKBONE_MODEL": "ViT-B-32", "MMSERVE_BACKBONE_PRETRAINED": "openai"})
+    assert tagged.backbone_pretrained == "openai"
+    checkpoint = tmp_path / "models" / "backbone" / "ViT-B-32.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    cfg = ServeConfig.from_env({"MMSERVE_BACKBONE_MODEL": "ViT-B-32"})
+    assert cfg.backbone_model == "ViT-B-32" and cfg.backbone_pretrained == str(checkpoint)

@@ -25,6 +25,7 @@ from mmserve.registry import (
     GroupEntry,
     Manifest,
     TaskEntry,
+    content_version,
     load_registry,
     read_manifest,
     save_registry,
@@ -106,6 +107,7 @@ def test_version_changes_with_content_and_old_files_are_removed(saved, tiny_back
 def _edit_manifest(root: Path, edit) -> None:
     data = json.loads((root / MANIFEST).read_text())
     edit(data)
+    data["version"] = content_version(data)  # a consistent edit: the checks after the version check are tested
     (root / MANIFEST).write_text(json.dumps(data))
 
 
@@ -117,6 +119,7 @@ def _corrupt_tensor(root: Path, task: str, edit) -> None:
     edit(tensors)
     save_file(tensors, path)
     entry["sha256"] = sha256_file(path)
+    data["version"] = content_version(data)
     (root / MANIFEST).write_text(json.dumps(data))
 
 
@@ -218,3 +221,31 @@ def test_copy_of_registry_loads_elsewhere(saved, tmp_path, tiny_backbone):
     assert loaded.version == original.version
     assert all(torch.equal(loaded.task_weights[t][k], w) for t, ws in original.task_weights.items()
                for k, w in ws.items())
+
+
+def test_a_path_with_a_nul_byte_is_a_registry_error(tmp_path, tiny_backbone):
+    bad = f"{tmp_path}/reg\x00istry"
+    for load in (read_manifest, lambda p: load_registry(p, tiny_backbone)):
+        with pytest.raises(RegistryError, match="manifest.json: unreadable .*null byte") as info:
+            load(bad)
+        assert bad in str(info.value)
+
+
+def test_a_hand_edited_manifest_with_a_stale_version_is_refused(saved, tiny_backbone):
+    root, _ = saved
+    data = json.loads((root / MANIFEST).read_text())
+    stale = data["version"]
+    data["tasks"][1]["metrics"] = {"top1": 0.99}  # edited, version left as it was
+    (root / MANIFEST).write_text(json.dumps(data))
+    expected = content_version(data)
+    with pytest.raises(RegistryError, match=rf"manifest.json: version: the content hash is {expected}, the "
+                                            rf"manifest says '{stale}'"):
+        load_registry(root, tiny_backbone)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), -0.1, 1.5])
+def test_a_threshold_that_is_not_a_probability_is_refused(saved, tiny_backbone, threshold):
+    root, _ = saved
+    _edit_manifest(root, lambda d: d["tasks"][2].update(threshold=threshold))
+    with pytest.raises(RegistryError, match=r"tasks\[pairs\]\.threshold: .* not a probability in \[0, 1\]"):
+        load_registry(root, tiny_backbone)

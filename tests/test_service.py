@@ -342,6 +342,15 @@ ERROR_CASES: list[tuple[str, str, Callable[[], dict[str, Any]], int, str]] = [
      "POST /classify"),
     ("not an image on /fuse", "/fuse?task=pet", lambda: {"files": upload(b"GIF89a broken"), "data": {"text": "x"}},
      400, "not an image: the upload is in no format Pillow can identify"),
+    ("extra file part", "/classify?task=colors", lambda: {"files": {**upload(RED), "foo": ("f.bin", b"\xff\xfe" * 8)}},
+     400, "unexpected multipart field 'foo'; /classify takes: image"),
+    ("extra deeply nested text field", "/fuse?task=pet", lambda: {"files": upload(RED), "data": {
+        "text": "a cat", "foo": "[" * 100_000}}, 400,
+     "unexpected multipart field 'foo'; /fuse takes: image, text, task"),
+    ("file name too long in bytes", "/classify?task=colors", lambda: {"files": upload(RED, "猫" * 90 + ".png")}, 400,
+     "file name of 'image' is too long"),
+    ("extreme aspect ratio", "/classify?task=colors", lambda: {"files": upload(png_bytes(Image.new("L", (1, 5000))))},
+     400, "image is 1x5000 px: aspect ratio over 100:1"),
 ]
 
 
