@@ -15,6 +15,17 @@ from typing import TYPE_CHECKING
 
 from mmserve.errors import MmserveError
 
+
+def positive_int(value: str) -> int:
+    """argparse type of counts and periods that must be >= 1 (argparse names the option in its error)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
 if TYPE_CHECKING:
     from mmserve.backbone import Backbone
 

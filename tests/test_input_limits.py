@@ -53,7 +53,7 @@ def test_bench_counts_must_be_positive(flag: str, value: str, capsys: pytest.Cap
         main(["bench", flag, value, "--model", TINY_MODEL, "--pretrained", "none", "--batch-sizes", "1", "--iters",
               "1", "--warmup", "0", "--tasks", "1", "--variants", "", "--no-http", "--out", str(tmp_path / "b.json")])
     assert info.value.code == 2
-    assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
+    assert f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
 
 
 def test_unknown_task_names_ask_the_engine_at_most_once_per_interval(tiny_backbone,

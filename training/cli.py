@@ -22,22 +22,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from mmserve.backbone import EMBEDDED_MODEL
+from mmserve.cli import positive_int
 from mmserve.errors import MmserveError
 from mmserve.fileio import atomic_write_bytes
 from mmserve.prompts.mope import MoPEConfig
 from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.mmap_trainer import PromptSpec
-
-
-def positive_int(value: str) -> int:
-    """argparse type of counts and periods that must be >= 1 (argparse names the option in its error)."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def field_value(value: str) -> tuple[str, str]:

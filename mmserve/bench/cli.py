@@ -9,20 +9,12 @@ from pathlib import Path
 from mmserve.bench.config import BenchConfig
 from mmserve.bench.report import format_report
 from mmserve.bench.run import run_bench
+from mmserve.cli import positive_int
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +24,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="registry to serve (default: generate one with --tasks random tasks, speed only)")
     p.add_argument("--tasks", type=int, default=d.tasks, help="tasks of the generated registry (default %(default)s)")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma-separated (default 1,8,32)")
-    p.add_argument("--rounds", type=_positive, default=d.rounds, help="rounds; figure = median (default %(default)s)")
+    p.add_argument("--rounds", type=positive_int, default=d.rounds,
+                   help="rounds; figure = median (default %(default)s)")
     p.add_argument("--iters", type=int, default=d.iters, help="calls per case per round (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--threads", type=int, default=None,
@@ -53,8 +46,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "server's default is off: MMSERVE_ONNX_SPINNING)")
     p.add_argument("--http-runtime", default=d.http_runtime, choices=("torch", "onnx-fp32", "onnx-opt", "onnx-int8"))
     p.add_argument("--http-concurrency", type=_ints, default=d.http_concurrency)
-    p.add_argument("--http-requests", type=_positive, default=d.http_requests, help="requests per load run")
-    p.add_argument("--http-runs", type=_positive, default=d.http_runs, help="runs per HTTP figure (median)")
+    p.add_argument("--http-requests", type=positive_int, default=d.http_requests, help="requests per load run")
+    p.add_argument("--http-runs", type=positive_int, default=d.http_runs, help="runs per HTTP figure (median)")
     p.add_argument("--http-max-batch", type=int, default=d.http_max_batch)
     p.add_argument("--out", type=Path, default=d.out, help="JSON report path (default %(default)s)")
 
