@@ -128,9 +128,10 @@ def heuristic_partition(sim: list[list[float]], n_groups: int | None = None) -> 
             gain, dst = max(((sum(sim[task][j] for j in g), i) for i, g in enumerate(options)), default=(0.0, -1))
             if dst >= 0 and gain > loss + 1e-12:
                 src.remove(task)
-                options[dst].append(task)
-                if not options[dst][:-1]:
-                    groups.append(options[dst])
+                if options[dst]:
+                    options[dst].append(task)
+                else:
+                    groups.append([task])
                 improved = True
             groups = [g for g in groups if g]
     groups = [sorted(g) for g in groups]
