@@ -37,6 +37,16 @@ def _default_checkpoint(root: Path, model: str) -> Path:
     return checkpoint
 
 
+def _admin_token(raw: str | None) -> str | None:
+    """MMSERVE_ADMIN_TOKEN: unset or empty = none; otherwise printable ASCII without spaces, the characters an HTTP
+    `Authorization: Bearer` header carries as sent (a token with others, or all blanks, could never match)."""
+    if not raw:
+        return None
+    if not all(33 <= ord(c) <= 126 for c in raw):
+        raise ConfigError("MMSERVE_ADMIN_TOKEN: use printable ASCII without spaces (e.g. `openssl rand -hex 32`)")
+    return raw
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -101,7 +111,7 @@ class ServeConfig:
             max_latency_ms=_int(env, "MMSERVE_MAX_LATENCY_MS", defaults["max_latency_ms"], 1),
             max_body_bytes=_int(env, "MMSERVE_MAX_BODY_BYTES", defaults["max_body_bytes"], 1024),
             max_image_pixels=_int(env, "MMSERVE_MAX_IMAGE_PIXELS", defaults["max_image_pixels"], 1),
-            admin_token=env.get("MMSERVE_ADMIN_TOKEN") or None,
+            admin_token=_admin_token(env.get("MMSERVE_ADMIN_TOKEN")),
         )
 
 

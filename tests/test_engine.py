@@ -293,3 +293,12 @@ def test_backbone_checkpoint_defaults_to_the_named_model(tmp_path: Path, monkeyp
     checkpoint.write_bytes(b"")
     cfg = ServeConfig.from_env({"MMSERVE_BACKBONE_MODEL": "ViT-B-32"})
     assert cfg.backbone_model == "ViT-B-32" and cfg.backbone_pretrained == str(checkpoint)
+
+
+def test_admin_token_must_be_sendable_in_a_header() -> None:
+    assert ServeConfig.from_env({}).admin_token is None and ServeConfig.from_env({"MMSERVE_ADMIN_TOKEN": ""}) \
+        .admin_token is None
+    assert ServeConfig.from_env({"MMSERVE_ADMIN_TOKEN": "s3cr3t-TOKEN_1"}).admin_token == "s3cr3t-TOKEN_1"
+    for token in ("   ", "pass word", "mot-de-passé", "tab\there"):  # never matchable: refused at start
+        with pytest.raises(ConfigError, match="MMSERVE_ADMIN_TOKEN: use printable ASCII without spaces"):
+            ServeConfig.from_env({"MMSERVE_ADMIN_TOKEN": token})
