@@ -18,6 +18,7 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args.command, args.func, args)
 
 
-def _run(command: str, func, args: argparse.Namespace) -> int:
+def _run(command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a subcommand; a bad input (the message names the file or option) is one `error:` line and exit 2."""
     try:
         return func(args)
