@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmserve.fileio import sha256_file
 from training.prepare import captions, clipart, emoji, render, splits, tuxpaint
 from training.prepare.pretrain_pairs import Pair, split_pairs, write_caption_csv
 
@@ -254,21 +255,47 @@ def test_prepare_end_to_end_on_fixtures(tmp_path: Path) -> None:
     with_mono = (cache / "pretrain/train_classwords_mono.csv").read_text().splitlines()
     fluent = sorted({line.split("\t")[0] for line in plain if "/emoji/16px/fluent/" in line})
     mono_rows = set(with_mono) - set(with_words)
-    assert set(with_words) <= set(with_mono) and len(mono_rows) == 2 * 2 * len(fluent) > 0
+    # the fixture's silhouettes are the same file as its fluent_mono task drawings: left out as task copies
+    dropped = summary["pretrain"]["dropped_task_copies"]
+    assert dropped == [f"emoji/16px-mono/fluent-silhouette/{Path(p).name}" for p in fluent]
+    task_bytes = {sha256_file(p) for p in (cache / "tasks").rglob("*.png")}
+    assert all(sha256_file(cache / d) in task_bytes for d in dropped)
+    for name in ("train.csv", "val.csv", "train_classwords.csv", "train_classwords_folders.csv",
+                 "train_classwords_mono.csv"):  # no pretraining picture has a task picture's bytes
+        rows = (cache / "pretrain" / name).read_text().splitlines()[1:]
+        assert not {sha256_file(line.split("\t")[0]) for line in rows} & task_bytes, name
+    assert set(with_words) <= set(with_mono) and len(mono_rows) == 2 * len(fluent) > 0
     fluent_dog = next(path for path in fluent if "1F415" in path)
-    for kind in ("line", "silhouette"):
-        mono_dog = str(cache / f"emoji/16px-mono/fluent-{kind}/1F415.png")
-        assert {f"{mono_dog}\tanimal mammal", f"{mono_dog}\tan animal mammal"} <= mono_rows
-        assert Image.open(mono_dog).size == Image.open(fluent_dog).size
-    assert all("/16px-mono/fluent-" in line.split("\t")[0] for line in mono_rows)
+    mono_dog = str(cache / "emoji/16px-mono/fluent-line/1F415.png")
+    assert {f"{mono_dog}\tanimal mammal", f"{mono_dog}\tan animal mammal"} <= mono_rows
+    assert Image.open(mono_dog).size == Image.open(fluent_dog).size
+    assert all("/16px-mono/fluent-line/" in line.split("\t")[0] for line in mono_rows)
     assert sets["train_classwords_mono.csv"]["pairs"] == len(with_mono) - 1
-    assert summary["pretrain"]["monochrome_pictures"] == 2 * len(fluent)
+    assert summary["pretrain"]["monochrome_pictures"] == len(fluent)
     by_source = summary["pretrain"]["images_by_source"]
     assert by_source["openclipart"] == 2 and by_source["tuxpaint"] == 2 and by_source["emoji_openmoji"] == 9
     assert (cache / "sheets/noto.png").is_file() and (cache / "prepare_summary.json").is_file()
     again = prepare(cache, size=16, install=False, workers=1, min_per_class=2, min_test=1, n_tags=3, sheets=False,
                     openclipart_dir=tmp_path / "oc", tuxpaint_dir=tmp_path / "tp", val_fraction=0.0)
     assert again["pretrain"] == summary["pretrain"]
+
+
+def test_pictures_with_a_task_picture_s_bytes_are_dropped(tmp_path: Path) -> None:
+    from training.prepare.pipeline import drop_task_copies, task_picture_hashes
+
+    tasks = tmp_path / "tasks" / "openmoji_line" / "geometric"
+    tasks.mkdir(parents=True)
+    circle, cyclone = Image.new("L", (8, 8), 255), Image.new("L", (8, 8), 0)
+    circle.save(tasks / "26AA.png")
+    pre = tmp_path / "emoji" / "openmoji"
+    pre.mkdir(parents=True)
+    circle.save(pre / "26AA.png")  # a colourless emoji: its colour drawing is the line-art file
+    cyclone.save(pre / "1F300.png")
+    pairs = [Pair(pre / "26AA.png", ["white circle"], "emoji_openmoji"),
+             Pair(pre / "26AA.png", ["geometric"], "emoji_openmoji"),
+             Pair(pre / "1F300.png", ["cyclone"], "emoji_openmoji")]
+    kept, dropped = drop_task_copies(pairs, task_picture_hashes(tmp_path / "tasks"))
+    assert kept == pairs[2:] and dropped == [pre / "26AA.png"]
 
 
 def test_monochrome_transforms_draw_black_on_white() -> None:

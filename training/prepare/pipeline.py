@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from mmserve.fileio import sha256_file
+
 from . import sources
 from .captions import class_word_captions, drawing_captions, emoji_captions
 from .clipart import scan_openclipart
@@ -190,13 +192,38 @@ def caption_sets(n_train: int, n_class_words: int, n_folder_words: int, n_mono: 
                          "picture, each captioned with its class's bare words (monochrome.py, docs/backbone.md)"}}
 
 
-def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
-    """Fail if any pretraining picture is a task-style emoji render or lies in the task tree."""
+def task_picture_hashes(tasks_dir: Path) -> set[str]:
+    """SHA-256 of every picture in the task tree (all task styles, train and test identities)."""
+    return {sha256_file(p) for p in sorted(tasks_dir.rglob("*.png"))}
+
+
+def drop_task_copies(pairs: list[Pair], task_hashes: set[str]) -> tuple[list[Pair], list[Path]]:
+    """The pairs whose picture is not byte-identical to a task picture, and the pictures dropped.
+
+    Some emoji have no colour: OpenMoji's colour drawing of a white circle or a cyclone is the same file as its
+    line-art (openmoji_line) drawing, so a pretraining style can hold an exact copy of a task picture.
+    """
+    digest: dict[Path, str] = {}
+    kept: list[Pair] = []
+    dropped: set[Path] = set()
+    for pair in pairs:
+        if pair.image not in digest:
+            digest[pair.image] = sha256_file(pair.image)
+        if digest[pair.image] in task_hashes:
+            dropped.add(pair.image)
+        else:
+            kept.append(pair)
+    return kept, sorted(dropped)
+
+
+def _check_no_task_images(pairs: list[Pair], cache_dir: Path, task_hashes: set[str]) -> None:
+    """Fail if any pretraining picture is a task-style emoji render, lies in the task tree or has a task picture's
+    bytes."""
     tasks_dir, emoji_dir = (cache_dir / "tasks").resolve(), (cache_dir / "emoji").resolve()
     for pair in pairs:
         image = pair.image.resolve()
         in_task_style = image.is_relative_to(emoji_dir) and image.parent.name in TASK_STYLES
-        if in_task_style or image.is_relative_to(tasks_dir):
+        if in_task_style or image.is_relative_to(tasks_dir) or sha256_file(image) in task_hashes:
             raise RuntimeError(f"{pair.image}: a task-style image would enter pretraining (source {pair.source})")
 
 
@@ -273,7 +300,9 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     else:
         summary["errors"].append(f"{cfg.tuxpaint_dir} missing: Tux Paint stamps skipped")
     pairs += emoji_pairs(emoji["all"], renders)
-    _check_no_task_images(pairs, cfg.cache_dir)
+    task_hashes = task_picture_hashes(tasks_dir)
+    pairs, task_copies = drop_task_copies(pairs, task_hashes)
+    _check_no_task_images(pairs, cfg.cache_dir, task_hashes)
     train, val = split_pairs(pairs, cfg.val_fraction, seed=cfg.seed)
     pre_dir = cfg.cache_dir / "pretrain"
     n_train = write_caption_csv(pre_dir / "train.csv", train)
@@ -284,7 +313,9 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     folder_pairs, folder_counts = with_folder_class_words(class_word_pairs, task_classes)
     n_folder_words = write_caption_csv(pre_dir / "train_classwords_folders.csv", folder_pairs)
     mono_pairs = monochrome_pairs(train, cfg.cache_dir / "emoji" / f"{cfg.size}px-mono")
-    _check_no_task_images(mono_pairs, cfg.cache_dir)
+    mono_pairs, mono_copies = drop_task_copies(mono_pairs, task_hashes)
+    task_copies += mono_copies
+    _check_no_task_images(mono_pairs, cfg.cache_dir, task_hashes)
     n_mono = write_caption_csv(pre_dir / "train_classwords_mono.csv", class_word_pairs + mono_pairs)
     by_source = Counter(p.source for p in pairs)
     summary["pretrain"] = {"images": len(pairs), "images_by_source": dict(sorted(by_source.items())),
@@ -294,7 +325,9 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
                            "caption_sets": caption_sets(n_train, n_class_words, n_folder_words, n_mono),
                            "folder_class_words": {"pictures": sum(folder_counts.values()),
                                                   "by_subgroup": dict(sorted(folder_counts.items()))},
-                           "monochrome_pictures": len(mono_pairs)}
+                           "monochrome_pictures": len(mono_pairs),
+                           # pretraining-style pictures with the same bytes as a task picture, left out
+                           "dropped_task_copies": [str(p.relative_to(cfg.cache_dir)) for p in task_copies]}
     if cfg.sheets:
         summary["sheets"] = write_sheets(cfg, emoji["task"], renders, pairs)
     summary["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
