@@ -80,14 +80,18 @@ class PretrainConfig:
         """Folder holding one sub-folder per run (out.log, checkpoints/)."""
         return self.cache_dir / "pretrain" / "logs"
 
+    @property
+    def train_data(self) -> Path:
+        """The caption CSV trained on: --train-data, else <cache>/pretrain/train.csv."""
+        return self.train_csv or self.cache_dir / "pretrain" / "train.csv"
+
     def trainer_argv(self) -> list[str]:
         """The argument list handed to open_clip_train.main.main."""
         pre = self.cache_dir / "pretrain"
-        train_csv = self.train_csv or pre / "train.csv"
         argv = [
             "--model", self.model,
             "--dataset-type", "csv",
-            "--train-data", str(train_csv),
+            "--train-data", str(self.train_data),
             "--csv-separator", "\t",
             "--csv-img-key", "filepath",
             "--csv-caption-key", "title",
@@ -115,16 +119,27 @@ class PretrainConfig:
         return argv + list(self.extra)
 
 
-def check_inputs(cfg: PretrainConfig) -> None:
-    """Fail early, naming the file, when the caption CSV is missing or a fresh run would clash."""
-    train_csv = cfg.train_csv or cfg.cache_dir / "pretrain" / "train.csv"
+def check_train_csv(cfg: PretrainConfig) -> Path:
+    """The caption CSV to train on, once it is known to exist with the filepath and title columns."""
+    train_csv = cfg.train_data
     if not train_csv.is_file():
+        if cfg.train_csv is not None:
+            raise FileNotFoundError(f"{train_csv}: --train-data file not found")
         raise FileNotFoundError(f"{train_csv}: no pretraining captions; run `python -m training.prepare` first")
-    with train_csv.open() as f:
-        header = f.readline().rstrip("\n").split("\t")
+    try:
+        with train_csv.open(encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").split("\t")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{train_csv}: not UTF-8 text ({exc})") from None
     for column in ("filepath", "title"):
         if column not in header:
             raise ValueError(f"{train_csv}: header has no column {column!r} (found {header})")
+    return train_csv
+
+
+def check_inputs(cfg: PretrainConfig) -> None:
+    """Fail early, naming the file, when the caption CSV is missing or a fresh run would clash."""
+    check_train_csv(cfg)
     run_log = cfg.logs / cfg.name / "out.log"
     if run_log.exists() and cfg.resume is None:
         raise FileExistsError(f"{run_log}: run {cfg.name!r} exists; pass --resume latest to continue it "
@@ -145,15 +160,19 @@ def run_trainer(cfg: PretrainConfig) -> int:
 
 
 def write_smoke_csv(cfg: PretrainConfig, steps: int) -> Path:
-    """A shuffled slice of train.csv with `steps` full batches, for timing a short run."""
+    """A shuffled slice of the caption CSV (--train-data or train.csv) with `steps` full batches, for timing a
+    short run."""
     import random
 
-    src = cfg.cache_dir / "pretrain" / "train.csv"
-    lines = src.read_text().splitlines()
+    src = check_train_csv(cfg)
+    try:
+        lines = src.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{src}: not UTF-8 text ({exc})") from None
     header, rows = lines[0], lines[1:]
     random.Random(cfg.seed).shuffle(rows)
     out = cfg.cache_dir / "pretrain" / "smoke.csv"
-    atomic_write_bytes(out, ("\n".join([header, *rows[: steps * cfg.batch_size]]) + "\n").encode())
+    atomic_write_bytes(out, ("\n".join([header, *rows[: steps * cfg.batch_size]]) + "\n").encode("utf-8"))
     return out
 
 
@@ -218,7 +237,8 @@ def export_weights(checkpoint: Path, out: Path, model: str = MODEL_NAME, verify:
 def _parse_train(argv: list[str]) -> PretrainConfig:
     """Parse the training command line; unknown options go through to open_clip_train."""
     p = argparse.ArgumentParser(prog="python -m training.pretrain",
-                                description="Pretrain the project's CLIP on <cache>/pretrain/train.csv.",
+                                description="Pretrain the project's CLIP on <cache>/pretrain/train.csv "
+                                            "(or --train-data).",
                                 epilog="Other options are passed to open_clip_train (see its --help).")
     p.add_argument("--cache", type=Path, default=default_cache(), help="cache folder (env MMSERVE_CACHE)")
     p.add_argument("--epochs", type=int, default=30)
@@ -228,13 +248,16 @@ def _parse_train(argv: list[str]) -> PretrainConfig:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--train-data", type=Path, default=None, metavar="CSV",
+                   help="caption CSV (tab-separated, columns filepath and title); default <cache>/pretrain/train.csv")
     p.add_argument("--no-val", action="store_true", help="skip the per-epoch retrieval check on val.csv")
     p.add_argument("--smoke-steps", type=int, default=0,
-                   help="time N steps on a slice of train.csv (one epoch, run name smoke-<time>)")
+                   help="time N steps on a slice of the caption CSV (one epoch, run name smoke-<time>)")
     args, extra = p.parse_known_args(argv)
     cfg = PretrainConfig(cache_dir=args.cache.expanduser(), epochs=args.epochs, name=args.name,
                          resume=args.resume, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                         workers=args.workers, val=not args.no_val, extra=extra)
+                         workers=args.workers, val=not args.no_val, extra=extra,
+                         train_csv=args.train_data.expanduser() if args.train_data else None)
     if args.smoke_steps:
         cfg.train_csv = write_smoke_csv(cfg, args.smoke_steps)
         cfg.name, cfg.epochs, cfg.val, cfg.log_every = f"smoke-{time.strftime('%Y%m%d-%H%M%S')}", 1, False, 1

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .sources import SourceError, read_json
 
 # style -> iconify package (None: the openmoji npm package's black/svg line art)
 STYLE_PACKAGES: dict[str, str | None] = {
@@ -66,8 +67,13 @@ def load_emojibase(npm_root: Path) -> dict[str, EmojiInfo]:
     """Load emojibase-data `en/data.json`: normalised hexcode -> EmojiInfo (entries without subgroup skipped)."""
     data_path = npm_root / "emojibase-data" / "en" / "data.json"
     meta_path = npm_root / "emojibase-data" / "meta" / "groups.json"
-    data = json.loads(data_path.read_text())
-    meta = json.loads(meta_path.read_text())
+    data = read_json(data_path)
+    meta = read_json(meta_path)
+    if not isinstance(data, list):
+        raise SourceError(f"{data_path}: expected a list of emoji entries, found {type(data).__name__}")
+    for key in ("subgroups", "groups"):
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), dict):
+            raise SourceError(f"{meta_path}: no object field {key!r}")
     subgroups, groups = meta["subgroups"], meta["groups"]
     out: dict[str, EmojiInfo] = {}
     for i, row in enumerate(data):
@@ -75,10 +81,10 @@ def load_emojibase(npm_root: Path) -> dict[str, EmojiInfo]:
             continue
         for key in ("hexcode", "label", "emoji", "group"):
             if key not in row:
-                raise KeyError(f"{data_path}: entry {i} has no field {key!r}")
+                raise SourceError(f"{data_path}: entry {i} has no field {key!r}")
         sub = subgroups.get(str(row["subgroup"]))
         if sub is None:
-            raise KeyError(f"{meta_path}: no subgroup {row['subgroup']!r} (used by {data_path} entry {i})")
+            raise SourceError(f"{meta_path}: no subgroup {row['subgroup']!r} (used by {data_path} entry {i})")
         hexcode = normalise_hexcode(row["hexcode"])
         out[hexcode] = EmojiInfo(hexcode=hexcode, char=row["emoji"], name=row["label"], subgroup=sub,
                                  group=groups.get(str(row["group"]), str(row["group"])),
@@ -92,15 +98,20 @@ class IconifySet:
     def __init__(self, npm_root: Path, package: str) -> None:
         base = npm_root / "@iconify-json"
         self.path = base / package / "icons.json"
-        data = json.loads(self.path.read_text())
+        data = read_json(self.path)
+        if not isinstance(data, dict) or not isinstance(data.get("icons"), dict):
+            raise SourceError(f"{self.path}: no object field 'icons'")
         self.icons: dict = data["icons"]
         self.aliases: dict = data.get("aliases", {})
         self.width = data.get("width", 16)
         self.height = data.get("height", 16)
         chars_path = base / package / "chars.json"
-        chars = json.loads(chars_path.read_text())
+        chars = read_json(chars_path)
         if not chars and package in CHARS_FALLBACK:
-            chars = json.loads((base / CHARS_FALLBACK[package] / "chars.json").read_text())
+            chars_path = base / CHARS_FALLBACK[package] / "chars.json"
+            chars = read_json(chars_path)
+        if not isinstance(chars, dict):
+            raise SourceError(f"{chars_path}: expected an object (emoji -> icon name), found {type(chars).__name__}")
         self.names: dict[str, str] = {}
         for char, name in chars.items():
             if name in self.icons or name in self.aliases:
@@ -163,7 +174,7 @@ class OpenmojiLineSet:
 
     def svg(self, hexcode: str) -> str:
         """SVG markup of one emoji's line art."""
-        return self.files[hexcode].read_text()
+        return self.files[hexcode].read_text(encoding="utf-8", errors="replace")
 
 
 StyleSource = IconifySet | OpenmojiLineSet

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from mmserve.errors import MmserveError
 
 NPM_PACKAGES: tuple[str, ...] = (
     "emojibase-data@17.0.0",
@@ -24,8 +28,22 @@ OPENCLIPART_DIR = Path("/usr/share/openclipart")
 TUXPAINT_STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 
 
-class SourceError(RuntimeError):
-    """A data source could not be installed or found."""
+class SourceError(MmserveError, RuntimeError):
+    """A data source could not be installed, found or read; the message names it (shown without a traceback)."""
+
+
+def read_json(path: Path) -> Any:
+    """Parse a package data file; a missing, unreadable or broken file is a SourceError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceError(f"{path}: not found (is its npm package installed?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read ({exc})") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc})") from None
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -41,14 +59,12 @@ def npm_root(cache_dir: Path) -> Path:
 
 def _npm_installed(cache_dir: Path, spec: str) -> bool:
     """Whether the exact package version is already installed in the cache."""
-    import json
-
     name, version = split_spec(spec)
     manifest = npm_root(cache_dir) / name / "package.json"
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("version") == version
+        return json.loads(manifest.read_text(encoding="utf-8")).get("version") == version
     except (OSError, ValueError):
         return False
 
