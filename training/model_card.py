@@ -276,9 +276,10 @@ def model_card(report: dict) -> str:
               f"({pt.get('val_pairs', '?')} pairs / {pt.get('val_images', '?')} images held out for validation). "
               "OpenMoji is CC-BY-SA-4.0 and the Tux Paint stamps are GPL-2: whoever redistributes these weights "
               "should keep this attribution; whether share-alike terms reach trained weights is not settled.", "",
-              "Evaluation (downstream tasks; no picture of these styles is in pretraining, but the two emoji "
-              "sources above draw every emoji, the held-out test identities included, with its names and class "
-              "words):", "",
+              "Evaluation (downstream tasks; the two emoji sources above draw every emoji, the held-out test "
+              "identities included, with its names and class words, in their own styles; a colourless emoji can "
+              "draw byte-identically in OpenMoji colour and line art: 12 openmoji_line test pictures were, until "
+              "`prepare` learnt to drop such copies on 2026-11-30, see docs/backbone.md):", "",
               "| style | package | licence |", "| --- | --- | --- |"]
     lines += [f"| {k} | {p} | {lic} |" for k, p, lic in TASK_SOURCES if k in styles or not styles]
     lines += ["", "## Zero-shot accuracy per style", "",

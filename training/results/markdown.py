@@ -77,7 +77,8 @@ def markdown(report: dict) -> str:
              "used for tuning), mean ± standard deviation over seeds; a seed draws the k-shot train set and "
              "initialises the prompts. The backbone's pretraining did see every emoji, these identities included, "
              "drawn in two other styles (OpenMoji colour, Fluent 3D) and captioned with its names and class words, "
-             "never in a task style. `—` = not measured yet.", ""]
+             "never in a task style but for 13 colourless emoji whose OpenMoji colour and line-art files are the "
+             "same (12 openmoji_line test pictures; docs/backbone.md). `—` = not measured yet.", ""]
     lines += [f"## Classification: {len(styles)} emoji styles, {report['n_classes']} classes (emojibase subgroups)",
               ""]
     for shots in report["shots"]:
