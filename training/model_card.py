@@ -295,6 +295,8 @@ def model_card(report: dict) -> str:
               + "; ".join(f"{k} {_pct(v['score'])}% {v['metric']}" for k, v in report["registry"]["eval"].items())
               + " (evaluated through the serving path on the held-out test split).", "",
               "## How to reproduce", "", "```", *report["commands"], "```", "",
+              "`prepare` keys the pretraining validation slice on each picture's path as written under `--cache`, "
+              "so the same slice (and the same weights) needs the same `--cache` path as above.", "",
               f"Shipped on {report['machine_line']} in {_dur(report['wall_s'])}.", ""]
     return "\n".join(lines)
 
