@@ -369,3 +369,41 @@ def test_re_export_keeps_the_existing_file_unless_the_weights_changed(tmp_path: 
     torch.save({"epoch": 3, "state_dict": state}, tmp_path / "epoch_3.pt")
     export_weights(tmp_path / "epoch_3.pt", out, model="mmserve-tiny", verify=False)
     assert out.read_bytes() != reordered and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_render_cache_stamps_clear_a_folder_made_from_something_else(tmp_path: Path) -> None:
+    from training.prepare.stamps import STAMP, refresh_folder
+
+    folder = tmp_path / "noto"
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "263A.png")
+    assert not refresh_folder(folder, {"version": "1"}, log=lambda m: None)  # no stamp yet: adopted as it is
+    assert (folder / "263A.png").is_file() and json.loads((folder / STAMP).read_text()) == {"version": "1"}
+    assert not refresh_folder(folder, {"version": "1"}, log=lambda m: None)  # same source: kept
+    assert (folder / "263A.png").is_file()
+    assert refresh_folder(folder, {"version": "2"}, log=lambda m: None)  # another source: its renders go
+    assert not list(folder.glob("*.png")) and json.loads((folder / STAMP).read_text()) == {"version": "2"}
+    Image.new("RGB", (4, 4)).save(folder / "263A.png")
+    (folder / STAMP).write_text("{broken")
+    assert refresh_folder(folder, {"version": "2"}, log=lambda m: None) and not list(folder.glob("*.png"))
+
+
+def test_prepare_renders_a_style_again_when_its_package_changes(tmp_path: Path) -> None:
+    from training.prepare import prepare
+
+    cache = tmp_path / "cache"
+    make_npm_tree(cache / "npm")
+    options = dict(size=16, install=False, workers=1, min_per_class=2, min_test=1, n_tags=3, sheets=False,
+                   openclipart_dir=make_openclipart(tmp_path / "oc"), tuxpaint_dir=make_tuxpaint(tmp_path / "tp"),
+                   val_fraction=0.0)
+    prepare(cache, **options)
+    renders = cache / "emoji" / "16px"
+    before = {p: p.stat().st_mtime_ns for p in renders.rglob("*.png")}
+    (cache / "npm/node_modules/@iconify-json/noto/package.json").write_text('{"version": "9.9.9"}')
+    prepare(cache, **options)
+    after = {p: p.stat().st_mtime_ns for p in renders.rglob("*.png")}
+    assert set(after) == set(before)
+    redrawn = {p.parent.name for p in after if after[p] != before[p]}
+    assert redrawn == {"noto"}  # only the style whose package changed was rendered again
+    task_noto = next((cache / "tasks/images/noto").rglob("*.png"))
+    assert task_noto.samefile(renders / "noto" / task_noto.name)  # the task tree follows the new render

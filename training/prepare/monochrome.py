@@ -14,12 +14,14 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from .captions import class_word_captions
-from .emoji import class_name
+from .emoji import class_name, npm_package
 from .pretrain_pairs import Pair
+from .stamps import npm_version
 
 SOURCE_STYLE = "fluent"  # the pretraining emoji style transformed (see the module docstring)
 EDGE_THRESHOLD = 40  # FIND_EDGES response above which a pixel is an edge
 WHITE = 245  # grey level at or above which a pixel is background
+RECIPE = 1  # bump when line_art / silhouette draw differently: cached versions are then made again
 
 
 def _edges(grey: Image.Image) -> Image.Image:
@@ -43,6 +45,13 @@ def silhouette(image: Image.Image) -> Image.Image:
 
 
 TRANSFORMS = {"line": line_art, "silhouette": silhouette}
+
+
+def mono_made_from(npm_root: Path, size: int) -> dict:
+    """What the cached monochrome pictures are made from (their render-cache stamp, see stamps.py)."""
+    package = npm_package(SOURCE_STYLE)
+    return {"from": package, "version": npm_version(npm_root, package), "size": size,
+            "edge_threshold": EDGE_THRESHOLD, "white": WHITE, "recipe": RECIPE}
 
 
 def monochrome_pairs(pairs: list[Pair], out_dir: Path) -> list[Pair]:

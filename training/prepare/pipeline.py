@@ -15,12 +15,13 @@ from . import sources
 from .captions import class_word_captions, drawing_captions, emoji_captions
 from .clipart import scan_openclipart
 from .contact_sheet import contact_sheet
-from .emoji import PRETRAIN_STYLES, STYLE_PACKAGES, TASK_STYLES, class_name, load_emojibase, load_styles
+from .emoji import PRETRAIN_STYLES, STYLE_PACKAGES, TASK_STYLES, class_name, load_emojibase, load_styles, npm_package
 from .emoji import select_task_emoji as _select
 from .folder_classes import folder_subgroup
-from .monochrome import monochrome_pairs
+from .monochrome import SOURCE_STYLE, TRANSFORMS, mono_made_from, monochrome_pairs
 from .pretrain_pairs import Pair, split_pairs, write_caption_csv
 from .render import RenderJob, run_jobs
+from .stamps import npm_version, refresh_folder
 from .tasks import write_fusion, write_json, write_tasks
 from .tuxpaint import scan_stamps
 
@@ -74,6 +75,9 @@ def prepare_emoji(cfg: PrepareConfig, npm_root: Path) -> tuple[dict, dict[str, d
     renders: dict[str, dict[str, Path]] = {}
     for style, hexcodes in wanted.items():
         renders[style] = {}
+        package = npm_package(style)
+        refresh_folder(render_dir / style, {"package": package, "version": npm_version(npm_root, package),
+                                            "size": cfg.size}, log=_log)
         for h in sorted(hexcodes):
             out = render_dir / style / f"{h}.png"
             renders[style][h] = out
@@ -312,7 +316,10 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     task_classes = {e.subgroup for e in emoji["task"].values()}
     folder_pairs, folder_counts = with_folder_class_words(class_word_pairs, task_classes)
     n_folder_words = write_caption_csv(pre_dir / "train_classwords_folders.csv", folder_pairs)
-    mono_pairs = monochrome_pairs(train, cfg.cache_dir / "emoji" / f"{cfg.size}px-mono")
+    mono_dir = cfg.cache_dir / "emoji" / f"{cfg.size}px-mono"
+    for name in TRANSFORMS:  # made from the Fluent colour renders with these settings
+        refresh_folder(mono_dir / f"{SOURCE_STYLE}-{name}", mono_made_from(npm_root, cfg.size), log=_log)
+    mono_pairs = monochrome_pairs(train, mono_dir)
     mono_pairs, mono_copies = drop_task_copies(mono_pairs, task_hashes)
     task_copies += mono_copies
     _check_no_task_images(mono_pairs, cfg.cache_dir, task_hashes)

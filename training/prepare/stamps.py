@@ -1,0 +1,43 @@
+"""Render-cache stamps: what a folder of cached renders was made from, so a changed source re-renders it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmserve.fileio import atomic_write_bytes
+
+STAMP = ".made-from.json"
+
+
+def npm_version(npm_root: Path, package: str) -> str | None:
+    """The installed version of an npm package under `npm_root` (None when absent or unreadable)."""
+    try:
+        return json.loads((npm_root / package / "package.json").read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def refresh_folder(folder: Path, made_from: dict, log=print) -> bool:
+    """Make `folder` a cache of renders of `made_from` (package versions, render settings).
+
+    When its stamp records something else (or cannot be read), its PNGs are deleted so they are rendered again, and
+    True is returned. A folder of renders without a stamp (made before stamps existed) is adopted as it is. The
+    stamp is written before rendering: a render interrupted later leaves fresh files and missing ones, never stale.
+    """
+    stamp = folder / STAMP
+    cleared = False
+    if stamp.is_file():
+        try:
+            recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == made_from:
+            return False
+        stale = sorted(folder.glob("*.png"))
+        for path in stale:
+            path.unlink()
+        cleared = True
+        log(f"[prepare] {folder}: made from {recorded}, now {made_from}: {len(stale)} cached renders removed")
+    atomic_write_bytes(stamp, (json.dumps(made_from, sort_keys=True) + "\n").encode())
+    return cleared
