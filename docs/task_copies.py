@@ -23,11 +23,14 @@ from training.splits import Split, SplitTask, read_split
 from training.zeroshot import zero_shot
 
 SHIPPED_STAGES = ("train.csv", "val.csv", "train_classwords.csv")  # the caption files the shipped stages read
+PRETRAIN_EMOJI = ("openmoji", "fluent")  # every emoji these styles draw was in those files before prepare's fix
 
 
-def pretraining_hashes(cache: Path) -> set[str]:
-    """SHA-256 of every picture in the shipped stages' caption files."""
-    files: set[str] = set()
+def pretraining_hashes(cache: Path, size: int = 96) -> set[str]:
+    """SHA-256 of every picture the shipped stages' caption files held: the files' pictures now, and every render
+    of the two pretraining emoji styles (a prepare run after 2026-11-30 leaves the task copies out of the files)."""
+    renders = cache / "emoji" / f"{size}px"
+    files: set[str] = {str(p) for style in PRETRAIN_EMOJI for p in (renders / style).glob("*.png")}
     for name in SHIPPED_STAGES:
         with open(cache / "pretrain" / name, encoding="utf-8") as f:
             rows = csv.reader(f, delimiter="\t")
