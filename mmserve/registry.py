@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmserve.errors import PromptConfigError, RegistryError
-from mmserve.fileio import atomic_write_bytes, fsync_path, sha256_file
+from mmserve.fileio import FILE_MODE, atomic_write_bytes, fsync_path, sha256_file
 
 if TYPE_CHECKING:
     from mmserve.backbone import Backbone
@@ -131,6 +131,7 @@ def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Ten
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        os.chmod(tmp, FILE_MODE)
         fsync_path(tmp)  # on disk before the manifest that points at it
         digest = sha256_file(Path(tmp))
         rel = f"{sub}/{name}-{digest[:12]}.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -249,3 +250,21 @@ def test_a_threshold_that_is_not_a_probability_is_refused(saved, tiny_backbone, 
     _edit_manifest(root, lambda d: d["tasks"][2].update(threshold=threshold))
     with pytest.raises(RegistryError, match=r"tasks\[pairs\]\.threshold: .* not a probability in \[0, 1\]"):
         load_registry(root, tiny_backbone)
+
+
+def test_registry_files_get_the_umask_mode_not_the_temp_file_s_0600(saved, tmp_path):
+    """A registry written by one account (a trainer) must be readable by another (the server): every file gets the
+    mode open() would give it, not mkstemp's owner-only 0600."""
+    import stat
+
+    from mmserve.fileio import FILE_MODE, atomic_write_bytes
+
+    root, _ = saved
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files) and (root / MANIFEST) in files
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {FILE_MODE}
+    atomic_write_bytes(tmp_path / "report.md", b"x")
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == FILE_MODE
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert FILE_MODE == 0o666 & ~mask  # with the usual umask 022: 0644, readable by the serving account
