@@ -20,15 +20,15 @@ STYLE_PACKAGES: dict[str, str | None] = {
 TASK_STYLES: tuple[str, ...] = ("noto", "twemoji", "fluent_flat", "openmoji_line", "fluent_mono")
 
 
+PRETRAIN_STYLES: tuple[str, ...] = ("openmoji", "fluent")
+# iconify packages whose chars.json is empty: borrow the char->name mapping of a sibling package
+CHARS_FALLBACK: dict[str, str] = {"fluent-emoji": "fluent-emoji-flat"}
+
+
 def npm_package(style: str) -> str:
     """The npm package a style's drawings come from."""
     package = STYLE_PACKAGES[style]
     return "openmoji" if package is None else f"@iconify-json/{package}"
-
-
-PRETRAIN_STYLES: tuple[str, ...] = ("openmoji", "fluent")
-# iconify packages whose chars.json is empty: borrow the char->name mapping of a sibling package
-CHARS_FALLBACK: dict[str, str] = {"fluent-emoji": "fluent-emoji-flat"}
 
 # readable class names where "replace hyphens by spaces" reads badly
 CLASS_NAME_OVERRIDES: dict[str, str] = {

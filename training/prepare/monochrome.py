@@ -16,7 +16,7 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps
 from .captions import class_word_captions
 from .emoji import class_name, npm_package
 from .pretrain_pairs import Pair
-from .stamps import npm_version
+from .sources import installed_version
 
 SOURCE_STYLE = "fluent"  # the pretraining emoji style transformed (see the module docstring)
 EDGE_THRESHOLD = 40  # FIND_EDGES response above which a pixel is an edge
@@ -50,7 +50,7 @@ TRANSFORMS = {"line": line_art, "silhouette": silhouette}
 def mono_made_from(npm_root: Path, size: int) -> dict:
     """What the cached monochrome pictures are made from (their render-cache stamp, see stamps.py)."""
     package = npm_package(SOURCE_STYLE)
-    return {"from": package, "version": npm_version(npm_root, package), "size": size,
+    return {"from": package, "version": installed_version(npm_root, package), "size": size,
             "edge_threshold": EDGE_THRESHOLD, "white": WHITE, "recipe": RECIPE}
 
 

@@ -21,7 +21,7 @@ from .folder_classes import folder_subgroup
 from .monochrome import SOURCE_STYLE, TRANSFORMS, mono_made_from, monochrome_pairs
 from .pretrain_pairs import Pair, split_pairs, write_caption_csv
 from .render import RenderJob, run_jobs
-from .stamps import npm_version, refresh_folder
+from .stamps import refresh_folder
 from .tasks import write_fusion, write_json, write_tasks
 from .tuxpaint import scan_stamps
 
@@ -76,8 +76,8 @@ def prepare_emoji(cfg: PrepareConfig, npm_root: Path) -> tuple[dict, dict[str, d
     for style, hexcodes in wanted.items():
         renders[style] = {}
         package = npm_package(style)
-        refresh_folder(render_dir / style, {"package": package, "version": npm_version(npm_root, package),
-                                            "size": cfg.size}, log=_log)
+        made_from = {"package": package, "version": sources.installed_version(npm_root, package), "size": cfg.size}
+        refresh_folder(render_dir / style, made_from, log=_log)
         for h in sorted(hexcodes):
             out = render_dir / style / f"{h}.png"
             renders[style][h] = out
@@ -220,14 +220,14 @@ def drop_task_copies(pairs: list[Pair], task_hashes: set[str]) -> tuple[list[Pai
     return kept, sorted(dropped)
 
 
-def _check_no_task_images(pairs: list[Pair], cache_dir: Path, task_hashes: set[str]) -> None:
-    """Fail if any pretraining picture is a task-style emoji render, lies in the task tree or has a task picture's
-    bytes."""
+def _check_no_task_images(pairs: list[Pair], cache_dir: Path) -> None:
+    """Fail if any pretraining picture is a task-style emoji render or lies in the task tree (pictures with a task
+    picture's bytes are left out before, by drop_task_copies)."""
     tasks_dir, emoji_dir = (cache_dir / "tasks").resolve(), (cache_dir / "emoji").resolve()
     for pair in pairs:
         image = pair.image.resolve()
         in_task_style = image.is_relative_to(emoji_dir) and image.parent.name in TASK_STYLES
-        if in_task_style or image.is_relative_to(tasks_dir) or sha256_file(image) in task_hashes:
+        if in_task_style or image.is_relative_to(tasks_dir):
             raise RuntimeError(f"{pair.image}: a task-style image would enter pretraining (source {pair.source})")
 
 
@@ -306,7 +306,7 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     pairs += emoji_pairs(emoji["all"], renders)
     task_hashes = task_picture_hashes(tasks_dir)
     pairs, task_copies = drop_task_copies(pairs, task_hashes)
-    _check_no_task_images(pairs, cfg.cache_dir, task_hashes)
+    _check_no_task_images(pairs, cfg.cache_dir)
     train, val = split_pairs(pairs, cfg.val_fraction, seed=cfg.seed)
     pre_dir = cfg.cache_dir / "pretrain"
     n_train = write_caption_csv(pre_dir / "train.csv", train)
@@ -322,7 +322,7 @@ def prepare(cache_dir: Path, size: int = 96, **options) -> dict:
     mono_pairs = monochrome_pairs(train, mono_dir)
     mono_pairs, mono_copies = drop_task_copies(mono_pairs, task_hashes)
     task_copies += mono_copies
-    _check_no_task_images(mono_pairs, cfg.cache_dir, task_hashes)
+    _check_no_task_images(mono_pairs, cfg.cache_dir)
     n_mono = write_caption_csv(pre_dir / "train_classwords_mono.csv", class_word_pairs + mono_pairs)
     by_source = Counter(p.source for p in pairs)
     summary["pretrain"] = {"images": len(pairs), "images_by_source": dict(sorted(by_source.items())),

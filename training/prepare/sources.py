@@ -57,16 +57,19 @@ def npm_root(cache_dir: Path) -> Path:
     return cache_dir / "npm" / "node_modules"
 
 
+def installed_version(root: Path, package: str) -> str | None:
+    """The version of an npm package installed under `root` (node_modules), None when absent or unreadable."""
+    try:
+        version = json.loads((root / package / "package.json").read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) else None
+
+
 def _npm_installed(cache_dir: Path, spec: str) -> bool:
     """Whether the exact package version is already installed in the cache."""
     name, version = split_spec(spec)
-    manifest = npm_root(cache_dir) / name / "package.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("version") == version
-    except (OSError, ValueError):
-        return False
+    return installed_version(npm_root(cache_dir), name) == version
 
 
 def ensure_npm(cache_dir: Path, packages: tuple[str, ...] = NPM_PACKAGES) -> Path:

@@ -10,14 +10,6 @@ from mmserve.fileio import atomic_write_bytes
 STAMP = ".made-from.json"
 
 
-def npm_version(npm_root: Path, package: str) -> str | None:
-    """The installed version of an npm package under `npm_root` (None when absent or unreadable)."""
-    try:
-        return json.loads((npm_root / package / "package.json").read_text(encoding="utf-8")).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def refresh_folder(folder: Path, made_from: dict, log=print) -> bool:
     """Make `folder` a cache of renders of `made_from` (package versions, render settings).
 

@@ -8,6 +8,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from mmserve.fileio import atomic_write_bytes
+
 from .emoji import EmojiInfo, class_name
 from .splits import heldout_identities
 
@@ -27,20 +29,12 @@ def _link(src: Path, dst: Path) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically with a stable layout."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write JSON lines atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
 
 def build_task_tree(tasks_dir: Path, emoji: dict[str, EmojiInfo], renders: dict[str, dict[str, Path]],
