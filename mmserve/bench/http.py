@@ -156,6 +156,17 @@ def _served_runtime(url: str) -> str | None:
         return None
 
 
+def measured_load(url: str, make: Callable[[int], Any], n: int, concurrency: int, roles: dict[int, str]
+                  ) -> tuple[Any, float, dict[str, float]]:
+    """One load run and the CPU seconds it cost: (result, load generator, each server role)."""
+    from mmserve.loadgen import run_load
+
+    cpu, before = time.process_time(), server_cpu_s(roles)
+    result = run_load(url, make, n, concurrency)
+    cpu, after = time.process_time() - cpu, server_cpu_s(roles)
+    return result, cpu, {role: used - before.get(role, 0.0) for role, used in after.items()}
+
+
 def _decode_cpu_ms(backbone: Backbone, uploads: list[bytes], reps: int = 8) -> float:
     """CPU ms to decode and preprocess one upload in-process (ImageDecoder, as the server does), mean over reps."""
     from mmserve.images import ImageDecoder, preprocess_config, preprocess_from_config
@@ -184,10 +195,9 @@ def web_floor_section(config: BenchConfig, env: dict[str, str], work: Path, make
             roles = server_roles(proc.pid)
             results, server_s, client_s = [], 0.0, 0.0
             for _ in range(config.http_runs):
-                cpu, before = time.process_time(), server_cpu_s(roles)
-                results.append(run_load(url, make, config.http_requests, conc))
-                client_s += time.process_time() - cpu
-                server_s += sum(server_cpu_s(roles).values()) - sum(before.values())
+                result, client, server = measured_load(url, make, config.http_requests, conc, roles)
+                results.append(result)
+                client_s, server_s = client_s + client, server_s + sum(server.values())
     except RuntimeError as exc:
         return {**out, "skipped": str(exc)}
     sent = sum(r.requests for r in results)
@@ -243,15 +253,14 @@ def http_section(config: BenchConfig, backbone: Backbone, registry: Path, onnx_d
                 for conc in config.http_concurrency:
                     for traffic in ("single", "mixed"):
                         before = _engine_batches(url)
-                        cpu, server_before = time.process_time(), server_cpu_s(roles)
-                        res = run_load(url, maker(traffic == "mixed"), config.http_requests, conc)
-                        cpu, server_after = time.process_time() - cpu, server_cpu_s(roles)
+                        res, cpu, server = measured_load(url, maker(traffic == "mixed"), config.http_requests,
+                                                         conc, roles)
                         after = _engine_batches(url)
                         runs.setdefault((traffic, conc), []).append(res)
                         acc = batches.setdefault((traffic, conc), {})
                         acc["client_cpu_s"] = acc.get("client_cpu_s", 0.0) + cpu
-                        for role, used in server_after.items():
-                            acc[f"{role}_cpu_s"] = acc.get(f"{role}_cpu_s", 0.0) + used - server_before.get(role, 0.0)
+                        for role, used in server.items():
+                            acc[f"{role}_cpu_s"] = acc.get(f"{role}_cpu_s", 0.0) + used
                         for k in after:
                             acc[k] = acc.get(k, 0.0) + after[k] - before.get(k, 0.0)
             # BentoML's adaptive dispatcher holds a lone request while `n * (wait_n + tick + o_a)` is below 0.95x
