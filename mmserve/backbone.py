@@ -31,6 +31,16 @@ def register_model_configs() -> None:
         _configs_registered = True
 
 
+RANDOM_INIT = ("", "none", "random")  # --pretrained / MMSERVE_BACKBONE_PRETRAINED values meaning random init
+
+
+def pretrained_or_none(value: str | None) -> str | None:
+    """A --pretrained or MMSERVE_BACKBONE_PRETRAINED value, with the spellings of a random init as None."""
+    if value is None or value.strip().lower() in RANDOM_INIT:
+        return None
+    return value
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Which backbone to load: an open_clip model name plus a pretrained tag or a local checkpoint path."""

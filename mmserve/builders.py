@@ -1,14 +1,21 @@
-"""Rebuild the trainable modules that registry entries describe, and load their weights."""
+"""Loading: a registry read from storage, checked against a backbone, and the modules its entries describe.
+
+mmserve.registry is the storage format (manifest, weights, hashes) and knows no module; this file builds modules
+through the method table (mmserve.prompts.table) to check shapes and to serve.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 
 from mmserve.backbone import Backbone
+from mmserve.errors import PromptConfigError, RegistryError
 from mmserve.fusion import FusionModel
 from mmserve.prompts import TowerPrompts, build_prompt, concat_prompts
-from mmserve.prompts.mope import MoPEConfig
-from mmserve.registry import Registry, TaskEntry
+from mmserve.prompts.table import get_method
+from mmserve.registry import MANIFEST, Registry, TaskEntry, check_tensors, read_registry
 
 
 def classify_prompt_module(config: dict, backbone: Backbone) -> nn.Module:
@@ -18,9 +25,12 @@ def classify_prompt_module(config: dict, backbone: Backbone) -> nn.Module:
 
 
 def fusion_module(task: TaskEntry, backbone: Backbone) -> FusionModel:
-    """An (untrained) MoPE + head for a fusion task entry."""
-    return FusionModel(MoPEConfig.from_dict(task.prompt_config), backbone.vision_width, backbone.vision_layers,
-                       backbone.embed_dim, int(task.psi_dim or 0), len(task.classes), task.head or "multiclass")
+    """An (untrained) fusion module (MoPE + head) for a fusion task entry, through the method its config names."""
+    config = dict(task.prompt_config)
+    config.setdefault("type", "mope")  # manifests before the method table may leave it out
+    method = get_method(config["type"], "fuse")
+    return method.module_cls(method.config_from_dict(config), backbone.vision_width, backbone.vision_layers,
+                             backbone.embed_dim, int(task.psi_dim or 0), len(task.classes), task.head or "multiclass")
 
 
 def expected_shapes(entry: TaskEntry | dict, backbone: Backbone) -> dict:
@@ -68,3 +78,27 @@ def load_fusion(registry: Registry, name: str, backbone: Backbone) -> FusionMode
     model = fusion_module(task, backbone)
     model.load_state_dict(registry.task_weights[name])
     return model.to(backbone.device).eval().requires_grad_(False)
+
+
+def load_registry(root: str | Path, backbone: Backbone | None = None) -> Registry:
+    """Read and validate a registry; with `backbone`, also check its fingerprint and every tensor's shape."""
+    root = Path(root)
+    registry = read_registry(root)
+    manifest = registry.manifest
+    if backbone is None:
+        return registry
+    if manifest.backbone.fingerprint != backbone.fingerprint:
+        raise RegistryError(
+            f"{root / MANIFEST}: backbone.fingerprint: registry was trained on {manifest.backbone.model} "
+            f"({manifest.backbone.fingerprint}), but the loaded backbone is {backbone.spec.model} "
+            f"({backbone.fingerprint})"
+        )
+    try:
+        for g in manifest.groups:
+            check_tensors(str(root / g.weights), expected_shapes(g.prompt_config, backbone),
+                          registry.group_weights[g.name])
+        for t in manifest.tasks:
+            check_tensors(str(root / t.weights), expected_shapes(t, backbone), registry.task_weights[t.name])
+    except (PromptConfigError, TypeError, ValueError, KeyError) as exc:  # values of a wrong type or range
+        raise RegistryError(f"{root / MANIFEST}: prompt_config: {exc}") from None
+    return registry

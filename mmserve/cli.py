@@ -71,7 +71,9 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_pretrained(model: str, pretrained: str) -> tuple[str | None, str]:
     """(pretrained for BackboneSpec, a note on what was loaded) for the --pretrained value."""
-    if pretrained.strip().lower() in ("none", "random", ""):
+    from mmserve.backbone import pretrained_or_none
+
+    if pretrained_or_none(pretrained) is None:
         return None, "random weights (requested): speed only, accuracy figures mean nothing"
     if pretrained == "auto":
         path = project_models_dir() / "backbone" / f"{model}.safetensors"
@@ -121,8 +123,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from mmserve.builders import load_registry
     from mmserve.onnx_export import ExportOptions, export_all
-    from mmserve.registry import load_registry
 
     backbone, note = load_backbone_from_args(args)
     print(f"backbone {backbone.spec.model} ({backbone.fingerprint}); {note}")

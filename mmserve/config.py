@@ -8,11 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from mmserve.backbone import EMBEDDED_MODEL, BackboneSpec
+from mmserve.backbone import EMBEDDED_MODEL, BackboneSpec, pretrained_or_none
 from mmserve.errors import MmserveError
 
 RUNTIMES = ("torch", "onnx")
-NO_PRETRAINED = ("", "none", "random")  # MMSERVE_BACKBONE_PRETRAINED values meaning random init (tests only)
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # MMSERVE_DEVICE values (lower-cased)
 
 
@@ -90,8 +89,8 @@ class ServeConfig:
         pretrained = env.get("MMSERVE_BACKBONE_PRETRAINED")
         if pretrained is None:
             pretrained = str(_default_checkpoint(root, model))
-        elif pretrained.strip().lower() in NO_PRETRAINED:
-            pretrained = None
+        else:
+            pretrained = pretrained_or_none(pretrained)
         device = (env.get("MMSERVE_DEVICE") or "cpu").strip().lower()
         if not DEVICE.fullmatch(device):
             raise ConfigError(f"MMSERVE_DEVICE={device!r}: expected cpu, cuda or cuda:N")

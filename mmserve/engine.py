@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from mmserve.backbone import Backbone, load_backbone
-from mmserve.builders import load_classify_prompts, load_fusion
+from mmserve.builders import load_classify_prompts, load_fusion, load_registry
 from mmserve.complementary import ComplementaryEncoder, build_complementary
 from mmserve.config import ServeConfig
 from mmserve.encoders import PromptedTextEncoder
 from mmserve.errors import MmserveError, PromptConfigError, RegistryError
 from mmserve.fusion import FusionModel, head_probabilities
 from mmserve.images import preprocess_config
-from mmserve.registry import MANIFEST, Registry, TaskEntry, load_registry, now_iso
+from mmserve.registry import MANIFEST, Registry, TaskEntry, now_iso
 from mmserve.runtime import ImageRuntime, TorchImageRuntime
 
 KINDS_ENDPOINT = {"classify": "/classify", "fuse": "/fuse"}

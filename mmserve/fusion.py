@@ -10,6 +10,7 @@ from torch import nn
 from mmserve.encoders import PromptedImageEncoder
 from mmserve.errors import PromptConfigError
 from mmserve.prompts.mope import MoPE, MoPEConfig
+from mmserve.prompts.table import register_method
 
 HEADS = ("multiclass", "multilabel")
 
@@ -53,3 +54,7 @@ class FusionModel(nn.Module):
         feats = image_encoder.forward_embeds(embeds, out.prompts)  # (B, embed_dim), normalised
         logits = self.head(torch.cat([feats, psi.to(feats.dtype)], dim=-1))
         return FusionOutput(logits=logits, routing=out.routing)
+
+
+register_method("mope", MoPEConfig, FusionModel, kind="fuse",
+                summary="MoPE: image-tower prompts conditioned on the complementary feature psi, and a linear head")

@@ -16,24 +16,22 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmserve.errors import PromptConfigError, RegistryError
+from mmserve.errors import RegistryError
 from mmserve.fileio import FILE_MODE, atomic_write_bytes, fsync_path, sha256_file
-
-if TYPE_CHECKING:
-    from mmserve.backbone import Backbone
+from mmserve.strict import from_dict
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("classify", "fuse")
+DEFAULT_TEMPLATE = "a photo of a {}."  # the class-prompt template a task gets when none is chosen
 
 
 @dataclass
@@ -66,7 +64,7 @@ class TaskEntry:
     classes: list[str]
     prompt_config: dict
     trainable_params: int
-    template: str = "a photo of a {}."
+    template: str = DEFAULT_TEMPLATE
     group: str | None = None  # classify: the group whose shared prompt is concatenated before this task's
     metrics: dict = field(default_factory=dict)
     created: str = ""
@@ -181,40 +179,9 @@ def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str,
     return Registry(root, manifest, dict(group_weights), dict(task_weights))
 
 
-# JSON types each manifest field annotation admits (the annotations are strings: `from __future__ import annotations`)
-_JSON_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,),
-                                            "list[str]": (list,)}
-
-
-def _check_type(value: object, annotation: str, where: str) -> None:
-    """Refuse a manifest value whose JSON type does not fit the field's annotation (bool is not a number)."""
-    base = annotation.removesuffix(" | None")
-    if value is None and base != annotation:
-        return
-    types = _JSON_TYPES.get(base)
-    if types is None:  # nested dataclasses: built and checked by the caller
-        return
-    if not isinstance(value, types) or isinstance(value, bool) or (
-            base == "list[str]" and not all(isinstance(x, str) for x in value)):
-        raise RegistryError(f"{where}: expected {base}, got {json.dumps(value)[:80]}")
-
-
 def _build(cls: type, data: object, where: str):
-    """Construct dataclass `cls` from a dict, naming `where` and the field on any mismatch of name or type."""
-    if not isinstance(data, dict):
-        raise RegistryError(f"{where}: expected an object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise RegistryError(f"{where}: unknown field(s) {sorted(unknown)}")
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    missing = required - set(data)
-    if missing:
-        raise RegistryError(f"{where}: missing field(s) {sorted(missing)}")
-    for f in fields(cls):
-        if f.name in data:
-            _check_type(data[f.name], str(f.type), f"{where}.{f.name}")
-    return cls(**data)
+    """Construct dataclass `cls` from a manifest object (the strict loader, raising RegistryError)."""
+    return from_dict(cls, data, where, RegistryError)
 
 
 def _check_names(manifest: Manifest, path: Path) -> None:
@@ -312,26 +279,13 @@ def check_tensors(path: str, expected: dict[str, torch.Size], got: dict[str, tor
                                 f"{tuple(shape)}")
 
 
-def load_registry(root: str | Path, backbone: Backbone | None = None) -> Registry:
-    """Load and validate a registry; with `backbone`, also check its fingerprint and every tensor's shape."""
-    from mmserve.builders import expected_shapes  # late import: builders depends on this file's dataclasses
+def read_registry(root: str | Path) -> Registry:
+    """Read a registry from storage: its manifest and every weights file, each checked against its sha256.
 
+    Whether the tensors fit a backbone is the loader's check (mmserve.builders.load_registry).
+    """
     root = Path(root)
     manifest = read_manifest(root)
-    if backbone is not None and manifest.backbone.fingerprint != backbone.fingerprint:
-        raise RegistryError(
-            f"{root / MANIFEST}: backbone.fingerprint: registry was trained on {manifest.backbone.model} "
-            f"({manifest.backbone.fingerprint}), but the loaded backbone is {backbone.spec.model} "
-            f"({backbone.fingerprint})"
-        )
     groups = {g.name: _load_weights(root, g.weights, g.sha256, f"groups[{g.name}]") for g in manifest.groups}
     tasks = {t.name: _load_weights(root, t.weights, t.sha256, f"tasks[{t.name}]") for t in manifest.tasks}
-    if backbone is not None:
-        try:
-            for g in manifest.groups:
-                check_tensors(str(root / g.weights), expected_shapes(g.prompt_config, backbone), groups[g.name])
-            for t in manifest.tasks:
-                check_tensors(str(root / t.weights), expected_shapes(t, backbone), tasks[t.name])
-        except (PromptConfigError, TypeError, ValueError, KeyError) as exc:  # values of a wrong type or range
-            raise RegistryError(f"{root / MANIFEST}: prompt_config: {exc}") from None
     return Registry(root, manifest, groups, tasks)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
-from mmserve.builders import classify_prompt_module, fusion_module, load_classify_prompts, load_fusion
+from mmserve.builders import classify_prompt_module, fusion_module, load_classify_prompts, load_fusion, load_registry
 from mmserve.complementary import ClipTextComplement
 from mmserve.encoders import PromptedImageEncoder
 from mmserve.engine import InferenceEngine
@@ -36,7 +36,6 @@ from mmserve.registry import (
     Manifest,
     RegistryError,
     TaskEntry,
-    load_registry,
     save_registry,
 )
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from mmserve import registry as registry_mod
 from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
-from mmserve.builders import classify_prompt_module, fusion_module, load_classify_prompts, load_fusion
+from mmserve.builders import classify_prompt_module, fusion_module, load_classify_prompts, load_fusion, load_registry
 from mmserve.complementary import ClipTextComplement
 from mmserve.encoders import PromptedImageEncoder, PromptedTextEncoder
 from mmserve.errors import RegistryError
@@ -27,7 +27,6 @@ from mmserve.registry import (
     Manifest,
     TaskEntry,
     content_version,
-    load_registry,
     read_manifest,
     save_registry,
 )

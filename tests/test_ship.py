@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 
 from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
-from mmserve.registry import load_registry, read_manifest
+from mmserve.builders import load_registry
+from mmserve.registry import read_manifest
 from training.cli import main
 from training.results import write_toy_cache
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from mmserve.backbone import TINY_MODEL
-from mmserve.builders import load_classify_prompts
+from mmserve.builders import load_classify_prompts, load_registry
 from mmserve.prompts import MmAPConfig, mmap_param_count
-from mmserve.registry import load_registry
 from training.classify import Towers, predict
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles, Item

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from mmserve.backbone import TINY_MODEL
-from mmserve.builders import load_fusion
+from mmserve.builders import load_fusion, load_registry
 from mmserve.complementary import build_complementary
 from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig
-from mmserve.registry import load_registry
 from training.classify import Towers
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles

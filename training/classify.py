@@ -9,8 +9,7 @@ import torch
 from mmserve.backbone import Backbone
 from mmserve.encoders import PromptedImageEncoder, PromptedTextEncoder
 from mmserve.prompts import TowerPrompts
-
-DEFAULT_TEMPLATE = "a photo of a {}."
+from mmserve.registry import DEFAULT_TEMPLATE
 
 
 @dataclass

@@ -26,6 +26,7 @@ from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.cli import positive_int
 from mmserve.errors import MmserveError
 from mmserve.fileio import atomic_write_bytes
+from mmserve.prompts import prompt_choices
 from mmserve.prompts.mope import MoPEConfig
 from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.mmap_trainer import PromptSpec
@@ -338,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--template", default="a photo of a {}.", help="class prompt after the prompt tokens")
         p.add_argument("--zero-shot-template", default="a photo of a {}.")
         g = p.add_argument_group("prompts")
-        g.add_argument("--prompt", choices=("mmap", "text", "vision"), default="mmap",
-                       help="mmap, or the text-only (CoOp/MaPLe) / visual-only (VPT-deep) ablation")
+        g.add_argument("--prompt", choices=prompt_choices(), default="mmap",
+                       help="a registered prompt method: mmap, or the text-only (CoOp/MaPLe) / visual-only "
+                            "(VPT-deep) ablation, or any method registered with mmserve.prompts.register_method")
         g.add_argument("--sharing", choices=("group+task", "task", "group"), default="group+task",
                        help="group-shared + task-specific prompts, task-specific only, or group-shared only")
         g.add_argument("--n-tokens", type=int, default=PromptSpec.n_tokens,

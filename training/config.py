@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, Backbone, BackboneSpec, load_backbone
+from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, Backbone, BackboneSpec, load_backbone, pretrained_or_none
 
 PRETRAINED_ENV = "MMSERVE_BACKBONE_PRETRAINED"
 
@@ -25,9 +25,7 @@ class BackboneConfig:
         if pretrained is None and self.model != TINY_MODEL:
             raise ValueError(f"backbone '{self.model}' needs --pretrained TAG_OR_PATH (or ${PRETRAINED_ENV}); "
                              f"pass --pretrained none for a random init")
-        if pretrained is not None and pretrained.lower() == "none":
-            pretrained = None
-        return BackboneSpec(self.model, pretrained, device=self.device, seed=self.seed)
+        return BackboneSpec(self.model, pretrained_or_none(pretrained), device=self.device, seed=self.seed)
 
 
 @dataclass

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmserve.backbone import Backbone, BackboneSpec, load_backbone
-from mmserve.builders import load_classify_prompts, load_fusion
+from mmserve.builders import load_classify_prompts, load_fusion, load_registry
 from mmserve.complementary import build_complementary
 from mmserve.fileio import atomic_write_bytes
-from mmserve.registry import load_registry, read_manifest
-from training.classify import DEFAULT_TEMPLATE, Towers, predict
+from mmserve.registry import DEFAULT_TEMPLATE, read_manifest
+from training.classify import Towers, predict
 from training.data import BadFiles, Item
 from training.metrics import accuracy, primary_metric
 from training.mope_trainer import encode_texts, evaluate_fusion

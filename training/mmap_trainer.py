@@ -18,7 +18,7 @@ Ablations (PromptSpec):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,9 +26,9 @@ from torch import nn
 
 from mmserve.backbone import Backbone
 from mmserve.builders import ClassifyPrompts
-from mmserve.prompts import DeepPromptConfig, MmAPConfig, build_prompt, count_params
-from mmserve.registry import GroupEntry, Manifest, TaskEntry, save_registry
-from training.classify import DEFAULT_TEMPLATE, Towers
+from mmserve.prompts import build_prompt, config_for_choice, count_params, prompt_choices
+from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, save_registry
+from training.classify import Towers
 from training.config import BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
 from training.data import BadFiles, discover_image_tasks
 from training.grouping import GroupingConfig, choose_groups, task_affinity
@@ -48,13 +48,12 @@ from training.splits import Split, classify_split, read_split, write_split
 from training.tensors import part_tensors
 from training.zeroshot import zero_shot_metrics
 
-PROMPT_KINDS = ("mmap", "text", "vision")
 SHARING = ("group+task", "task", "group")
 
 
 @dataclass
 class PromptSpec:
-    """Prompt kind (mmap | text | vision), sharing (group+task | task | group) and the size of each prompt."""
+    """Prompt kind (a registered --prompt choice: mmap, text, vision, ...), sharing and the size of each prompt."""
 
     kind: str = "mmap"
     sharing: str = "group+task"
@@ -64,15 +63,14 @@ class PromptSpec:
     depth: int | None = None  # prompted layers (None = all)
     init_std: float = 0.02
 
-    def module_config(self) -> MmAPConfig | DeepPromptConfig:
-        """The config of every prompt module of the run."""
-        if self.kind not in PROMPT_KINDS:
-            raise ValueError(f"prompt kind must be one of {PROMPT_KINDS}, got {self.kind!r}")
+    def module_config(self):
+        """The config of every prompt module of the run: the registered method `kind` names, its fields filled
+        from this spec's fields of the same name (mmserve.prompts.table.config_for_choice)."""
+        if self.kind not in prompt_choices():
+            raise ValueError(f"prompt kind must be one of {tuple(prompt_choices())}, got {self.kind!r}")
         if self.sharing not in SHARING:
             raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
-        if self.kind == "mmap":
-            return MmAPConfig(self.n_tokens, self.source_rows, self.source_cols, self.depth, self.init_std)
-        return DeepPromptConfig(self.kind, self.n_tokens, self.depth, self.init_std)
+        return config_for_choice(self.kind, asdict(self))
 
 
 @dataclass

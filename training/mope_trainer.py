@@ -20,8 +20,8 @@ from mmserve.complementary import build_complementary
 from mmserve.fusion import FusionModel
 from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig, importance_loss
-from mmserve.registry import Manifest, TaskEntry, save_registry
-from training.classify import DEFAULT_TEMPLATE, Towers
+from mmserve.registry import DEFAULT_TEMPLATE, Manifest, TaskEntry, save_registry
+from training.classify import Towers
 from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim, reuse_or_load
 from training.data import BadFiles, read_fusion_jsonl
 from training.metrics import accuracy, f1_scores

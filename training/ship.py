@@ -27,9 +27,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from mmserve.backbone import EMBEDDED_MODEL, Backbone, BackboneSpec, load_backbone
+from mmserve.builders import load_registry
 from mmserve.fileio import atomic_write_bytes, sha256_file
 from mmserve.prompts.mope import MoPEConfig
-from mmserve.registry import BackboneRef, Manifest, load_registry, save_registry
+from mmserve.registry import BackboneRef, Manifest, save_registry
 from training.classify import Towers
 from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.evaluate import evaluate_registry

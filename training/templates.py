@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from mmserve.fileio import atomic_write_bytes
+from mmserve.registry import DEFAULT_TEMPLATE
 from training.classify import Towers
 from training.splits import Split
 from training.zeroshot import zero_shot
@@ -16,7 +17,7 @@ AUTO = "auto"
 # the phrasings of the pretraining captions (training/prepare: "a picture of a ...", "an emoji of ...",
 # "a <subgroup> emoji: <name>", bare titles) and CLIP's usual one
 CANDIDATES: tuple[str, ...] = (
-    "a photo of a {}.",
+    DEFAULT_TEMPLATE,
     "a picture of a {}.",
     "a drawing of a {}.",
     "an emoji of {}.",

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from mmserve.backbone import Backbone
-from training.classify import DEFAULT_TEMPLATE, Towers, class_scores
+from mmserve.registry import DEFAULT_TEMPLATE
+from training.classify import Towers, class_scores
 from training.data import BadFiles
 from training.metrics import accuracy, f1_scores
 from training.splits import Split

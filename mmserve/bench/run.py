@@ -49,10 +49,10 @@ class BenchSetup:
 def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Callable[[str], None],
            cleanup: list[Path]) -> BenchSetup:
     """Registry, engines, ONNX runtimes and thread counts of a run; temp directories it makes go into `cleanup`."""
+    from mmserve.builders import load_registry
     from mmserve.engine import InferenceEngine
     from mmserve.onnx_export import ExportOptions, export_all, read_sidecars
     from mmserve.onnx_runtime import OnnxImageRuntime, OnnxOptions, physical_cores
-    from mmserve.registry import load_registry
 
     candidates = [config.threads] if config.threads else sorted({1, physical_cores()})
     if config.registry is not None:

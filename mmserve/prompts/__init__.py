@@ -1,44 +1,46 @@
-"""Prompt generators: MmAP and single-tower deep prompts for classification, MoPE for fusion."""
+"""Prompt methods: MmAP and single-tower deep prompts for classification (MoPE, for fusion, lives beside them).
+
+Each method is one module ending in one `register_method` call; everything else looks methods up in the table
+(mmserve.prompts.table). Importing this package registers the built-in classification methods.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from mmserve.errors import PromptConfigError
 from mmserve.prompts.base import TowerPrompts, concat_prompts, count_params, resolve_depth
 from mmserve.prompts.deep import DeepPrompt, DeepPromptConfig
 from mmserve.prompts.mmap import MmAP, MmAPConfig, mmap_param_count
+from mmserve.prompts.table import (
+    Method,
+    ResultRow,
+    build_classify_module,
+    config_for_choice,
+    config_from_dict,
+    get_method,
+    method_for_choice,
+    methods,
+    prompt_choices,
+    register_method,
+    unregister_method,
+)
 
-PromptConfig = MmAPConfig | DeepPromptConfig
+PromptConfig = MmAPConfig | DeepPromptConfig  # the built-in classification configs (any registered one works)
 
 
-def prompt_config_from_dict(data: dict) -> PromptConfig:
-    """Rebuild a classification prompt config (MmAP or deep) from its manifest dict."""
-    kinds = {"mmap": MmAPConfig, "deep": DeepPromptConfig}
-    kind = data.get("type")
-    if kind not in kinds:
-        raise PromptConfigError(f"unknown prompt config type {kind!r} (known: {sorted(kinds)})")
-    cls = kinds[kind]
-    known = set(cls.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise PromptConfigError(f"unknown fields in {kind} prompt config: {sorted(unknown)}")
-    return cls(**data)
+def prompt_config_from_dict(data: dict):
+    """Rebuild a classification prompt config from its manifest dict (dispatches on its `type`)."""
+    return config_from_dict(data, "classify")
 
 
-def build_prompt(config: PromptConfig | dict, text_width: int, vision_width: int, text_layers: int,
-                 vision_layers: int) -> nn.Module:
-    """Instantiate the prompt module that `config` describes (MmAP or a single-tower deep prompt)."""
-    if isinstance(config, dict):
-        config = prompt_config_from_dict(config)
-    if isinstance(config, MmAPConfig):
-        return MmAP(config, text_width, vision_width, text_layers, vision_layers)
-    if isinstance(config, DeepPromptConfig):
-        return DeepPrompt(config, text_width, vision_width, text_layers, vision_layers)
-    raise PromptConfigError(f"not a prompt config: {config!r}")
+def build_prompt(config, text_width: int, vision_width: int, text_layers: int, vision_layers: int) -> nn.Module:
+    """Instantiate the classification prompt module that `config` (object or manifest dict) describes."""
+    return build_classify_module(config, text_width, vision_width, text_layers, vision_layers)
 
 
 __all__ = [
     "TowerPrompts", "concat_prompts", "count_params", "resolve_depth", "DeepPrompt", "DeepPromptConfig", "MmAP",
-    "MmAPConfig", "mmap_param_count", "PromptConfig", "prompt_config_from_dict", "build_prompt",
+    "MmAPConfig", "mmap_param_count", "PromptConfig", "prompt_config_from_dict", "build_prompt", "Method",
+    "ResultRow", "build_classify_module", "config_for_choice", "config_from_dict", "get_method",
+    "method_for_choice", "methods", "prompt_choices", "register_method", "unregister_method",
 ]

@@ -9,6 +9,7 @@ from torch import nn
 
 from mmserve.errors import PromptConfigError
 from mmserve.prompts.base import TowerPrompts, resolve_depth
+from mmserve.prompts.table import ResultRow, register_method
 
 
 @dataclass
@@ -47,3 +48,16 @@ class DeepPrompt(nn.Module):
         if self.config.tower == "text":
             return TowerPrompts(text=self.prompt)
         return TowerPrompts(vision=self.prompt)
+
+
+register_method(
+    "deep", DeepPromptConfig, DeepPrompt, choices={"text": {"tower": "text"}, "vision": {"tower": "vision"}},
+    summary="independent deep prompts in one tower: text-only (CoOp-style) or visual-only (VPT-deep)",
+    results=(
+        ResultRow("text-only", "text-only prompts (CoOp-style)",
+                  "deep text prompts only (b = 4 tokens per layer, every text layer), one per task, no sharing",
+                  "text"),
+        ResultRow("visual-only", "visual-only prompts (VPT-style)",
+                  "deep visual prompts only (b = 4 tokens per layer, every image layer), one per task, no sharing",
+                  "vision"),
+    ))

@@ -10,6 +10,7 @@ from torch import nn
 
 from mmserve.errors import PromptConfigError
 from mmserve.prompts.base import TowerPrompts, resolve_depth
+from mmserve.prompts.table import register_method
 
 
 @dataclass
@@ -71,3 +72,6 @@ def mmap_param_count(config: MmAPConfig, text_width: int, vision_width: int, dep
     """K * (m*n + (b/m)*(d_l/n) + (b/m)*(d_v/n)): the trainable parameters of one MmAP."""
     b, m, n = config.n_tokens, config.source_rows, config.source_cols
     return depth * (m * n + (b // m) * (text_width // n) + (b // m) * (vision_width // n))
+
+
+register_method("mmap", MmAPConfig, MmAP, summary="MmAP: kron(M_l, P_s) text and kron(M_v, P_s) visual prompts")

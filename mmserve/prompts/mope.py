@@ -16,6 +16,7 @@ from torch import nn
 
 from mmserve.errors import PromptConfigError
 from mmserve.prompts.base import resolve_depth
+from mmserve.strict import from_dict
 
 
 @dataclass
@@ -44,10 +45,9 @@ class MoPEConfig:
     @classmethod
     def from_dict(cls, data: dict) -> MoPEConfig:
         """Rebuild from a manifest dict, refusing unknown fields."""
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown or data.get("type", "mope") != "mope":
-            raise PromptConfigError(f"not a MoPE config: unknown fields {sorted(unknown)} / type {data.get('type')}")
-        return cls(**data)
+        if data.get("type", "mope") != "mope":
+            raise PromptConfigError(f"not a MoPE config: type {data.get('type')!r}")
+        return from_dict(cls, data, "MoPE config", PromptConfigError)
 
 
 @dataclass

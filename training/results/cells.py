@@ -175,9 +175,8 @@ def stale_cell(ctx: Context, method: str, shots: int | None, seed: int | None, r
 
 
 def _classify_config(ctx: Context, method: str, shots: int, seed: int, run_dir: Path) -> MultiTaskConfig:
-    prompt = {"text-only": PromptSpec("text", "task"), "visual-only": PromptSpec("vision", "task"),
-              "mmap-task": PromptSpec("mmap", "task"), "mmap-group": PromptSpec("mmap", "group")}.get(
-        method, PromptSpec())
+    row = METHODS[method]
+    prompt = PromptSpec(row.prompt, row.sharing)
     grouping = GroupingConfig("all")
     if method in ("mmap-full", "mmap-group"):
         grouping = GroupingConfig("file", file=str(grouping_file(ctx, shots, seed)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmserve.backbone import EMBEDDED_MODEL
+from mmserve.prompts import methods
 from training.templates import AUTO
 
 COLOUR_STYLES = ("noto", "twemoji", "fluent_flat")
@@ -21,20 +22,26 @@ class Method:
     family: str  # "classify" or "fusion"
     label: str
     definition: str
+    prompt: str = "mmap"  # classify: the --prompt choice it trains
+    sharing: str = "group+task"  # classify: group+task | task | group
+
+
+
+def registered_rows() -> tuple[Method, ...]:
+    """The rows registered prompt methods bring (mmserve.prompts.register_method(..., results=...))."""
+    return tuple(Method(r.key, "classify", r.label, r.definition, r.choice, r.sharing)
+                 for m in methods("classify") for r in m.results)
 
 
 CLASSIFY_METHODS = (
     Method("zero-shot", "classify", "zero-shot",
            "each class name in the class-prompt template (Settings above) against the image, frozen backbone; "
            "nothing trained (the reference)"),
-    Method("text-only", "classify", "text-only prompts (CoOp-style)",
-           "deep text prompts only (b = 4 tokens per layer, every text layer), one per task, no sharing"),
-    Method("visual-only", "classify", "visual-only prompts (VPT-style)",
-           "deep visual prompts only (b = 4 tokens per layer, every image layer), one per task, no sharing"),
+    *registered_rows(),  # text-only and visual-only (mmserve/prompts/deep.py), then any other method's
     Method("mmap-task", "classify", "MmAP task-specific only",
-           "one MmAP per task (both towers), no group-shared prompt"),
+           "one MmAP per task (both towers), no group-shared prompt", sharing="task"),
     Method("mmap-group", "classify", "MmAP group-shared only",
-           "one MmAP per computed group (the full method's groups), no task-specific prompt"),
+           "one MmAP per computed group (the full method's groups), no task-specific prompt", sharing="group"),
     Method("mmap-full", "classify", "MmAP full (computed grouping)",
            "group-shared + task-specific MmAP, groups from gradient similarity (eq. 8), eq. 11/12 updates"),
     Method("mmap-random", "classify", "MmAP, random grouping",
