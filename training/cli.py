@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from mmserve.backbone import EMBEDDED_MODEL
-from mmserve.cli import positive_int
+from mmserve.cli_args import positive_int
 from mmserve.errors import MmserveError
 from mmserve.fileio import atomic_write_bytes
 from mmserve.prompts import prompt_choices

@@ -9,7 +9,7 @@ from pathlib import Path
 from mmserve.bench.config import BenchConfig
 from mmserve.bench.report import format_report
 from mmserve.bench.run import run_bench
-from mmserve.cli import positive_int
+from mmserve.cli_args import positive_int
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -67,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """`mmserve bench`: load the backbone, run, print the table, write the JSON."""
-    from mmserve.cli import load_backbone_from_args
+    from mmserve.cli_args import load_backbone_from_args
 
     config = config_from_args(args)
     bad = set(config.variants) - {"fp32", "opt", "int8"}
