@@ -46,14 +46,44 @@ class FusionModel(nn.Module):
         self.mope = MoPE(config, vision_width, vision_layers, psi_dim)
         self.head = nn.Linear(embed_dim + psi_dim, n_classes)
 
+    @property
+    def psi_dim(self) -> int:
+        """Width of the complementary feature psi the model is conditioned on."""
+        return self.mope.psi_dim
+
+    @property
+    def n_classes(self) -> int:
+        """Outputs of the head."""
+        return int(self.head.out_features)
+
+    @property
+    def prompt_shape(self) -> tuple[int, int]:
+        """(K, P) of the image-tower prompts the model makes: prompted layers, tokens per layer."""
+        return self.mope.depth, self.mope.n_tokens
+
+    @property
+    def uses_image_summary(self) -> bool:
+        """Whether `prompts` needs the image tower's token embeddings as well as psi."""
+        return bool(self.mope.config.router_uses_image)
+
+    def prompts(self, psi: torch.Tensor, image_embeds: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample prompts (B, K, P, d_v) and routing scores (B, K, k); image_embeds (B, 1 + N, d_v) when
+        `uses_image_summary`."""
+        summary = image_embeds[:, 1:].mean(dim=1) if self.uses_image_summary and image_embeds is not None else None
+        out = self.mope(psi, summary)
+        return out.prompts, out.routing
+
+    def logits(self, image_features: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        """Head logits (B, C) over the prompted image features (B, E) and psi (B, d_psi)."""
+        return self.head(torch.cat([image_features, psi.to(image_features.dtype)], dim=-1))
+
     def forward(self, image_encoder: PromptedImageEncoder, images: torch.Tensor, psi: torch.Tensor) -> FusionOutput:
         """Logits for images (B, 3, H, W) conditioned on complementary features psi (B, d_psi)."""
         embeds = image_encoder.embed(images)  # (B, 1 + N, d_v)
-        summary = embeds[:, 1:].mean(dim=1) if self.mope.config.router_uses_image else None
-        out = self.mope(psi, summary)
-        feats = image_encoder.forward_embeds(embeds, out.prompts)  # (B, embed_dim), normalised
-        logits = self.head(torch.cat([feats, psi.to(feats.dtype)], dim=-1))
-        return FusionOutput(logits=logits, routing=out.routing)
+        prompts, routing = self.prompts(psi, embeds)
+        feats = image_encoder.forward_embeds(embeds, prompts)  # (B, embed_dim), normalised
+        return FusionOutput(logits=self.logits(feats, psi), routing=routing)
 
 
 register_method("mope", MoPEConfig, FusionModel, kind="fuse",
