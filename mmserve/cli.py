@@ -68,7 +68,7 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from mmserve.builders import load_registry
-    from mmserve.onnx_export import ExportOptions, export_all
+    from mmserve.onnx.export import ExportOptions, export_all
 
     backbone, note = load_backbone_from_args(args)
     print(f"backbone {backbone.spec.model} ({backbone.fingerprint}); {note}")

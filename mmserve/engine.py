@@ -69,7 +69,7 @@ class RuntimeUnavailableError(MmserveError):
 
 def _onnx_runtime(backbone: Backbone) -> ImageRuntime:
     """onnxruntime engine; graphs from MMSERVE_ONNX_DIR (default models/onnx), see mmserve.onnx_runtime."""
-    from mmserve.onnx_runtime import OnnxImageRuntime
+    from mmserve.onnx.runtime import OnnxImageRuntime
 
     return OnnxImageRuntime(backbone)
 

@@ -17,17 +17,9 @@ from mmserve.complementary import ClipTextComplement
 from mmserve.encoders import PromptedImageEncoder
 from mmserve.engine import InferenceEngine
 from mmserve.errors import PromptConfigError
-from mmserve.onnx_export import (
-    ExportOptions,
-    GraphInfo,
-    OnnxExportError,
-    OnnxGraphError,
-    export_all,
-    export_image_graph,
-    read_sidecars,
-    sidecar_name,
-)
-from mmserve.onnx_runtime import OnnxImageRuntime, OnnxOptions, physical_cores, select_providers
+from mmserve.onnx.catalogue import GraphInfo, OnnxGraphError, read_sidecars, sidecar_name
+from mmserve.onnx.export import ExportOptions, OnnxExportError, export_all, export_image_graph
+from mmserve.onnx.runtime import OnnxImageRuntime, OnnxOptions, physical_cores, select_providers
 from mmserve.prompts import MmAPConfig, count_params
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import (
@@ -250,7 +242,7 @@ def test_prompt_shape_without_graph_is_refused_or_exported(onnx_dir: Path, tiny_
 def test_graphs_exported_to_a_temp_dir_go_with_the_runtime(tiny_backbone, tmp_path: Path, monkeypatch) -> None:
     import gc
 
-    from mmserve import onnx_runtime
+    from mmserve.onnx import runtime as onnx_runtime
 
     monkeypatch.setattr(onnx_runtime.os, "access", lambda *args: False)  # the graph directory is not writable
     lazy = OnnxImageRuntime(tiny_backbone, OnnxOptions(onnx_dir=tmp_path / "read-only", variant="fp32",

@@ -51,8 +51,9 @@ def _setup(config: BenchConfig, backbone: Backbone, backbone_note: str, log: Cal
     """Registry, engines, ONNX runtimes and thread counts of a run; temp directories it makes go into `cleanup`."""
     from mmserve.builders import load_registry
     from mmserve.engine import InferenceEngine
-    from mmserve.onnx_export import ExportOptions, export_all, read_sidecars
-    from mmserve.onnx_runtime import OnnxImageRuntime, OnnxOptions, physical_cores
+    from mmserve.onnx.catalogue import read_sidecars
+    from mmserve.onnx.export import ExportOptions, export_all
+    from mmserve.onnx.runtime import OnnxImageRuntime, OnnxOptions, physical_cores
 
     candidates = [config.threads] if config.threads else sorted({1, physical_cores()})
     if config.registry is not None:
@@ -186,7 +187,7 @@ def _load() -> list[float]:
 
 
 def _machine(setup: BenchSetup) -> dict[str, Any]:
-    from mmserve.onnx_runtime import physical_cores
+    from mmserve.onnx.runtime import physical_cores
 
     cpu = platform.processor()
     try:

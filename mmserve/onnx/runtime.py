@@ -6,9 +6,9 @@ parallel), ORT_ENABLE_ALL graph optimisation, and thread spinning off by default
 with HTTP workers and preprocessing; spinning threads steal them and collapse under contention). The CUDA
 provider is chosen automatically when onnxruntime-gpu is installed and a GPU is visible.
 
-Fusion (/fuse): a task's exported fusion graph (MoPE + tower + head, psi as input) is used when its sidecar's
+Fusion (/fuse): a task's exported fusion graph (prompts + tower + head, psi as input) is used when its sidecar's
 weights digest equals the FusionModel the engine passes; otherwise (task added or retrained after the export)
-the MoPE prompts and the head run in torch around the shared image graph for that prompt shape.
+the task's prompts and head run in torch around the shared image graph for that prompt shape.
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ from mmserve.backbone import Backbone, weights_digest
 from mmserve.encoders import PromptedImageEncoder
 from mmserve.errors import PromptConfigError
 from mmserve.fusion import FusionModel
-from mmserve.onnx_export import (
+from mmserve.onnx.catalogue import (
+    ENV_DIR,
     VARIANTS,
-    ExportOptions,
+    Catalogue,
     GraphInfo,
     OnnxGraphError,
     check_graph,
-    export_image_graph,
-    read_sidecars,
+    default_onnx_dir,
 )
+from mmserve.onnx.export import ExportOptions, export_image_graph
 
 log = logging.getLogger(__name__)
 
-ENV_DIR = "MMSERVE_ONNX_DIR"
 ENV_VARIANT = "MMSERVE_ONNX_VARIANT"
 ENV_THREADS = "MMSERVE_ONNX_THREADS"
 ENV_SPINNING = "MMSERVE_ONNX_SPINNING"
@@ -85,22 +85,6 @@ def _cuda_visible() -> bool:
         return False
 
 
-def default_onnx_dir() -> Path:
-    """MMSERVE_ONNX_DIR, else models/onnx next to the package (the repository or a built bento), else ./models/onnx."""
-    if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR])
-    root = Path(__file__).resolve().parent.parent
-    return (root if (root / "models").is_dir() else Path.cwd()) / "models" / "onnx"
-
-
-@dataclass(frozen=True)
-class _Graph:
-    """A graph's sidecar and the directory it lives in."""
-
-    info: GraphInfo
-    directory: Path
-
-
 @dataclass
 class OnnxOptions:
     """Where the graphs are and how onnxruntime runs them."""
@@ -134,7 +118,7 @@ class OnnxOptions:
 
 
 class OnnxImageRuntime:
-    """onnxruntime engine for the prompted image tower and MoPE fusion, same interface as TorchImageRuntime."""
+    """onnxruntime engine for the prompted image tower and fusion tasks, same interface as TorchImageRuntime."""
 
     name = "onnx"
 
@@ -151,32 +135,19 @@ class OnnxImageRuntime:
         self.threads = self.options.intra_op_threads or physical_cores()
         self._lock = threading.Lock()
         self._sessions: dict[tuple, object] = {}
-        self._graphs: dict[tuple, dict[str, _Graph]] = {}
+        self._catalogue = Catalogue()
         self._export_dir: Path | None = None
         self._cpu_copy: Backbone | None = None
         self._digests: weakref.WeakKeyDictionary[FusionModel, str] = weakref.WeakKeyDictionary()
-        self._torch_encoder = PromptedImageEncoder(backbone)  # embeddings for MoPE routing on image summaries
-        self._scan(self.onnx_dir)
+        self._torch_encoder = PromptedImageEncoder(backbone)  # embeddings for prompts that route on the image
+        self._catalogue.scan(self.onnx_dir, backbone)  # refuses graphs of another backbone at start
 
     # ---- graphs and sessions -------------------------------------------------------------------------------
-
-    def _scan(self, directory: Path) -> None:
-        """Index the sidecars of `directory`, refusing any graph exported from another backbone."""
-        for info in read_sidecars(directory):
-            check_graph(info, directory, self.backbone, verify_hash=False)  # fingerprint: refuse at start
-            self._graphs.setdefault(info.key, {})[info.variant] = _Graph(info, directory)
 
     @property
     def graphs(self) -> list[GraphInfo]:
         """Every graph this runtime can use."""
-        return [g.info for by_variant in self._graphs.values() for g in by_variant.values()]
-
-    def _pick(self, key: tuple) -> _Graph | None:
-        by_variant = self._graphs.get(key, {})
-        wanted = self.options.variant
-        if wanted == "auto":
-            return by_variant.get("opt") or by_variant.get("fp32")
-        return by_variant.get(wanted)
+        return self._catalogue.graphs
 
     def _session_options(self):
         ort = self._ort
@@ -221,23 +192,23 @@ class OnnxImageRuntime:
         log.warning("no ONNX image graph for prompts (K=%d, P=%d) in %s: exporting one to %s (run `mmserve "
                     "export-onnx --registry ...` before serving to avoid this)", depth, tokens, self.onnx_dir, target)
         for info in export_image_graph(self._cpu_backbone(), target, depth, tokens, opts):
-            self._graphs.setdefault(info.key, {})[info.variant] = _Graph(info, target)
+            self._catalogue.add(info, target)
 
     def session(self, key: tuple) -> tuple[Any, GraphInfo]:
         """The onnxruntime session for ("image", K, P) or ("fusion", task); exports missing image graphs."""
-        graph = self._pick(key)
+        graph = self._catalogue.pick(key, self.options.variant)
         if graph is not None and (key, graph.info.variant) in self._sessions:
             return self._sessions[(key, graph.info.variant)], graph.info
         with self._lock:
-            graph = self._pick(key)
+            graph = self._catalogue.pick(key, self.options.variant)
             if graph is None:
                 if key[0] != "image" or not self.options.export_missing:
-                    have = sorted({(g.depth, g.prompt_tokens) for g in self.graphs if g.kind == "image"})
+                    have = self._catalogue.image_shapes()
                     raise OnnxGraphError(
                         f"no {self.options.variant} ONNX graph for {key} in {self.onnx_dir} (image graphs for "
                         f"(K, P) = {have}); run `mmserve export-onnx --out {self.onnx_dir} ...`")
                 self._export_image(key[1], key[2])
-                graph = self._pick(key)
+                graph = self._catalogue.pick(key, self.options.variant)
                 if graph is None:
                     raise OnnxGraphError(f"exporting {key} did not produce a {self.options.variant} graph")
             slot = (key, graph.info.variant)
@@ -258,7 +229,7 @@ class OnnxImageRuntime:
         for task, (model, psi_dim) in fusion.items():
             if self.fusion_graph(task, model) is not None:
                 self.session(("fusion", task))
-            else:  # torch MoPE + the image graph of its prompt shape: one tiny run finds and opens it
+            else:  # torch prompts + the image graph of their shape: one tiny run finds and opens it
                 device = self.backbone.device
                 self.fuse(task, model, torch.zeros(2, 3, size, size, device=device), torch.zeros(2, psi_dim,
                                                                                              device=device))
@@ -296,7 +267,7 @@ class OnnxImageRuntime:
 
     def fusion_graph(self, task: str, model: FusionModel) -> GraphInfo | None:
         """The exported fusion graph of `task` if it was exported from exactly these weights."""
-        graph = self._pick(("fusion", task))
+        graph = self._catalogue.pick(("fusion", task), self.options.variant)
         if graph is None or graph.info.task_digest != self._digest(model):
             return None
         return graph.info
@@ -304,17 +275,13 @@ class OnnxImageRuntime:
     @torch.inference_mode()
     def fuse(self, task: str, model: FusionModel, images: torch.Tensor, psi: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fusion logits (B, C) and routing scores (B, K, k): the task's graph, else torch MoPE + image graph."""
+        """Fusion logits (B, C) and routing scores (B, K, k): the task's graph, else torch prompts + image graph."""
         if self.fusion_graph(task, model) is not None:
             logits, routing = self._run(("fusion", task), {"images": images, "psi": psi})
             return logits, routing
-        summary = None
-        if model.mope.config.router_uses_image:
-            summary = self._torch_encoder.embed(images)[:, 1:].mean(dim=1)
-        out = model.mope(psi, summary)
-        feats = self.encode(images, out.prompts)
-        logits = model.head(torch.cat([feats, psi.to(feats.dtype)], dim=-1))
-        return logits, out.routing
+        embeds = self._torch_encoder.embed(images) if model.uses_image_summary else None
+        prompts, routing = model.prompts(psi, embeds)
+        return model.logits(self.encode(images, prompts), psi), routing
 
     def describe(self) -> dict:
         """Providers, threads, variant and the graphs found (for /tasks-style reporting and the benchmark)."""
