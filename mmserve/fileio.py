@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -38,20 +41,40 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename over `path` (and fsync the directory):
-    readers never see half, and after a crash the file is the old one or the new one."""
+def atomic_write(path: str | Path, write: Callable[[Path], object], *,
+                 same: Callable[[Path, Path], bool] | None = None) -> bool:
+    """Have `write` fill a unique temp file beside `path`, then fsync it and rename it over `path` (and fsync the
+    directory): readers never see half, and after a crash the file is the old one or the new one.
+
+    The temp file (made by mkstemp, given FILE_MODE) is removed when `write` or anything after it fails. With
+    `same`, an existing `path` for which same(path, temp) is true is left as it is (byte-stable re-exports).
+    Returns whether `path` was replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)  # after `write`: a writer that replaces the file would drop a mode set before
+        fsync_path(tmp)
+        if same is not None and path.is_file() and same(path, tmp):
+            tmp.unlink()
+            return False
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return True
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (atomic_write)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: str | Path, obj: object, *, indent: int | None = 1, **dumps: Any) -> None:
+    """Write `obj` as JSON (then a newline, UTF-8) to `path` atomically; `dumps` go to json.dumps."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, **dumps) + "\n").encode("utf-8"))

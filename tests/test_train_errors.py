@@ -121,7 +121,8 @@ def _split_json(tmp_path: Path, data_root: Path) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize(("change", "needle"), [
     (lambda d: d.pop("root"), "field root is missing"),
-    (lambda d: d["config"].update(colour="red"), "unknown key(s) ['colour']"),
+    (lambda d: d["config"].update(colour="red"), "unknown field(s) ['colour']"),
+    (lambda d: d["config"].update(shots="4"), "field config.shots: expected int"),
     (lambda d: d["tasks"]["t"].pop("classes"), "field tasks.t.classes is missing"),
     (lambda d: d["tasks"]["t"]["train"][0].pop("label"), "field tasks.t.train[0].label is missing"),
 ])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from mmserve.errors import MmserveError
+from mmserve.fileio import atomic_write
 from training.progress import log
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -255,8 +255,6 @@ def image_tensors(root: str | Path, items: list[Item], preprocess, bad: BadFiles
         raise ValueError(f"no readable image among {len(items)} items under {root}")
     stacked = torch.stack(tensors)
     if key is not None and len(kept) == len(items):
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_dir) / f".{key}.{os.getpid()}.tmp"  # runs sharing a cache write their own temp file
-        torch.save(stacked, tmp)
-        tmp.replace(Path(cache_dir) / f"{key}.pt")
+        # runs sharing a cache each write their own temp file
+        atomic_write(Path(cache_dir) / f"{key}.pt", lambda tmp: torch.save(stacked, tmp))
     return stacked, kept

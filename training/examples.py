@@ -8,13 +8,12 @@ files still give these answers.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from mmserve.backbone import Backbone
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
-from mmserve.fileio import atomic_write_bytes
+from mmserve.fileio import atomic_write_bytes, atomic_write_json
 from mmserve.images import ImageDecoder, preprocess_config, preprocess_from_config
 from training.data import BadFiles, read_fusion_jsonl
 from training.results import style_of
@@ -59,5 +58,5 @@ def write_examples(out: str | Path, backbone: Backbone, registry_dir: str | Path
                                                         fusion_task)])[0]
             report["fuse"] = {"task": fusion_task, "file": f"{style}.png", "text": item.text, "status": outcome.status,
                               "answer": outcome.result or outcome.error}
-    atomic_write_bytes(folder / EXPECTED, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(folder / EXPECTED, report, sort_keys=True)
     return report

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmserve.fileio import atomic_write_bytes
+from mmserve.fileio import atomic_write, atomic_write_bytes
 
 MODEL_NAME = "mmserve-vit-p12-96"
 DEFAULT_RUN = f"pretrain-{MODEL_NAME}"
@@ -210,13 +210,8 @@ def export_weights(checkpoint: Path, out: Path, model: str = MODEL_NAME, verify:
         value = value.detach().to("cpu")
         weights[key] = (value.half() if value.is_floating_point() else value).contiguous().clone()
     meta = {"model": model, "epoch": str(ckpt.get("epoch", "")), "source": checkpoint.name, "dtype": "float16"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(weights, str(tmp), metadata=meta)
-    if out.is_file() and same_safetensors(out, tmp):
-        tmp.unlink()  # keep the existing file byte for byte: a re-export must not re-ship 45 MB into git history
-    else:
-        tmp.replace(out)
+    # an unchanged re-export keeps the existing file byte for byte: it must not re-ship 45 MB into git history
+    atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=meta), same=same_safetensors)
     info = {"out": str(out), "tensors": len(weights), "bytes": out.stat().st_size, **meta}
     if verify:
         register_model_configs()

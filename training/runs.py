@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,7 @@ from typing import Any
 import torch
 
 from mmserve.backbone import Backbone
-from mmserve.fileio import atomic_write_bytes
+from mmserve.fileio import atomic_write, atomic_write_json
 from mmserve.registry import BackboneRef
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,7 +46,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically (a unique temp file, fsynced, then renamed; removed if the write fails)."""
-    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=1) + "\n").encode())
+    atomic_write_json(path, to_jsonable(obj))
 
 
 def backbone_ref(backbone: Backbone) -> BackboneRef:
@@ -58,9 +56,7 @@ def backbone_ref(backbone: Backbone) -> BackboneRef:
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
     """Write the resumable state after an epoch (atomically)."""
-    tmp = run_dir / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
+    atomic_write(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: Path, config: dict) -> dict | None:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from mmserve.backbone import EMBEDDED_MODEL, Backbone, BackboneSpec, load_backbone
 from mmserve.builders import load_registry
-from mmserve.fileio import atomic_write_bytes, sha256_file
+from mmserve.fileio import atomic_write, atomic_write_bytes, sha256_file
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import BackboneRef, Manifest, save_registry
 from training.classify import Towers
@@ -128,10 +128,7 @@ def export_backbone(checkpoint: Path, dest: Path, model: str) -> dict:
 
     if checkpoint.suffix == ".safetensors":
         if checkpoint.resolve() != dest.resolve():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.copyfile(checkpoint, tmp)
-            tmp.replace(dest)
+            atomic_write(dest, lambda tmp: shutil.copyfile(checkpoint, tmp))
         with safe_open(str(dest), "pt") as f:
             meta = f.metadata() or {}
         info = {"out": str(dest), "source": meta.get("source", checkpoint.name), "epoch": meta.get("epoch", ""),

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from mmserve.fileio import atomic_write_json
+from mmserve.strict import from_dict
 from training.config import SplitConfig
 from training.data import ClassTask, Item, default_class_name
 from training.progress import log
@@ -160,10 +162,7 @@ def write_split(path: str | Path, split: Split) -> None:
                          "train": [it.to_dict() for it in t.train], "test": [it.to_dict() for it in t.test]}
                   for name, t in split.tasks.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def read_split(path: str | Path) -> Split:
@@ -194,11 +193,7 @@ def _field(data: dict, key: str, kind: type | tuple[type, ...], path: Path, wher
 
 
 def _split_config(data: dict, path: Path) -> SplitConfig:
-    config = _field(data, "config", dict, path)
-    unknown = sorted(set(config) - {f.name for f in fields(SplitConfig)})
-    if unknown:
-        raise ValueError(f"{path}: field config has unknown key(s) {unknown}")
-    return SplitConfig(**config)
+    return from_dict(SplitConfig, _field(data, "config", dict, path), f"{path}: field config", ValueError)
 
 
 def _split_task(path: Path, kind: str, name: str, t: dict) -> SplitTask:

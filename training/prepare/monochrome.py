@@ -9,9 +9,12 @@ Fluent's shaded 3D renders give generic outlines that no task style draws.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+from mmserve.fileio import atomic_write
 
 from .captions import class_word_captions
 from .emoji import class_name, npm_package
@@ -66,10 +69,7 @@ def monochrome_pairs(pairs: list[Pair], out_dir: Path) -> list[Pair]:
             path = out_dir / f"{SOURCE_STYLE}-{name}" / pair.image.name
             if not path.exists():
                 image = image or Image.open(pair.image).convert("RGB")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp.png")
-                transform(image).save(tmp)
-                tmp.replace(path)
+                atomic_write(path, partial(transform(image).save, format="PNG"))
             out.append(replace(pair, image=path, captions=class_word_captions(class_name(pair.extra["subgroup"])),
                                source=f"emoji_{SOURCE_STYLE}_{name}"))
     return out

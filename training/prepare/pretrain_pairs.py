@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmserve.fileio import atomic_write_bytes
+
 from .captions import clean_text
 from .splits import in_val_slice
 
@@ -21,22 +23,14 @@ class Pair:
 
 def write_caption_csv(path: Path, pairs: list[Pair]) -> int:
     """Write a TSV with header `filepath\\ttitle`, one row per caption variant; return the row count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write("filepath\ttitle\n")
-        for pair in pairs:
-            image = str(pair.image.resolve())
-            if "\t" in image or "\n" in image:
-                raise ValueError(f"{image}: image path holds a tab or newline (field filepath)")
-            for caption in pair.captions:
-                caption = clean_text(caption)
-                if caption:
-                    f.write(f"{image}\t{caption}\n")
-                    n += 1
-    tmp.replace(path)
-    return n
+    rows = ["filepath\ttitle\n"]
+    for pair in pairs:
+        image = str(pair.image.resolve())
+        if "\t" in image or "\n" in image:
+            raise ValueError(f"{image}: image path holds a tab or newline (field filepath)")
+        rows += [f"{image}\t{caption}\n" for caption in map(clean_text, pair.captions) if caption]
+    atomic_write_bytes(path, "".join(rows).encode("utf-8"))
+    return len(rows) - 1
 
 
 def split_pairs(pairs: list[Pair], val_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageStat
 
+from mmserve.fileio import atomic_write
+
 Image.MAX_IMAGE_PIXELS = None  # some openclipart PNGs are huge pages
 
 ALPHA_THRESHOLD = 8  # alpha below this counts as empty when cropping
@@ -79,10 +81,7 @@ def render_svg(svg: str, size: int, margin: float = 0.0) -> Image.Image:
 
 def save_png(img: Image.Image, path: Path) -> None:
     """Save an RGB PNG atomically (write a temp file then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG", optimize=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False))
 
 
 def crop_to_content(img: Image.Image) -> Image.Image:

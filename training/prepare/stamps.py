@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmserve.fileio import atomic_write_bytes
+from mmserve.fileio import atomic_write_json
 
 STAMP = ".made-from.json"
 
@@ -31,5 +31,5 @@ def refresh_folder(folder: Path, made_from: dict, log=print) -> bool:
             path.unlink()
         cleared = True
         log(f"[prepare] {folder}: made from {recorded}, now {made_from}: {len(stale)} cached renders removed")
-    atomic_write_bytes(stamp, (json.dumps(made_from, sort_keys=True) + "\n").encode())
+    atomic_write_json(stamp, made_from, indent=None, sort_keys=True)
     return cleared

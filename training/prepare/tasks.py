@@ -8,7 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from mmserve.fileio import atomic_write_bytes
+from mmserve.fileio import atomic_write_bytes, atomic_write_json
 
 from .emoji import EmojiInfo, class_name
 from .splits import heldout_identities
@@ -29,7 +29,7 @@ def _link(src: Path, dst: Path) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically with a stable layout."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_json(path, obj, ensure_ascii=False)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
