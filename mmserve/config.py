@@ -19,6 +19,16 @@ class ConfigError(MmserveError, ValueError):
     """An MMSERVE_* variable has a value the service cannot use; the message names the variable."""
 
 
+def read_device(env: Mapping[str, str], default: str | None = "cpu") -> str | None:
+    """MMSERVE_DEVICE (the one reader of it): cpu, cuda or cuda:N, lower-cased; `default` when unset or blank."""
+    device = (env.get("MMSERVE_DEVICE") or "").strip().lower()
+    if not device:
+        return default
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"MMSERVE_DEVICE={device!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
 def project_root() -> Path:
     """The directory holding `mmserve/` and `models/`: the repository, or `src/` inside a built bento."""
     root = Path(__file__).resolve().parent.parent
@@ -91,9 +101,7 @@ class ServeConfig:
             pretrained = str(_default_checkpoint(root, model))
         else:
             pretrained = pretrained_or_none(pretrained)
-        device = (env.get("MMSERVE_DEVICE") or "cpu").strip().lower()
-        if not DEVICE.fullmatch(device):
-            raise ConfigError(f"MMSERVE_DEVICE={device!r}: expected cpu, cuda or cuda:N")
+        device = read_device(env)
         runtime = (env.get("MMSERVE_RUNTIME") or "torch").strip().lower()
         if runtime not in RUNTIMES:
             raise ConfigError(f"MMSERVE_RUNTIME={runtime!r}: expected one of {', '.join(RUNTIMES)}")

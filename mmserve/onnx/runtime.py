@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mmserve.backbone import Backbone, weights_digest
+from mmserve.config import read_device
 from mmserve.encoders import PromptedImageEncoder
 from mmserve.errors import PromptConfigError
 from mmserve.fusion import FusionModel
@@ -114,7 +115,7 @@ class OnnxOptions:
             raise OnnxGraphError(f"{ENV_SPINNING}={spinning!r}: expected 0 or 1")
         return cls(onnx_dir=Path(env[ENV_DIR]) if env.get(ENV_DIR) else None, variant=variant,
                    intra_op_threads=n_threads, spinning=spinning in ("1", "true"),
-                   device=(env.get("MMSERVE_DEVICE") or "").strip().lower() or None)  # as ServeConfig reads it
+                   device=read_device(env, default=None))  # None: CUDA when available
 
 
 class OnnxImageRuntime:
