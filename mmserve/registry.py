@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -22,10 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from mmserve.errors import RegistryError
-from mmserve.fileio import FILE_MODE, atomic_write_bytes, fsync_path, sha256_file
+from mmserve.fileio import atomic_write_bytes, sha256_file
 from mmserve.strict import from_dict
 
 SCHEMA_VERSION = 1
@@ -124,21 +122,10 @@ def now_iso() -> str:
 
 def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
     """Write a content-addressed safetensors file; return (relative path, sha256)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.chmod(tmp, FILE_MODE)
-        fsync_path(tmp)  # on disk before the manifest that points at it
-        digest = sha256_file(Path(tmp))
-        rel = f"{sub}/{name}-{digest[:12]}.safetensors"
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, root / rel)
-        fsync_path(root / sub)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{sub}/{name}-{digest[:12]}.safetensors"
+    atomic_write_bytes(root / rel, data)  # on disk before the manifest that points at it
     return rel, digest
 
 

@@ -17,7 +17,7 @@ from mmserve.builders import classify_prompt_module, fusion_module, load_classif
 from mmserve.complementary import ClipTextComplement
 from mmserve.encoders import PromptedImageEncoder, PromptedTextEncoder
 from mmserve.errors import RegistryError
-from mmserve.fileio import sha256_file
+from mmserve.fileio import atomic_write, sha256_file
 from mmserve.prompts import MmAPConfig, count_params
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import (
@@ -193,15 +193,19 @@ def test_failed_save_leaves_previous_registry_intact(saved, tiny_backbone, monke
     before = (root / MANIFEST).read_text()
     reg = load_registry(root)
     calls = {"n": 0}
-    real_save = registry_mod.save_file
+    real_write = registry_mod.atomic_write_bytes
 
-    def failing_save(tensors, path):
+    def half_written(tmp: Path, data: bytes) -> None:
+        tmp.write_bytes(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    def failing_write(path, data):  # the second weights file fails half-way through its temp file
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError("disk full")
-        real_save(tensors, path)
+            return atomic_write(path, lambda tmp: half_written(tmp, data))
+        return real_write(path, data)
 
-    monkeypatch.setattr(registry_mod, "save_file", failing_save)
+    monkeypatch.setattr(registry_mod, "atomic_write_bytes", failing_write)
     changed = {k: {n: t + 1 for n, t in v.items()} for k, v in reg.task_weights.items()}
     with pytest.raises(OSError, match="disk full"):
         save_registry(root, reg.manifest, reg.group_weights, changed)
