@@ -317,6 +317,25 @@ def _section(readme: str, title: str) -> str:
     return readme[start:end if end > 0 else None]
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a Markdown text's headings."""
+    heads = (line.lstrip("#").strip().lower() for line in markdown.splitlines() if line.startswith("#"))
+    return {re.sub(r"[^\w\- ]", "", h).replace(" ", "-") for h in heads}
+
+
+def test_readme_links_resolve(readme: str) -> None:
+    """Every relative link of the README names a file that exists (and a heading of it, with an #anchor)."""
+    broken = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", readme):
+        path, _, anchor = link.partition("#")
+        if "://" in link:
+            continue
+        target = ROOT / path if path else README
+        if not target.exists() or (anchor and anchor not in _anchors(target.read_text(encoding="utf-8"))):
+            broken.append(link)
+    assert not broken, f"README links to nothing: {broken}"
+
+
 def test_every_mmserve_variable_is_in_the_configuration_table(readme: str) -> None:
     """Each MMSERVE_* variable the code reads has a row in the README's configuration table."""
     table = _section(readme, "Configuration")
