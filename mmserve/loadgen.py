@@ -2,7 +2,7 @@
 
 Built on aiohttp's client, not httpx: the generator shares the cores with the server it measures, and aiohttp
 costs ~0.13 ms of CPU per multipart request at concurrency 32 where httpx's async client costs ~3 ms (measured
-here against a bare Starlette app, README "Performance").
+here against a bare Starlette app, docs/performance.md).
 """
 
 from __future__ import annotations
