@@ -1,14 +1,19 @@
-"""Image-tower runtimes: the one piece of a request's forward pass that differs between torch and onnxruntime."""
+"""Image-tower runtimes: the one piece of a request's forward pass that differs between torch and onnxruntime.
+
+`RUNTIMES` names them (MMSERVE_RUNTIME); `make_runtime` builds one for a backbone.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import importlib.util
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import torch
 
 from mmserve.backbone import Backbone
 from mmserve.encoders import PromptedImageEncoder
+from mmserve.errors import RuntimeUnavailableError
 from mmserve.fusion import FusionModel
 
 
@@ -54,3 +59,29 @@ class TorchImageRuntime:
         """Fusion logits and routing scores."""
         out = model(self.encoder, images, psi)
         return out.logits, out.routing
+
+
+def _onnx_runtime(backbone: Backbone) -> ImageRuntime:
+    """onnxruntime engine; graphs from MMSERVE_ONNX_DIR (default models/onnx), see mmserve.onnx.runtime."""
+    from mmserve.onnx.runtime import OnnxImageRuntime  # onnxruntime is optional: imported only when asked for
+
+    return OnnxImageRuntime(backbone)
+
+
+RUNTIMES: dict[str, Callable[[Backbone], ImageRuntime]] = {"torch": TorchImageRuntime, "onnx": _onnx_runtime}
+
+
+def check_runtime(name: str) -> None:
+    """Raise RuntimeUnavailableError unless runtime `name` can be built here."""
+    if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeUnavailableError(
+            "runtime 'onnx' needs onnxruntime: pip install 'mmserve[cpu]' (or 'mmserve[gpu]' for onnxruntime-gpu)")
+    if name in RUNTIMES:
+        return
+    raise RuntimeUnavailableError(f"unknown runtime {name!r} (known: {', '.join(sorted(RUNTIMES))})")
+
+
+def make_runtime(name: str, backbone: Backbone) -> ImageRuntime:
+    """The image-tower runtime `name` (MMSERVE_RUNTIME)."""
+    check_runtime(name)
+    return RUNTIMES[name](backbone)

@@ -25,22 +25,15 @@ from _registry_fixture import (
 from PIL import Image
 
 from mmserve import config as config_mod
+from mmserve.answers import FuseResult, Prediction
 from mmserve.backbone import EMBEDDED_MODEL, Backbone, load_backbone
 from mmserve.config import ConfigError, ServeConfig
-from mmserve.engine import (
-    ClassifyRequest,
-    FuseRequest,
-    FuseResult,
-    InferenceEngine,
-    Prediction,
-    RuntimeUnavailableError,
-    UnknownTaskError,
-    WrongTaskKindError,
-    make_runtime,
-)
-from mmserve.errors import RegistryError
+from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
+from mmserve.errors import RegistryError, RuntimeUnavailableError, UnknownTaskError, WrongTaskKindError
 from mmserve.images import preprocess_from_config
 from mmserve.registry import MANIFEST, content_version
+from mmserve.runtime import make_runtime
+from mmserve.serving.statuses import outcome_status, status_for
 
 MAKERS = {"colors": color_image, "warmth": warmth_image, "brightness": brightness_image}
 
@@ -151,7 +144,7 @@ def test_unknown_and_wrong_kind_tasks_are_refused(engine: InferenceEngine, backb
     image = labelled(backbone, "colors", seed=3, per_class=1)[0][:1]
     with pytest.raises(UnknownTaskError) as err:
         engine.classify(image, ["nope"])
-    assert err.value.status == 404 and err.value.details["known_tasks"] == ["colors", "warmth", "brightness"]
+    assert status_for(err.value) == 404 and err.value.details["known_tasks"] == ["colors", "warmth", "brightness"]
     with pytest.raises(WrongTaskKindError, match="POST /fuse"):
         engine.classify(image, ["tags"])
     with pytest.raises(WrongTaskKindError, match="POST /classify"):
@@ -164,14 +157,14 @@ def test_a_bad_request_fails_alone_in_its_batch(engine: InferenceEngine, backbon
     batch = [good[0], ClassifyRequest(images[0], "nope"), good[1], ClassifyRequest(images[0], "pet"),
              ClassifyRequest(torch.zeros(3, 5, 5), "colors"), good[2]]
     out = engine.classify_requests(batch)
-    assert [o.status for o in out] == [200, 404, 200, 400, 400, 200]
+    assert [outcome_status(o) for o in out] == [200, 404, 200, 400, 400, 200]
     assert [out[i].result["label"] for i in (0, 2, 5)] == labels
     assert out[1].details["known_tasks"] and "(3, 32, 32)" in out[4].error
     data = fusion_sample(np.random.default_rng(5), 2)
     pixels = [backbone.preprocess(d[0]) for d in data]
     fused = engine.fuse_requests([FuseRequest(pixels[0], data[0][1], "tags"), FuseRequest(pixels[1], " ", "tags"),
                                   FuseRequest(pixels[1], data[1][1], "pet"), FuseRequest(pixels[1], "x", "colors")])
-    assert [o.status for o in fused] == [200, 400, 200, 400]
+    assert [outcome_status(o) for o in fused] == [200, 400, 200, 400]
     assert {p["label"] for p in fused[0].result["labels"]} == {data[0][2], data[0][3]}
     assert fused[2].result["label"] == data[1][3]
 

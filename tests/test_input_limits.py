@@ -59,8 +59,8 @@ def test_bench_counts_must_be_positive(flag: str, value: str, capsys: pytest.Cap
 def test_unknown_task_names_ask_the_engine_at_most_once_per_interval(tiny_backbone,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Junk task names must not make every request wait on an engine describe under the front's lock."""
-    from mmserve import service
     from mmserve.images import preprocess_config
+    from mmserve.serving import front as service
 
     monkeypatch.setattr(service, "UNKNOWN_TASK_REFRESH_S", 0.2)
     answers = {"names": ["colors"]}

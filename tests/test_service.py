@@ -41,7 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.bench import bentoml_server
 from mmserve.images import ImageDecoder, ImageError, decode_image, preprocess_from_config, split_preprocess
-from mmserve.service import admin_authorized, engine_unavailable
+from mmserve.serving.auth import admin_authorized
+from mmserve.serving.client import dropped_connection, engine_unavailable
 from mmserve.wire import pack_pixels, pixels_to_tensor, unpack_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,7 +277,7 @@ def test_engine_failures_that_mean_retry_later() -> None:
 def test_a_task_added_by_another_front_worker_is_found(tiny_backbone) -> None:
     """The front caches the engine's task list; a task it does not know makes it ask the engine once more."""
     from mmserve.images import preprocess_config
-    from mmserve.service import MmServe
+    from mmserve.serving.front import MmServe
 
     answers = [["colors"], ["colors", "added-elsewhere"]]  # what describe() returns, call after call
     calls: list[str] = []
@@ -564,8 +565,6 @@ def test_gpu_bentofile_is_a_valid_build_config() -> None:
 def test_dropped_engine_connections_are_recognised_for_retry():
     """The pooled client's closed-socket failures are retried / answered 503, other errors are not."""
     import aiohttp
-
-    from mmserve.service import dropped_connection
 
     assert dropped_connection(aiohttp.ServerDisconnectedError())
     assert dropped_connection(aiohttp.ClientPayloadError("truncated"))
