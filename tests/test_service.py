@@ -202,6 +202,26 @@ def test_without_a_token_only_loopback_callers_may_reload() -> None:
         assert not admin_authorized(None, None, host), host
 
 
+def test_the_front_checks_task_names_with_the_engines_own_check() -> None:
+    """The front's cached view and the engine's snapshot refuse a task name with the same error and message."""
+    from mmserve.errors import RequestError
+    from mmserve.serving.front import EngineView
+    from mmserve.serving.statuses import error_body, status_for
+    from mmserve.snapshot import Snapshot, TaskInfo
+
+    infos = (TaskInfo("colors", "classify", None, (), {}), TaskInfo("pet", "fuse", None, (), {}))
+    snapshot = Snapshot("v1", ROOT, "", infos, {}, {}, {})
+    view = EngineView("v1", {t.name: t.kind for t in infos}, {})
+    for name, kind, status in (("nope", "classify", 404), ("pet", "classify", 400), ("colors", "fuse", 400),
+                               ("nope", "fuse", 404)):
+        refusals = []
+        for check in (snapshot.require, view.require):
+            with pytest.raises(RequestError) as err:
+                check(name, kind)
+            refusals.append((type(err.value), status_for(err.value), error_body(err.value)))
+        assert refusals[0] == refusals[1] and refusals[0][1] == status, refusals
+
+
 # ---- the running server ------------------------------------------------------------------------------------------
 
 
@@ -217,6 +237,9 @@ def test_probes_and_task_listing(server: Server, client: httpx.Client) -> None:
     assert tasks["colors"]["group"] == "synthetic" and tasks["brightness"]["group"] is None
     assert tasks["colors"]["classes"] == list(COLORS) and tasks["tags"]["classes"][-2:] == ["cat", "dog"]
     assert tasks["pet"]["metrics"] == {"synthetic_accuracy": 1.0} and tasks["tags"]["head"] == "multilabel"
+    assert {n: t["endpoint"] for n, t in tasks.items()} == {"colors": "/classify", "warmth": "/classify",
+                                                            "brightness": "/classify", "tags": "/fuse", "pet": "/fuse"}
+    assert list(tasks["colors"])[:4] == ["name", "kind", "endpoint", "group"]
 
 
 def test_classify_returns_the_trained_labels(server: Server, client: httpx.Client) -> None:
