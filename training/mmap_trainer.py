@@ -29,22 +29,14 @@ from mmserve.builders import ClassifyPrompts
 from mmserve.prompts import build_prompt, config_for_choice, count_params, prompt_choices
 from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, save_registry
 from training.classify import Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
+from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles, discover_image_tasks
 from training.grouping import GroupingConfig, choose_groups, task_affinity
-from training.multitask import Batcher, TaskData, evaluate_task, multitask_step
-from training.optim import make_optimizer, make_scheduler
-from training.progress import EpochBar, log
-from training.runs import (
-    RunResult,
-    backbone_ref,
-    epoch_seed,
-    load_checkpoint,
-    save_checkpoint,
-    to_jsonable,
-    write_json,
-)
-from training.splits import Split, classify_split, read_split, write_split
+from training.loop import Checkpoint, Epoch, EpochLoop
+from training.multitask import TaskData, evaluate_task, multitask_step
+from training.progress import log
+from training.runs import RunResult, backbone_ref, load_checkpoint, start_run, write_json
+from training.splits import Split, classify_split, reuse_or_draw
 from training.tensors import part_tensors
 from training.zeroshot import zero_shot_metrics
 
@@ -139,22 +131,15 @@ class PromptBank(nn.Module):
 
 def load_or_draw_split(cfg: MultiTaskConfig, bad: BadFiles) -> tuple[Split, str]:
     """Reuse cfg.split_file when it exists; otherwise discover the tasks and draw (and save) a split."""
-    path = Path(cfg.split_file) if cfg.split_file else None
-    run_split = Path(cfg.run_dir) / "split.json"
-    if path is not None and path.is_file():
-        split = read_split(path)
-        log(f"reusing split {path}")
-    elif cfg.resume and run_split.is_file():
-        split = read_split(run_split)
-        log(f"resuming with split {run_split}")
-    else:
+    def draw() -> Split:
         if not cfg.root:
             raise ValueError("a data root is needed to draw a split (or pass an existing split file)")
-        found = discover_image_tasks(cfg.root, bad, cfg.tasks, cfg.class_names_file)
-        split = classify_split(cfg.root, found, cfg.split)
-        if path is not None:
-            write_split(path, split)
+        return classify_split(cfg.root, discover_image_tasks(cfg.root, bad, cfg.tasks, cfg.class_names_file),
+                              cfg.split)
+
+    split = reuse_or_draw(cfg.split_file, cfg.run_dir, cfg.resume, draw)
     if split.kind != "classify":
+        path = Path(cfg.split_file) if cfg.split_file else None
         raise ValueError(f"split {path} is a '{split.kind}' split; classification needs a 'classify' split")
     if cfg.tasks:
         missing = [t for t in cfg.tasks if t not in split.tasks]
@@ -227,84 +212,62 @@ def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[
 
 def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> RunResult:
     """Train (or resume) a multi-task classification run; write config, metrics, split, grouping and registry."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = to_jsonable(cfg)
-    bad = BadFiles(cfg.on_bad_file)
-    backbone = reuse_or_load(backbone, cfg.backbone)
-    towers = Towers.of(backbone)
-    split, root = load_or_draw_split(cfg, bad)
-    write_split(run_dir / "split.json", split)
-    # a reused split file decides the data: record how it was drawn, not the command line's split options
-    write_json(run_dir / "config.json", config | {"split": to_jsonable(split.config),
-                                                  "backbone_fingerprint": backbone.fingerprint, "data_root": root})
-    tasks = task_data(towers, split, root, bad, cfg.cache_dir)
+    run = start_run(cfg, backbone, load_or_draw_split)
+    run.write_config(data_root=run.root)
+    run_dir, config, bad, backbone, towers = run.run_dir, run.config, run.bad, run.backbone, run.towers
+    tasks = task_data(towers, run.split, run.root, bad, cfg.cache_dir)
     zero = {t.name: zero_shot_metrics(towers, t.test, t.class_names, "multiclass", cfg.zero_shot_template)["accuracy"]
             for t in tasks}
     state = load_checkpoint(run_dir, config) if cfg.resume else None
     if state is not None:
         groups, grouping = state["groups"], state["grouping"]
-        log(f"resuming after epoch {state['epoch']}")
     else:
         groups, grouping = _groups(cfg, towers, tasks)
     if grouping:
         write_json(run_dir / "grouping.json", grouping)
     torch.manual_seed(cfg.seed)
     bank = PromptBank([t.name for t in tasks], groups, cfg.prompt, backbone).to(backbone.device)
-    params = [p for p in bank.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg.optim)
-    sizes = [len(t.train) for t in tasks]
-    steps = Batcher(sizes, cfg.optim.batch_size, 0).steps_per_epoch
-    sched = make_scheduler(opt, cfg.optim, steps)
-    history: list[dict] = []
-    start = 0
+    loop = EpochLoop([p for p in bank.parameters() if p.requires_grad], cfg.optim, [len(t.train) for t in tasks],
+                     cfg.seed, checkpoint=Checkpoint(run_dir, config, {"bank": bank},
+                                                     {"groups": groups, "grouping": grouping}),
+                     stop_after_epoch=cfg.stop_after_epoch, eval_each_epoch=cfg.eval_each_epoch,
+                     progress=cfg.progress)
     if state is not None:
-        bank.load_state_dict(state["bank"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"]
-    for epoch in range(start + 1, cfg.optim.epochs + 1):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
-        batcher = Batcher(sizes, cfg.optim.batch_size, epoch_seed(cfg.seed, epoch))
-        bar = EpochBar(range(steps), epoch, cfg.optim.epochs, cfg.progress)
+        loop.resume(state)
+
+    def train_epoch(epoch: Epoch) -> dict:
         loss_sum = [0.0] * len(tasks)
         correct = [0] * len(tasks)
         seen = [0] * len(tasks)
-        lr = opt.param_groups[0]["lr"]
-        for _ in bar:
-            out = multitask_step(towers, tasks, bank.all_prompts(), batcher.next(), cfg.template)
+        for batch in epoch.batches():
+            out = multitask_step(towers, tasks, bank.all_prompts(), batch, cfg.template)
             loss = torch.stack(out.losses).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            epoch.optimise(loss)
             for i in range(len(tasks)):
                 loss_sum[i] += float(out.losses[i].detach()) * out.counts[i]
                 correct[i] += out.correct[i]
                 seen[i] += out.counts[i]
-            bar.update(float(loss.detach()) / len(tasks), sum(out.correct) / sum(out.counts), sum(out.counts))
-        bar.close()
-        record = {"epoch": epoch, "lr": lr, "train_loss": sum(loss_sum) / sum(seen),
-                  "train_accuracy": sum(correct) / sum(seen),
-                  "tasks": {t.name: {"train_loss": loss_sum[i] / seen[i], "train_accuracy": correct[i] / seen[i]}
-                            for i, t in enumerate(tasks)}}
-        if cfg.eval_each_epoch or epoch == cfg.optim.epochs:
-            accs, _ = _evaluate(towers, bank, tasks, cfg.template)
-            for name, acc in accs.items():
-                record["tasks"][name]["test_accuracy"] = acc
-            record["test_accuracy_mean"] = sum(accs.values()) / len(accs)
-        history.append(record)
-        log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f}"
-            + (f", test acc {record['test_accuracy_mean']:.3f}" if "test_accuracy_mean" in record else ""))
-        write_json(run_dir / "metrics.json", {"epochs": history, "final": None})
-        save_checkpoint(run_dir, {"epoch": epoch, "config": config, "bank": bank.state_dict(),
-                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                  "history": history, "groups": groups, "grouping": grouping})
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and epoch < cfg.optim.epochs:
-            log(f"stopping after epoch {epoch}; resume with --resume")
-            return RunResult(run_dir, run_dir / "registry", {"stopped_after_epoch": epoch}, history,
-                             count_params(bank), groups, {}, bad.seen)
-    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, split.config)
+            epoch.show(float(loss.detach()) / len(tasks), sum(out.correct) / sum(out.counts), sum(out.counts))
+        return {"epoch": epoch.number, "lr": epoch.lr, "train_loss": sum(loss_sum) / sum(seen),
+                "train_accuracy": sum(correct) / sum(seen),
+                "tasks": {t.name: {"train_loss": loss_sum[i] / seen[i], "train_accuracy": correct[i] / seen[i]}
+                          for i, t in enumerate(tasks)}}
+
+    def add_test_accuracy(record: dict) -> None:
+        accs, _ = _evaluate(towers, bank, tasks, cfg.template)
+        for name, acc in accs.items():
+            record["tasks"][name]["test_accuracy"] = acc
+        record["test_accuracy_mean"] = sum(accs.values()) / len(accs)
+
+    def describe(record: dict) -> str:
+        return (f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f}"
+                + (f", test acc {record['test_accuracy_mean']:.3f}" if "test_accuracy_mean" in record else ""))
+
+    stopped = loop.run(train_epoch, add_test_accuracy, describe)
+    history = loop.history
+    if stopped is not None:
+        return RunResult.stopped(run_dir, stopped, history, count_params(bank), groups, bad.seen)
+    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, run.split.config)
 
 
 def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData],

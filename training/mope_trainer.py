@@ -22,22 +22,13 @@ from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig, importance_loss
 from mmserve.registry import DEFAULT_TEMPLATE, Manifest, TaskEntry, save_registry
 from training.classify import Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim, reuse_or_load
+from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.data import BadFiles, read_fusion_jsonl
+from training.loop import Checkpoint, Epoch, EpochLoop
 from training.metrics import accuracy, f1_scores
-from training.multitask import Batcher
-from training.optim import make_optimizer, make_scheduler
-from training.progress import EpochBar, log
-from training.runs import (
-    RunResult,
-    backbone_ref,
-    epoch_seed,
-    load_checkpoint,
-    save_checkpoint,
-    to_jsonable,
-    write_json,
-)
-from training.splits import Split, SplitTask, fusion_split, read_split, write_split
+from training.progress import log
+from training.runs import RunResult, backbone_ref, load_checkpoint, start_run, write_json
+from training.splits import Split, SplitTask, fusion_split, reuse_or_draw
 from training.tensors import PartTensors, part_tensors
 from training.zeroshot import zero_shot_metrics
 
@@ -80,22 +71,14 @@ def complementary_spec(name: str) -> dict:
 
 def load_fusion_split(cfg: FuseConfig, bad: BadFiles) -> tuple[Split, str]:
     """Reuse cfg.split_file when it exists, else read the JSON lines and draw (and save) the split."""
-    path = Path(cfg.split_file) if cfg.split_file else None
-    run_split = Path(cfg.run_dir) / "split.json"
-    if path is not None and path.is_file():
-        split = read_split(path)
-        log(f"reusing split {path}")
-    elif cfg.resume and run_split.is_file():
-        split = read_split(run_split)
-    else:
+    def draw() -> Split:
         if not cfg.train:
             raise ValueError("fusion training needs --train JSONL (or an existing split file)")
-        name = cfg.name or Path(cfg.train).stem
         items = read_fusion_jsonl(cfg.train, bad, cfg.select, cfg.classes)
         test = read_fusion_jsonl(cfg.test, bad, cfg.select, cfg.classes) if cfg.test else None
-        split = fusion_split(name, items, cfg.split, test, cfg.classes, cfg.head)
-        if path is not None:
-            write_split(path, split)
+        return fusion_split(cfg.name or Path(cfg.train).stem, items, cfg.split, test, cfg.classes, cfg.head)
+
+    split = reuse_or_draw(cfg.split_file, cfg.run_dir, cfg.resume, draw)
     if split.kind != "fuse" or len(split.tasks) != 1:
         raise ValueError("a fusion split holds exactly one 'fuse' task")
     return split, split.root
@@ -175,20 +158,11 @@ def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig) -> tu
 
 def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = to_jsonable(cfg)
-    bad = BadFiles(cfg.on_bad_file)
-    backbone = reuse_or_load(backbone, cfg.backbone)
-    towers = Towers.of(backbone)
-    split, root = load_fusion_split(cfg, bad)
-    write_split(run_dir / "split.json", split)
-    name, task = next(iter(split.tasks.items()))
+    run = start_run(cfg, backbone, load_fusion_split)
+    run_dir, config, bad, backbone, towers, root = run.run_dir, run.config, run.bad, run.backbone, run.towers, run.root
+    name, task = next(iter(run.split.tasks.items()))
     multilabel = task.head == "multilabel"
-    # a reused split file decides the data: record how it was drawn, not the command line's split options
-    write_json(run_dir / "config.json", config | {"split": to_jsonable(split.config),
-                                                  "backbone_fingerprint": backbone.fingerprint, "task": name,
-                                                  "head": task.head})
+    run.write_config(task=name, head=task.head)
     train = part_tensors(root, task.train, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     test = part_tensors(root, task.test, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     spec = complementary_spec(cfg.complementary)
@@ -199,41 +173,27 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     torch.manual_seed(cfg.seed)
     model = FusionModel(cfg.mope, backbone.vision_width, backbone.vision_layers, backbone.embed_dim, encoder.dim,
                         len(task.classes), task.head).to(backbone.device)
-    head_params = list(model.head.parameters())
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("head.")]},
-              {"params": head_params, "lr": cfg.head_lr or cfg.optim.lr}]
-    opt = make_optimizer(groups, cfg.optim)
-    batcher0 = Batcher([len(train)], cfg.optim.batch_size, 0)
-    steps = batcher0.steps_per_epoch
-    sched = make_scheduler(opt, cfg.optim, steps)
-    history: list[dict] = []
-    start = 0
+              {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.optim.lr}]
+    loop = EpochLoop(groups, cfg.optim, [len(train)], cfg.seed,
+                     checkpoint=Checkpoint(run_dir, config, {"model": model}), stop_after_epoch=cfg.stop_after_epoch,
+                     eval_each_epoch=cfg.eval_each_epoch, progress=cfg.progress,
+                     metric="f1" if multilabel else "acc")
     state = load_checkpoint(run_dir, config) if cfg.resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"]
-        log(f"resuming after epoch {start}")
-    metric = "f1" if multilabel else "acc"
-    for epoch in range(start + 1, cfg.optim.epochs + 1):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
-        batcher = Batcher([len(train)], cfg.optim.batch_size, epoch_seed(cfg.seed, epoch))
-        bar = EpochBar(range(steps), epoch, cfg.optim.epochs, cfg.progress, metric)
+        loop.resume(state)
+
+    def train_epoch(epoch: Epoch) -> dict:
         model.train()
-        lr = opt.param_groups[0]["lr"]
         sums = {"loss": 0.0, "task_loss": 0.0, "importance_loss": 0.0}
         seen, stats, logits_all, idx_all = 0, RoutingStats(), [], []
-        for _ in bar:
-            idx = batcher.next()[0]
+        for batch in epoch.batches():
+            idx = batch[0]
             out = model(towers.image, train.images[idx].to(backbone.device), psi_train[idx].to(backbone.device))
             target = train.targets[idx].to(backbone.device)
             task_loss, imp = _loss(model, out, target, cfg.mope)
             loss = task_loss + cfg.mope.importance_weight * imp
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            epoch.optimise(loss)
             n = len(idx)
             for key, value in (("loss", loss), ("task_loss", task_loss), ("importance_loss", imp)):
                 sums[key] += float(value.detach()) * n
@@ -242,25 +202,23 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
             logits_all.append(out.logits.detach().float().cpu())
             idx_all.append(idx)
             step_score = scores(logits_all[-1], train.targets[idx], multilabel, cfg.threshold)
-            bar.update(float(loss.detach()), next(iter(step_score.values())), n)
-        bar.close()
+            epoch.show(float(loss.detach()), next(iter(step_score.values())), n)
         train_scores = scores(torch.cat(logits_all), train.targets[torch.cat(idx_all)], multilabel, cfg.threshold)
-        record = {"epoch": epoch, "lr": lr, **{f"train_{k}": v / seen for k, v in sums.items()},
-                  **{f"train_{k}": v for k, v in train_scores.items()},
-                  **{f"train_{k}": v for k, v in stats.summary().items()}}
-        if cfg.eval_each_epoch or epoch == cfg.optim.epochs:
-            ev = evaluate_fusion(model, towers, test, psi_test, task.classes, cfg.threshold)
-            record |= {f"test_{k}": v for k, v in ev.metrics.items()}
-        history.append(record)
-        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and not k.endswith("importance")}
-        log(f"epoch {epoch}: {shown}")
-        write_json(run_dir / "metrics.json", {"epochs": history, "final": None})
-        save_checkpoint(run_dir, {"epoch": epoch, "config": config, "model": model.state_dict(),
-                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and epoch < cfg.optim.epochs:
-            log(f"stopping after epoch {epoch}; resume with --resume")
-            return RunResult(run_dir, run_dir / "registry", {"stopped_after_epoch": epoch}, history,
-                             count_params(model), None, {}, bad.seen)
+        return {"epoch": epoch.number, "lr": epoch.lr, **{f"train_{k}": v / seen for k, v in sums.items()},
+                **{f"train_{k}": v for k, v in train_scores.items()},
+                **{f"train_{k}": v for k, v in stats.summary().items()}}
+
+    def add_test_scores(record: dict) -> None:
+        ev = evaluate_fusion(model, towers, test, psi_test, task.classes, cfg.threshold)
+        record.update({f"test_{k}": v for k, v in ev.metrics.items()})
+
+    def describe(record: dict) -> str:
+        return str({k: round(v, 4) for k, v in record.items() if isinstance(v, float) and not k.endswith("importance")})
+
+    stopped = loop.run(train_epoch, add_test_scores, describe)
+    history = loop.history
+    if stopped is not None:
+        return RunResult.stopped(run_dir, stopped, history, count_params(model), None, bad.seen)
     ev = evaluate_fusion(model, towers, test, psi_test, task.classes, cfg.threshold)
     return _finish(cfg, run_dir, towers, model, name, task, spec, encoder.dim, ev, zero, history, train, test, bad)
 

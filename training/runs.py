@@ -1,7 +1,8 @@
-"""Run directories: config.json, metrics.json, split.json, checkpoints, and the result object of a run."""
+"""Run directories: their setup, config.json, metrics.json, split.json, checkpoints, and a run's result object."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ import torch
 from mmserve.backbone import Backbone
 from mmserve.fileio import atomic_write, atomic_write_json
 from mmserve.registry import BackboneRef
+from training.classify import Towers
+from training.config import reuse_or_load
+from training.data import BadFiles
+from training.splits import Split, write_split
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -27,6 +32,13 @@ class RunResult:
     groups: list[list[str]] | None = None
     predictions: dict[str, list] = field(default_factory=dict)  # task -> test predictions (class names)
     skipped: list[dict] = field(default_factory=list)  # bad files left out
+
+    @classmethod
+    def stopped(cls, run_dir: Path, epoch: int, history: list[dict], trainable_params: int,
+                groups: list[list[str]] | None, skipped: list[dict]) -> RunResult:
+        """The result of a run that left after `epoch` (stop_after_epoch) with a checkpoint, before its registry."""
+        return cls(run_dir, run_dir / "registry", {"stopped_after_epoch": epoch}, history, trainable_params, groups,
+                   {}, skipped)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -71,6 +83,40 @@ def load_checkpoint(run_dir: Path, config: dict) -> dict | None:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(f"{path}: written with a different config (differs in {changed}); use a new run dir")
     return state
+
+
+@dataclass
+class RunStart:
+    """What every trainer sets up first: its run dir, its config as JSON, the bad-file policy, backbone and split."""
+
+    run_dir: Path
+    config: dict
+    bad: BadFiles
+    backbone: Backbone
+    towers: Towers
+    split: Split
+    root: str
+
+    def write_config(self, **extra: Any) -> None:
+        """config.json: the run's config with the split as drawn, the backbone's fingerprint, then `extra`."""
+        # a reused split file decides the data: record how it was drawn, not the command line's split options
+        write_json(self.run_dir / "config.json", self.config | {"split": to_jsonable(self.split.config),
+                                                                "backbone_fingerprint": self.backbone.fingerprint,
+                                                                **extra})
+
+
+def start_run(cfg: Any, backbone: Backbone | None, load_split: Callable[[Any, BadFiles], tuple[Split, str]]
+              ) -> RunStart:
+    """Make cfg.run_dir, load (or reuse) the backbone, read or draw the split (`load_split`) into split.json."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = to_jsonable(cfg)
+    bad = BadFiles(cfg.on_bad_file)
+    backbone = reuse_or_load(backbone, cfg.backbone)
+    towers = Towers.of(backbone)
+    split, root = load_split(cfg, bad)
+    write_split(run_dir / "split.json", split)
+    return RunStart(run_dir, config, bad, backbone, towers, split, root)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -163,6 +164,24 @@ def write_split(path: str | Path, split: Split) -> None:
                   for name, t in split.tasks.items()},
     }
     atomic_write_json(path, data)
+
+
+def reuse_or_draw(split_file: str | None, run_dir: str | Path, resume: bool, draw: Callable[[], Split]) -> Split:
+    """The split of `split_file` when it exists, else (resuming) the run dir's split.json, else `draw()`'s, which
+    is then also written to `split_file` (when given)."""
+    path = Path(split_file) if split_file else None
+    run_split = Path(run_dir) / "split.json"
+    if path is not None and path.is_file():
+        split = read_split(path)
+        log(f"reusing split {path}")
+    elif resume and run_split.is_file():
+        split = read_split(run_split)
+        log(f"resuming with split {run_split}")
+    else:
+        split = draw()
+        if path is not None:
+            write_split(path, split)
+    return split
 
 
 def read_split(path: str | Path) -> Split:

@@ -19,12 +19,11 @@ from training.classify import Towers, class_scores, image_features
 from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.data import BadFiles
 from training.grouping import GroupingConfig, choose_groups, task_affinity
+from training.loop import Epoch, EpochLoop
 from training.mmap_trainer import MultiTaskConfig, PromptSpec, load_or_draw_split, task_data, train_multitask
 from training.mope_trainer import FuseConfig, complementary_spec, encode_texts, train_mope
-from training.multitask import Batcher
-from training.optim import make_optimizer, make_scheduler
 from training.progress import log
-from training.runs import epoch_seed, write_json
+from training.runs import write_json
 from training.splits import read_split, write_split
 from training.tensors import part_tensors
 
@@ -261,24 +260,21 @@ def run_linear(ctx: Context, method: str, shots: int, seed: int) -> dict:
     device = ctx.backbone.device
     torch.manual_seed(seed)
     head = nn.Linear(feats[0].shape[1], len(task.classes)).to(device)
-    opt = make_optimizer(list(head.parameters()), optim)
-    steps = Batcher([len(train)], optim.batch_size, 0).steps_per_epoch
-    sched = make_scheduler(opt, optim, steps)
+    loop = EpochLoop(list(head.parameters()), optim, [len(train)], seed, progress=False)
     x_train, y_train = feats[0].to(device), train.targets.to(device)
-    history = []
-    for epoch in range(1, optim.epochs + 1):
-        batcher = Batcher([len(train)], optim.batch_size, epoch_seed(seed, epoch))
+
+    def train_epoch(epoch: Epoch) -> dict:
         total, seen = 0.0, 0
-        for _ in range(steps):
-            idx = batcher.next()[0].to(device)
+        for batch in epoch.batches():
+            idx = batch[0].to(device)
             loss = nn.functional.cross_entropy(head(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            epoch.optimise(loss)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        history.append({"epoch": epoch, "train_loss": total / seen})
+        return {"epoch": epoch.number, "train_loss": total / seen}
+
+    loop.run(train_epoch)
+    history = loop.history
     with torch.no_grad():
         pred = head(feats[1].to(device)).argmax(dim=-1).cpu()
     acc = float((pred == test.targets).float().mean())
