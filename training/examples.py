@@ -15,6 +15,7 @@ from mmserve.backbone import Backbone
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
 from mmserve.fileio import atomic_write_bytes, atomic_write_json
 from mmserve.images import ImageDecoder, preprocess_config, preprocess_from_config
+from mmserve.serving.statuses import outcome_status
 from training.data import BadFiles, read_fusion_jsonl
 from training.results import style_of
 from training.splits import Split
@@ -48,7 +49,8 @@ def write_examples(out: str | Path, backbone: Backbone, registry_dir: str | Path
         name = f"{style}.png"
         atomic_write_bytes(folder / name, data)
         outcome = engine.classify_requests([ClassifyRequest(decode(data), style, top_k)])[0]
-        report["classify"][style] = {"file": name, "status": outcome.status, "answer": outcome.result or outcome.error}
+        report["classify"][style] = {"file": name, "status": outcome_status(outcome),
+                                     "answer": outcome.result or outcome.error}
     if fusion_test is not None and fusion_task is not None:
         lines = [it for it in read_fusion_jsonl(Path(fusion_test), BadFiles("skip")) if Path(it.image).stem == hexcode]
         if lines:
@@ -56,7 +58,7 @@ def write_examples(out: str | Path, backbone: Backbone, registry_dir: str | Path
             style = style_of(item.image)
             outcome = engine.fuse_requests([FuseRequest(decode(Path(item.image).read_bytes()), item.text or "",
                                                         fusion_task)])[0]
-            report["fuse"] = {"task": fusion_task, "file": f"{style}.png", "text": item.text, "status": outcome.status,
-                              "answer": outcome.result or outcome.error}
+            report["fuse"] = {"task": fusion_task, "file": f"{style}.png", "text": item.text,
+                              "status": outcome_status(outcome), "answer": outcome.result or outcome.error}
     atomic_write_json(folder / EXPECTED, report, sort_keys=True)
     return report
