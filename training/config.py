@@ -1,4 +1,4 @@
-"""Configuration shared by the trainers: backbone choice, split, optimiser."""
+"""Configuration shared by the trainers: backbone choice, split, optimiser, and the options they share."""
 
 from __future__ import annotations
 
@@ -6,17 +6,40 @@ import os
 from dataclasses import dataclass
 
 from mmserve.backbone import EMBEDDED_MODEL, TINY_MODEL, Backbone, BackboneSpec, load_backbone, pretrained_or_none
+from mmserve.cli_args import positive_int
+from training.data import BAD_FILE_POLICIES
+from training.options import Opt, option
 
 PRETRAINED_ENV = "MMSERVE_BACKBONE_PRETRAINED"
+
+# options several configs share: one flag and help each
+MODEL = Opt(help=f"open_clip model name (default {EMBEDDED_MODEL})")
+PRETRAINED = Opt(help="open_clip tag or checkpoint path (default $MMSERVE_BACKBONE_PRETRAINED; 'none' = random)")
+DEVICE = Opt(help="torch device, e.g. cuda")
+SEED = Opt()
+ON_BAD_FILE = Opt(choices=BAD_FILE_POLICIES,
+                  help="a bad file is reported with its path, then left out (skip) or the run stops")
+SPLIT_FILE = Opt("--split", help="split file: reused when it exists, else written")
+RUN_DIR = Opt(help="where config, metrics, split and registry go")
+CACHE_DIR = Opt(help="on-disk cache of preprocessed image tensors")
+PROGRESS = Opt("--no-progress", help="no progress bar")
+RESUME = Opt(help="continue from the run dir's last epoch checkpoint")
+STOP_AFTER_EPOCH = Opt(help="leave after this epoch (resumable)")
+EVAL_EACH_EPOCH = Opt("--no-eval-each-epoch", help="test only after the last epoch")
+
+
+def shots_value(value: str) -> int | None:
+    """argparse type of --shots: a count, or 'all'."""
+    return None if value == "all" else int(value)
 
 
 @dataclass
 class BackboneConfig:
     """Which frozen backbone to train on: open_clip model name and pretrained tag or checkpoint path."""
 
-    model: str = EMBEDDED_MODEL
-    pretrained: str | None = None  # tag or path; None = $MMSERVE_BACKBONE_PRETRAINED; "none" = random init
-    device: str = "cpu"
+    model: str = option(EMBEDDED_MODEL, MODEL)
+    pretrained: str | None = option(None, PRETRAINED)  # None = $MMSERVE_BACKBONE_PRETRAINED; "none" = random init
+    device: str = option("cpu", DEVICE)
     seed: int = 0  # random init only (tests)
 
     def spec(self) -> BackboneSpec:
@@ -32,26 +55,31 @@ class BackboneConfig:
 class SplitConfig:
     """How a train/test split is drawn: k shots per class for training, a disjoint held-out test part."""
 
-    shots: int | None = 16  # training samples per class (None = all that are not test)
-    test_fraction: float = 0.5  # per class, this fraction (at least one when a class has two or more) is test
-    max_test: int | None = None  # cap on test samples per class (None = no cap)
-    split_by: str = "file"  # "file", or "stem": files with one stem (one identity) fall on one side in every task
-    seed: int = 0
+    shots: int | None = option(16, type=shots_value, help=lambda d: f"training samples per class, or 'all' (default "
+                               f"{d or 'all'}); ignored for multi-label fusion data (every non-test sample trains)")
+    # per class, this fraction (at least one when a class has two or more) is test
+    test_fraction: float = option(0.5, help="per class, held out for test")
+    max_test: int | None = option(None, help="cap on test samples per class")  # None = no cap
+    split_by: str = option("file", choices=("file", "stem"),
+                           help="'stem': one file stem (identity) is on one side in every task")
+    seed: int = option(0, SEED)
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and schedule; defaults are MmAP's (SGD, lr 0.0035, 5 epochs, batch 16, as in MaPLe)."""
 
-    optimizer: str = "sgd"  # "sgd" or "adamw"
-    lr: float = 0.0035
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 5e-4
-    epochs: int = 5
-    batch_size: int = 16  # per task and step
-    schedule: str = "cosine"  # "cosine" or "constant"
-    warmup_epochs: int = 0  # constant lr `warmup_lr` for this many epochs first (MaPLe uses 1 with 1e-5)
-    warmup_lr: float = 1e-5
+    optimizer: str = option("sgd", choices=("sgd", "adamw"))
+    lr: float = option(0.0035)
+    momentum: float = option(0.9)  # sgd only
+    weight_decay: float = option(5e-4)
+    epochs: int = option(5)
+    batch_size: int = option(16, type=positive_int,
+                             help="samples per task and step: a multi-task step draws this many from EACH task and "
+                                  "sums the task losses (MmAP eq. 11); an epoch is ceil(largest task / batch) steps")
+    schedule: str = option("cosine", choices=("cosine", "constant"))
+    warmup_epochs: int = option(0)  # constant lr `warmup_lr` for this many epochs first (MaPLe uses 1 with 1e-5)
+    warmup_lr: float = option(1e-5)
 
 
 def mope_optim(epochs: int = 10) -> OptimConfig:

@@ -28,25 +28,33 @@ from pathlib import Path
 
 import torch
 
+from mmserve.cli_args import positive_int
 from mmserve.prompts import build_prompt
 from training.classify import Towers
 from training.multitask import Batcher, TaskData, multitask_step
+from training.options import Opt, option
 from training.progress import EpochBar
 
 MODES = ("auto", "all", "single", "random", "file")
+GROUP_STEPS = Opt("--group-steps", type=positive_int, help="steps of the global prompt for grouping")
+GROUP_EVERY = Opt("--group-every", type=positive_int, help="gradient snapshot period (steps)")
 
 
 @dataclass
 class GroupingConfig:
     """How tasks are grouped: 'auto' (gradient similarity), 'all', 'single', 'random' or 'file'."""
 
-    mode: str = "auto"
-    file: str | None = None  # mode 'file': [[task, ...], ...], a run's grouping.json, or {"group": [task, ...]}
-    n_groups: int | None = None  # auto: exactly this many groups (None = best of any count); random: default 2
-    steps: int = 50  # training steps of the global shared prompt
-    every: int = 5  # take a gradient snapshot every this many steps
-    similarity: str = "dot"  # "dot" (eq. 8) or "cosine"
-    center: bool = True  # score S_ij minus the mean off-diagonal S_ij (see the module docstring)
+    mode: str = option("auto", flag="--grouping", choices=MODES)
+    # mode 'file': [[task, ...], ...], a run's grouping.json, or {"group": [task, ...]}
+    file: str | None = option(None, flag="--groups-file", help="JSON groups for --grouping file")
+    # auto: exactly this many groups (None = best of any count); random: default 2
+    n_groups: int | None = option(None, help="auto: exactly N groups; random: N (default 2)")
+    steps: int = option(50, GROUP_STEPS)  # training steps of the global shared prompt
+    every: int = option(5, GROUP_EVERY)  # take a gradient snapshot every this many steps
+    similarity: str = option("dot", choices=("dot", "cosine"))  # "dot" (eq. 8) or "cosine"
+    # score S_ij minus the mean off-diagonal S_ij (see the module docstring)
+    center: bool = option(True, flag="--no-center",
+                          help="score raw similarities (eq. 8 as printed: all-positive ones always give one group)")
     exact_limit: int = 10  # exact partition search up to this many tasks
     lr: float | None = None  # SGD lr of the global prompt (None = the run's lr)
     batch_size: int | None = None  # per task (None = the run's batch size)
@@ -164,9 +172,9 @@ class Affinity:
 def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: GroupingConfig, lr: float,
                   batch_size: int, template: str, seed: int = 0, progress: bool = True) -> Affinity:
     """Train one global shared prompt on all tasks and average the tasks' gradient Gram matrices."""
-    for option, value in (("--group-steps", cfg.steps), ("--group-every", cfg.every)):
+    for flag, value in (("--group-steps", cfg.steps), ("--group-every", cfg.every)):
         if value < 1:  # no snapshot would be taken: the similarity would be 0/0 = NaN
-            raise ValueError(f"grouping {option} must be >= 1, got {value}")
+            raise ValueError(f"grouping {flag} must be >= 1, got {value}")
     bb = towers.backbone
     torch.manual_seed(seed)
     shared = build_prompt(prompt_config, bb.text_width, bb.vision_width, bb.text_layers, bb.vision_layers)

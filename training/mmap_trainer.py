@@ -29,11 +29,25 @@ from mmserve.builders import ClassifyPrompts
 from mmserve.prompts import build_prompt, config_for_choice, count_params, prompt_choices
 from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, save_registry
 from training.classify import Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import (
+    CACHE_DIR,
+    EVAL_EACH_EPOCH,
+    ON_BAD_FILE,
+    PROGRESS,
+    RESUME,
+    RUN_DIR,
+    SEED,
+    SPLIT_FILE,
+    STOP_AFTER_EPOCH,
+    BackboneConfig,
+    OptimConfig,
+    SplitConfig,
+)
 from training.data import BadFiles, discover_image_tasks
 from training.grouping import GroupingConfig, choose_groups, task_affinity
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.multitask import TaskData, evaluate_task, multitask_step
+from training.options import comma_list, option
 from training.progress import log
 from training.runs import RunResult, backbone_ref, load_checkpoint, start_run, write_json
 from training.splits import Split, classify_split, reuse_or_draw
@@ -47,12 +61,16 @@ SHARING = ("group+task", "task", "group")
 class PromptSpec:
     """Prompt kind (a registered --prompt choice: mmap, text, vision, ...), sharing and the size of each prompt."""
 
-    kind: str = "mmap"
-    sharing: str = "group+task"
-    n_tokens: int = 4  # b: tokens per layer of each prompt (group-shared and task-specific alike)
-    source_rows: int = 2  # MmAP m
-    source_cols: int = 8  # MmAP n
-    depth: int | None = None  # prompted layers (None = all)
+    kind: str = option("mmap", flag="--prompt", choices=prompt_choices,
+                       help="a registered prompt method: mmap, or the text-only (CoOp/MaPLe) / visual-only "
+                            "(VPT-deep) ablation, or any method registered with mmserve.prompts.register_method")
+    sharing: str = option("group+task", choices=SHARING,
+                          help="group-shared + task-specific prompts, task-specific only, or group-shared only")
+    # b, group-shared and task-specific alike
+    n_tokens: int = option(4, help="prompt tokens per layer of each prompt (b)")
+    source_rows: int = option(2, help="MmAP m")
+    source_cols: int = option(8, help="MmAP n")
+    depth: int | None = option(None, help="prompted layers (default all)")
     init_std: float = 0.02
 
     def module_config(self):
@@ -69,25 +87,28 @@ class PromptSpec:
 class MultiTaskConfig:
     """Everything a multi-task classification run needs; saved as config.json in the run dir."""
 
-    root: str | None = None  # ROOT/<task>/<class>/<image>; may be omitted when split_file exists
-    run_dir: str = "runs/classify"
-    tasks: list[str] | None = None  # subset of the tasks (None = all)
-    split_file: str | None = None  # reused when it exists, else the drawn split is also written there
-    class_names_file: str | None = None
-    template: str = DEFAULT_TEMPLATE  # text after the prompt placeholders, with the class name
-    zero_shot_template: str = DEFAULT_TEMPLATE
+    # ROOT/<task>/<class>/<image>
+    root: str | None = option(None, help="image-folder root (optional when --split exists)")
+    run_dir: str = option("runs/classify", RUN_DIR)
+    tasks: list[str] | None = option(None, type=comma_list, help="comma-separated subset of tasks")  # None = all
+    # reused when it exists, else the drawn split is also written there
+    split_file: str | None = option(None, SPLIT_FILE)
+    class_names_file: str | None = option(None, flag="--class-names", help="JSON mapping class folder -> prompt name")
+    # text after the prompt placeholders, with the class name
+    template: str = option(DEFAULT_TEMPLATE, help="class prompt after the prompt tokens")
+    zero_shot_template: str = option(DEFAULT_TEMPLATE)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     prompt: PromptSpec = field(default_factory=PromptSpec)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
-    on_bad_file: str = "skip"
-    seed: int = 0
-    cache_dir: str | None = None  # on-disk cache of preprocessed image tensors
-    progress: bool = True
-    resume: bool = False  # continue from run_dir/checkpoint.pt when it is there
-    stop_after_epoch: int | None = None  # leave after this epoch with a checkpoint (time-boxed jobs)
-    eval_each_epoch: bool = True
+    on_bad_file: str = option("skip", ON_BAD_FILE)
+    seed: int = option(0, SEED)
+    cache_dir: str | None = option(None, CACHE_DIR)
+    progress: bool = option(True, PROGRESS)
+    resume: bool = option(False, RESUME)  # from run_dir/checkpoint.pt when it is there
+    stop_after_epoch: int | None = option(None, STOP_AFTER_EPOCH)  # with a checkpoint (time-boxed jobs)
+    eval_each_epoch: bool = option(True, EVAL_EACH_EPOCH)
 
 
 class PromptBank(nn.Module):

@@ -22,10 +22,25 @@ from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig, importance_loss
 from mmserve.registry import DEFAULT_TEMPLATE, Manifest, TaskEntry, save_registry
 from training.classify import Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
+from training.config import (
+    CACHE_DIR,
+    EVAL_EACH_EPOCH,
+    ON_BAD_FILE,
+    PROGRESS,
+    RESUME,
+    RUN_DIR,
+    SEED,
+    SPLIT_FILE,
+    STOP_AFTER_EPOCH,
+    BackboneConfig,
+    OptimConfig,
+    SplitConfig,
+    mope_optim,
+)
 from training.data import BadFiles, read_fusion_jsonl
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.metrics import accuracy, f1_scores
+from training.options import FieldValues, Opt, field_value, option
 from training.progress import log
 from training.runs import RunResult, backbone_ref, load_checkpoint, start_run, write_json
 from training.splits import Split, SplitTask, fusion_split, reuse_or_draw
@@ -37,29 +52,42 @@ from training.zeroshot import zero_shot_metrics
 class FuseConfig:
     """Everything a MoPE fusion run needs; saved as config.json in the run dir."""
 
-    train: str | None = None  # JSON lines; split into train/test unless `test` is given
-    test: str | None = None  # JSON lines of the test part (then only train is k-shot sampled)
-    name: str | None = None  # task name (default: the train file's stem)
-    select: dict[str, str] = field(default_factory=dict)  # keep lines whose fields equal these values
-    split_file: str | None = None  # reused when it exists, else the drawn split is also written there
-    run_dir: str = "runs/fuse"
-    head: str | None = None  # "multiclass" or "multilabel" (None = multilabel iff any label is a list)
+    # JSON lines; split into train/test unless `test` is given
+    train: str | None = option(None, help="fusion JSON lines (split unless --test is given)")
+    # then only train is k-shot sampled
+    test: str | None = option(None, help="fusion JSON lines of the test part")
+    name: str | None = option(None, help="task name (default: the train file's stem)")
+    select: dict[str, str] = option(default_factory=dict, type=field_value, action=FieldValues, metavar="FIELD=VALUE",
+                                    help="keep only lines whose FIELD equals VALUE (repeatable), e.g. task=noto")
+    # reused when it exists, else the drawn split is also written there
+    split_file: str | None = option(None, SPLIT_FILE)
+    run_dir: str = option("runs/fuse", RUN_DIR)
+    # None = multilabel iff any label is a list
+    head: str | None = option(None, choices=("multiclass", "multilabel"))
     classes: list[str] | None = None  # None = the labels found; set it to report unknown labels
-    complementary: str = "clip"  # "clip" (frozen CLIP text tower), "minilm", or a sentence-encoder folder
+    # "clip" (frozen CLIP text tower), "minilm", or a sentence-encoder folder
+    complementary: str = option("clip", help="'clip' (text tower), 'minilm', or an encoder folder")
     mope: MoPEConfig = field(default_factory=MoPEConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(shots=None, test_fraction=0.2))
     optim: OptimConfig = field(default_factory=mope_optim)
-    head_lr: float | None = None  # lr of the linear head (None = optim.lr)
-    threshold: float = 0.5  # multi-label decision threshold on sigmoid probabilities
+    head_lr: float | None = option(None)  # lr of the linear head (None = optim.lr)
+    # on sigmoid probabilities
+    threshold: float = option(0.5, help="multi-label decision threshold")
     zero_shot_template: str = DEFAULT_TEMPLATE
-    on_bad_file: str = "skip"
-    seed: int = 0
-    cache_dir: str | None = None
-    progress: bool = True
-    resume: bool = False
-    stop_after_epoch: int | None = None
-    eval_each_epoch: bool = True
+    on_bad_file: str = option("skip", ON_BAD_FILE)
+    seed: int = option(0, SEED)
+    cache_dir: str | None = option(None, CACHE_DIR)
+    progress: bool = option(True, PROGRESS)
+    resume: bool = option(False, RESUME)
+    stop_after_epoch: int | None = option(None, STOP_AFTER_EPOCH)
+    eval_each_epoch: bool = option(True, EVAL_EACH_EPOCH)
+
+
+# the options of the MoPE config (mmserve.prompts.mope, which knows nothing of command lines), in --help order
+MOPE_OPTIONS = {"prompt_len": Opt(help="l"), "n_experts": Opt("--experts", help="k"), "mapped_len": Opt(),
+                "mapper_hidden": Opt(), "temperature": Opt(), "routing": Opt(choices=("dense", "top1")),
+                "router_uses_image": Opt(), "importance_weight": Opt(), "importance_threshold": Opt(), "depth": Opt()}
 
 
 def complementary_spec(name: str) -> dict:

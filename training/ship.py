@@ -32,13 +32,14 @@ from mmserve.fileio import atomic_write, atomic_write_bytes, sha256_file
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import BackboneRef, Manifest, save_registry
 from training.classify import Towers
-from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
+from training.config import DEVICE, MODEL, PROGRESS, SEED, BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.evaluate import evaluate_registry
 from training.examples import write_examples
-from training.grouping import GroupingConfig
+from training.grouping import GROUP_EVERY, GROUP_STEPS, GroupingConfig
 from training.mmap_trainer import MultiTaskConfig, PromptSpec, train_multitask
 from training.model_card import add_log, dump, model_card, pretrain_record, readme
 from training.mope_trainer import FuseConfig, train_mope
+from training.options import option
 from training.progress import log
 from training.results import (
     FUSION_TASK,
@@ -53,9 +54,10 @@ from training.results import (
     resolve_runs_dir,
     run_classify_zero_shot,
 )
+from training.results.methods import CACHE, STYLES
 from training.runs import to_jsonable, write_json
 from training.splits import read_split, write_split
-from training.templates import AUTO, choose_template
+from training.templates import AUTO, AUTO_TEMPLATE, choose_template
 
 TAGS_TASK = "emoji_tags"
 
@@ -64,35 +66,37 @@ TAGS_TASK = "emoji_tags"
 class ShipConfig:
     """What `mmserve-train ship` builds."""
 
-    cache: str
-    checkpoint: str  # open_clip_train epoch_N.pt or an exported .safetensors
-    out: str = "models"
-    model: str = EMBEDDED_MODEL
-    device: str = "cpu"
-    runs_dir: str | None = None
-    shots: int = 16
-    seed: int = 0
+    cache: str = option(opt=CACHE)  # the command line's default: $MMSERVE_CACHE or ~/.cache/mmserve
+    checkpoint: str = option(help="open_clip_train epoch_N.pt, or exported .safetensors")
+    out: str = option("models", help="where backbone/, registry/ and README.md go (default models)")
+    model: str = option(EMBEDDED_MODEL, MODEL)
+    device: str = option("cpu", DEVICE)
+    runs_dir: str | None = option(None, help="training runs (default <cache>/ship/<model>-<weights>-<hash>)")
+    shots: int = option(16)
+    seed: int = option(0, SEED)
     # MmAP recipe and prompt shape; defaults are the trainer's (the paper's: SGD lr 0.0035, 5 epochs)
-    epochs: int = OptimConfig.epochs
-    lr: float = OptimConfig.lr
-    optimizer: str = OptimConfig.optimizer  # "sgd" or "adamw"
-    weight_decay: float = OptimConfig.weight_decay
-    n_tokens: int = PromptSpec.n_tokens  # b
-    source_rows: int = PromptSpec.source_rows  # m
-    source_cols: int = PromptSpec.source_cols  # n
-    fuse_epochs: int = 10
-    fuse_head_lr: float | None = None  # lr of the fusion head (None = the MoPE lr, 4e-4)
-    group_steps: int = 50
-    group_every: int = 5
-    complementary: str = "clip"
-    experts: int = 16
-    tags: bool = False
-    tasks: list[str] | None = None  # styles (None = all prepared)
+    epochs: int = option(OptimConfig.epochs, help="MmAP epochs")
+    lr: float = option(OptimConfig.lr, help="MmAP lr (paper: 0.0035 with SGD)")
+    optimizer: str = option(OptimConfig.optimizer, choices=("sgd", "adamw"), help="MmAP optimiser (paper: sgd)")
+    weight_decay: float = option(OptimConfig.weight_decay, help="MmAP weight decay")
+    n_tokens: int = option(PromptSpec.n_tokens, help="MmAP b: prompt tokens per layer")
+    source_rows: int = option(PromptSpec.source_rows, help="MmAP m")
+    source_cols: int = option(PromptSpec.source_cols, help="MmAP n")
+    fuse_epochs: int = option(10)
+    fuse_head_lr: float | None = option(None, help="fusion head lr (default: the MoPE lr, 4e-4)")
+    group_steps: int = option(50, GROUP_STEPS)
+    group_every: int = option(5, GROUP_EVERY)
+    complementary: str = option("clip", help="fusion psi encoder: clip or minilm")
+    experts: int = option(16, help="MoPE k of the fusion entry")
+    tags: bool = option(False, help="also ship the multi-label tags fusion entry")
+    tasks: list[str] | None = option(None, STYLES)  # None = all prepared
     mope: dict = field(default_factory=dict)  # MoPEConfig overrides besides n_experts (tests: smaller)
-    template: str = AUTO  # or a fixed class-prompt template such as "a photo of a {}."
+    template: str = option(AUTO, AUTO_TEMPLATE)  # or a fixed class-prompt template such as "a photo of a {}."
     pretrain_run: str | None = None  # open_clip_train run folder (default: the checkpoint's)
-    continued_from: str | None = None  # ship.json of the weights this checkpoint's run started from (stage 1)
-    progress: bool = True
+    continued_from: str | None = option(None, help="ship.json of the weights the checkpoint's pretraining started "
+                                                   "from (--pretrained): the model card records that stage too, and "
+                                                   "its commands come first in 'How to reproduce'")
+    progress: bool = option(True, PROGRESS)
     command: str = ""
 
 

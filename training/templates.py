@@ -10,10 +10,13 @@ from pathlib import Path
 from mmserve.fileio import atomic_write_bytes
 from mmserve.registry import DEFAULT_TEMPLATE
 from training.classify import Towers
+from training.options import Opt
 from training.splits import Split
 from training.zeroshot import zero_shot
 
 AUTO = "auto"
+AUTO_TEMPLATE = Opt("--template", help="class prompt template, or auto: chosen on the k-shot train images "
+                                       "(training.templates)")
 # the phrasings of the pretraining captions (training/prepare: "a picture of a ...", "an emoji of ...",
 # "a <subgroup> emoji: <name>", bare titles) and CLIP's usual one
 CANDIDATES: tuple[str, ...] = (

@@ -6,12 +6,18 @@ from dataclasses import dataclass, field
 
 from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.prompts import methods
-from training.templates import AUTO
+from training.config import DEVICE, MODEL, PRETRAINED, PROGRESS
+from training.grouping import GROUP_EVERY, GROUP_STEPS
+from training.options import Opt, option
+from training.templates import AUTO, AUTO_TEMPLATE
 
 COLOUR_STYLES = ("noto", "twemoji", "fluent_flat")
 MONO_STYLES = ("openmoji_line", "fluent_mono")
 FUSION_TASK = "emoji_subgroup"
 RESULT = "result.json"
+# options `results` and `ship` share
+CACHE = Opt(help="prepared data (default $MMSERVE_CACHE, ~/.cache/mmserve)")
+STYLES = Opt("--styles", help="subset of the styles (default: all prepared)")
 
 
 @dataclass(frozen=True)
@@ -73,26 +79,32 @@ GROUPED = ("mmap-full", "mmap-group", "mmap-random")  # need the computed groupi
 class ResultsConfig:
     """What `mmserve-train results` builds; everything but shots, seeds, methods and budget keys the runs dir."""
 
-    cache: str
-    pretrained: str | None = None  # checkpoint path or open_clip tag; "none" = random init (tests)
-    model: str = EMBEDDED_MODEL
-    device: str = "cpu"
-    out: str = "docs/results"  # stem: <out>.md, <out>.json, <out>.png
-    runs_dir: str | None = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    shots: list[int] = field(default_factory=lambda: [4, 16])
-    methods: list[str] | None = None  # None = every method
-    tasks: list[str] | None = None  # styles (None = classes.json's tasks)
-    epochs: int = 5  # classification (MmAP's 5)
-    lr: float = 0.0035  # classification SGD lr (MmAP's 0.0035)
-    fuse_epochs: int = 10  # fusion (MoPE trainer's default)
-    group_steps: int = 50
-    group_every: int = 5
+    cache: str = option(opt=CACHE)  # the command line's default: $MMSERVE_CACHE or ~/.cache/mmserve
+    pretrained: str | None = option(None, PRETRAINED)  # "none" = random init (tests)
+    model: str = option(EMBEDDED_MODEL, MODEL)
+    device: str = option("cpu", DEVICE)
+    out: str = option("docs/results", help="output stem: <out>.md, <out>.json, <out>.png")
+    runs_dir: str | None = option(None, help="one dir per run; finished runs are skipped "
+                                             "(default <cache>/results/<model>-<weights>-<hash>)")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2])
+    shots: list[int] = option(default_factory=lambda: [4, 16], help="train shots per class (and style)")
+    methods: list[str] | None = option(None, help=lambda _: "subset of the rows to run (default all): "
+                                       + " ".join(METHODS))
+    tasks: list[str] | None = option(None, STYLES)  # None = classes.json's tasks
+    epochs: int = option(5, help="classification epochs (MmAP: 5)")
+    lr: float = option(0.0035, help="classification SGD lr (MmAP: 0.0035)")
+    fuse_epochs: int = option(10, help="fusion epochs (MoPE trainer default: 10)")
+    group_steps: int = option(50, GROUP_STEPS)
+    group_every: int = option(5, GROUP_EVERY)
     mope: dict = field(default_factory=dict)  # MoPEConfig overrides besides n_experts (tests: smaller)
-    template: str = AUTO  # or a fixed class-prompt template; auto = training.templates.choose_template
-    budget_minutes: float | None = None  # start no new run after this
-    shipped: str | None = None  # a ship.json: its (shots, seed) cell, shipped recipe, added as reference rows
-    restore: str | None = None  # a published <out>.json: its finished runs seed the runs dir (restore_published)
-    stop_on_error: bool = False
-    progress: bool = True
+    template: str = option(AUTO, AUTO_TEMPLATE)  # auto = training.templates.choose_template
+    budget_minutes: float | None = option(None, help="start no new run after this many minutes")
+    shipped: str | None = option(None, help="a ship report (models/ship.json): add its cell, trained with the shipped "
+                                            "recipe, as reference rows (refused unless backbone weights, styles and "
+                                            "template match)")
+    restore: str | None = option(None, help="a published table (docs/results.json): seed the runs dir with its "
+                                            "finished runs, so only missing ones run (refused unless the settings "
+                                            "match and zero-shot measures the same here)")
+    stop_on_error: bool = option(False, help="stop at the first failed run (default: go on)")
+    progress: bool = option(True, PROGRESS)
     command: str = ""
