@@ -32,10 +32,10 @@ from mmserve.encoders import PromptedTextEncoder
 from mmserve.errors import InvalidInputError, RequestError, RuntimeUnavailableError
 from mmserve.fusion import head_probabilities
 from mmserve.images import preprocess_config
-from mmserve.runtime import RUNTIMES, check_runtime, make_runtime
+from mmserve.runtime import check_runtime, make_runtime
 from mmserve.snapshot import ClassifyTask, FusionTask, Snapshot, SnapshotBuilder
 
-__all__ = ["RUNTIMES", "ClassifyRequest", "FuseRequest", "InferenceEngine"]  # RUNTIMES: tests patch it here
+__all__ = ["ClassifyRequest", "FuseRequest", "InferenceEngine"]
 
 
 @dataclass(frozen=True)

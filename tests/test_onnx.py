@@ -343,9 +343,9 @@ def test_runtime_output_is_numpy_free_torch(onnx_dir: Path, tiny_backbone) -> No
 
 def test_registry_load_opens_every_session_or_refuses(onnx_dir: Path, registry_dir: Path, tiny_backbone,
                                                       tmp_path: Path, monkeypatch) -> None:
-    import mmserve.engine as engine_module
+    import mmserve.runtime as runtime_module
 
-    monkeypatch.setitem(engine_module.RUNTIMES, "onnx", lambda bb: _runtime(bb, onnx_dir, "fp32"))
+    monkeypatch.setitem(runtime_module.RUNTIMES, "onnx", lambda bb: _runtime(bb, onnx_dir, "fp32"))
     engine = InferenceEngine(tiny_backbone, registry_dir, "onnx")
     opened = {key for key, _variant in engine.runtime._sessions}  # before any request
     shapes = {t.prompt_shape for t in engine.snapshot.classify.values()}
@@ -353,6 +353,6 @@ def test_registry_load_opens_every_session_or_refuses(onnx_dir: Path, registry_d
     # no graph for the registry's prompt shapes and no export allowed: the load fails as a registry error
     empty = tmp_path / "no-graphs"
     empty.mkdir()
-    monkeypatch.setitem(engine_module.RUNTIMES, "onnx", lambda bb: _runtime(bb, empty, "fp32"))
+    monkeypatch.setitem(runtime_module.RUNTIMES, "onnx", lambda bb: _runtime(bb, empty, "fp32"))
     with pytest.raises(RegistryError, match="runtime onnx: no fp32 ONNX graph"):
         InferenceEngine(tiny_backbone, registry_dir, "onnx")
