@@ -39,6 +39,24 @@ class _FrozenTower(nn.Module):
         return super().train(False)
 
 
+def run_prompted_blocks(transformer: nn.Module, x: torch.Tensor, prompts: torch.Tensor | None, depth: int,
+                        n_prompt: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """open_clip's residual blocks on x (B, L, d) whose positions 1..P hold layer 0's prompts; before block i < K
+    those positions are overwritten with layer i's prompts (B, K, P, d). Returns (B, L, d)."""
+    batch_first = transformer.batch_first
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for i, block in enumerate(transformer.resblocks):
+        if 0 < i < depth:
+            p = prompts[:, i].to(x.dtype)
+            if batch_first:
+                x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
+            else:
+                x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n_prompt:]], dim=0)
+        x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+    return x if batch_first else x.transpose(0, 1)
+
+
 class PromptedImageEncoder(_FrozenTower):
     """open_clip's VisionTransformer with deep prompts: tokens [CLS, prompts, patches] at every layer."""
 
@@ -71,18 +89,7 @@ class PromptedImageEncoder(_FrozenTower):
         transformer = self.visual.transformer
         if n_prompt:
             x = torch.cat([x[:, :1], prompts[:, 0].to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, d_v)
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
-        for i, block in enumerate(transformer.resblocks):
-            if 0 < i < depth:
-                p = prompts[:, i].to(x.dtype)
-                if transformer.batch_first:
-                    x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
-                else:
-                    x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n_prompt:]], dim=0)
-            x = block(x)
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
+        x = run_prompted_blocks(transformer, x, prompts, depth, n_prompt)
         if n_prompt:
             x = torch.cat([x[:, :1], x[:, 1 + n_prompt:]], dim=1)  # prompts never enter the pool ('tok' or 'avg')
         pooled, _ = self.visual._pool(x)
@@ -152,18 +159,7 @@ class PromptedTextEncoder(_FrozenTower):
         if n_prompt:
             x = torch.cat([x[:, :1], prompts[:, 0].to(cast_dtype), x[:, 1 + n_prompt:]], dim=1)
         x = x + positional.to(cast_dtype)
-        if not self.transformer.batch_first:
-            x = x.transpose(0, 1)
-        for i, block in enumerate(self.transformer.resblocks):
-            if 0 < i < depth:
-                p = prompts[:, i].to(cast_dtype)
-                if self.transformer.batch_first:
-                    x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
-                else:
-                    x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n_prompt:]], dim=0)
-            x = block(x, attn_mask=attn_mask)
-        if not self.transformer.batch_first:
-            x = x.transpose(0, 1)
+        x = run_prompted_blocks(self.transformer, x, prompts, depth, n_prompt, attn_mask)
         x = self.ln_final(x)  # (B, L, d_l)
         # the sequence length never changes, so the EOT position (argmax of ids) is the true one
         pooled = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
