@@ -18,17 +18,22 @@ from mmserve.errors import PromptConfigError
 PLACEHOLDER = "X"  # CoOp/MaPLe: template words whose token positions are overwritten by text prompts
 
 
-def _per_sample(prompts: torch.Tensor | None, batch: int, width: int, what: str) -> torch.Tensor | None:
-    """Validate deep prompts and broadcast shared (K, P, d) prompts to (B, K, P, d)."""
+def _per_sample(prompts: torch.Tensor | None, batch: int, width: int, layers: int, what: str
+                ) -> tuple[torch.Tensor | None, int, int]:
+    """Validate deep prompts against a tower, broadcast shared (K, P, d) prompts to (B, K, P, d); with K and P."""
     if prompts is None or prompts.shape[-2] == 0:
-        return None
+        return None, 0, 0
     if prompts.dim() == 3:
         prompts = prompts.unsqueeze(0).expand(batch, -1, -1, -1)
     if prompts.dim() != 4 or prompts.shape[0] != batch or prompts.shape[-1] != width:
         raise PromptConfigError(
             f"{what} prompts must be (K, P, {width}) or ({batch}, K, P, {width}), got {tuple(prompts.shape)}"
         )
-    return prompts
+    depth, n_prompt = prompts.shape[1], prompts.shape[2]
+    if depth > layers:
+        tower = "image" if what == "visual" else what
+        raise PromptConfigError(f"{what} prompts have depth {depth} but the {tower} tower has {layers} layers")
+    return prompts, depth, n_prompt
 
 
 class _FrozenTower(nn.Module):
@@ -80,12 +85,7 @@ class PromptedImageEncoder(_FrozenTower):
     def forward_embeds(self, x: torch.Tensor, prompts: torch.Tensor | None = None, normalize: bool = True
                        ) -> torch.Tensor:
         """Run the blocks and the pool on embeddings from `embed` (lets callers reuse them, e.g. for routing)."""
-        batch = x.shape[0]
-        prompts = _per_sample(prompts, batch, self.width, "visual")
-        n_prompt = 0 if prompts is None else prompts.shape[2]
-        depth = 0 if prompts is None else prompts.shape[1]
-        if depth > self.layers:
-            raise PromptConfigError(f"visual prompts have depth {depth} but the image tower has {self.layers} layers")
+        prompts, depth, n_prompt = _per_sample(prompts, x.shape[0], self.width, self.layers, "visual")
         transformer = self.visual.transformer
         if n_prompt:
             x = torch.cat([x[:, :1], prompts[:, 0].to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, d_v)
@@ -143,12 +143,7 @@ class PromptedTextEncoder(_FrozenTower):
     def forward(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None, normalize: bool = True
                 ) -> torch.Tensor:
         """Text features (B, embed_dim); prompts (B, K, P, d_l) or (K, P, d_l) replace token positions 1..P."""
-        batch = tokens.shape[0]
-        prompts = _per_sample(prompts, batch, self.width, "text")
-        n_prompt = 0 if prompts is None else prompts.shape[2]
-        depth = 0 if prompts is None else prompts.shape[1]
-        if depth > self.layers:
-            raise PromptConfigError(f"text prompts have depth {depth} but the text tower has {self.layers} layers")
+        prompts, depth, n_prompt = _per_sample(prompts, tokens.shape[0], self.width, self.layers, "text")
         cast_dtype = self.transformer.get_cast_dtype()
         attn_mask, positional = self.attn_mask, self.positional_embedding
         if self.truncate_after_eot:  # exact: drop the padding after the batch's last EOT (halves typical cost)
