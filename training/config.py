@@ -16,16 +16,19 @@ PRETRAINED_ENV = "MMSERVE_BACKBONE_PRETRAINED"
 MODEL = Opt(help=f"open_clip model name (default {EMBEDDED_MODEL})")
 PRETRAINED = Opt(help="open_clip tag or checkpoint path (default $MMSERVE_BACKBONE_PRETRAINED; 'none' = random)")
 DEVICE = Opt(help="torch device, e.g. cuda")
-SEED = Opt()
-ON_BAD_FILE = Opt(choices=BAD_FILE_POLICIES,
-                  help="a bad file is reported with its path, then left out (skip) or the run stops")
-SPLIT_FILE = Opt("--split", help="split file: reused when it exists, else written")
-RUN_DIR = Opt(help="where config, metrics, split and registry go")
-CACHE_DIR = Opt(help="on-disk cache of preprocessed image tensors")
-PROGRESS = Opt("--no-progress", help="no progress bar")
-RESUME = Opt(help="continue from the run dir's last epoch checkpoint")
-STOP_AFTER_EPOCH = Opt(help="leave after this epoch (resumable)")
-EVAL_EACH_EPOCH = Opt("--no-eval-each-epoch", help="test only after the last epoch")
+# the options of the run fields of both trainers' configs (and of others with such a field), by field name
+RUN = {
+    "split_file": Opt("--split", help="split file: reused when it exists, else written"),
+    "run_dir": Opt(help="where config, metrics, split and registry go"),
+    "on_bad_file": Opt(choices=BAD_FILE_POLICIES,
+                       help="a bad file is reported with its path, then left out (skip) or the run stops"),
+    "seed": Opt(),
+    "cache_dir": Opt(help="on-disk cache of preprocessed image tensors"),
+    "progress": Opt("--no-progress", help="no progress bar"),
+    "resume": Opt(help="continue from the run dir's last epoch checkpoint"),
+    "stop_after_epoch": Opt(help="leave after this epoch (resumable)"),
+    "eval_each_epoch": Opt("--no-eval-each-epoch", help="test only after the last epoch"),
+}
 
 
 def shots_value(value: str) -> int | None:
@@ -62,7 +65,7 @@ class SplitConfig:
     max_test: int | None = option(None, help="cap on test samples per class")  # None = no cap
     split_by: str = option("file", choices=("file", "stem"),
                            help="'stem': one file stem (identity) is on one side in every task")
-    seed: int = option(0, SEED)
+    seed: int = option(0, RUN["seed"])
 
 
 @dataclass

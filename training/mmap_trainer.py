@@ -29,20 +29,7 @@ from mmserve.builders import ClassifyPrompts
 from mmserve.prompts import build_prompt, config_for_choice, count_params, prompt_choices
 from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, save_registry
 from training.classify import Towers
-from training.config import (
-    CACHE_DIR,
-    EVAL_EACH_EPOCH,
-    ON_BAD_FILE,
-    PROGRESS,
-    RESUME,
-    RUN_DIR,
-    SEED,
-    SPLIT_FILE,
-    STOP_AFTER_EPOCH,
-    BackboneConfig,
-    OptimConfig,
-    SplitConfig,
-)
+from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles, discover_image_tasks
 from training.grouping import GroupingConfig, choose_groups, task_affinity
 from training.loop import Checkpoint, Epoch, EpochLoop
@@ -89,10 +76,10 @@ class MultiTaskConfig:
 
     # ROOT/<task>/<class>/<image>
     root: str | None = option(None, help="image-folder root (optional when --split exists)")
-    run_dir: str = option("runs/classify", RUN_DIR)
+    run_dir: str = option("runs/classify", RUN["run_dir"])
     tasks: list[str] | None = option(None, type=comma_list, help="comma-separated subset of tasks")  # None = all
     # reused when it exists, else the drawn split is also written there
-    split_file: str | None = option(None, SPLIT_FILE)
+    split_file: str | None = option(None, RUN["split_file"])
     class_names_file: str | None = option(None, flag="--class-names", help="JSON mapping class folder -> prompt name")
     # text after the prompt placeholders, with the class name
     template: str = option(DEFAULT_TEMPLATE, help="class prompt after the prompt tokens")
@@ -102,13 +89,13 @@ class MultiTaskConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     prompt: PromptSpec = field(default_factory=PromptSpec)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
-    on_bad_file: str = option("skip", ON_BAD_FILE)
-    seed: int = option(0, SEED)
-    cache_dir: str | None = option(None, CACHE_DIR)
-    progress: bool = option(True, PROGRESS)
-    resume: bool = option(False, RESUME)  # from run_dir/checkpoint.pt when it is there
-    stop_after_epoch: int | None = option(None, STOP_AFTER_EPOCH)  # with a checkpoint (time-boxed jobs)
-    eval_each_epoch: bool = option(True, EVAL_EACH_EPOCH)
+    on_bad_file: str = option("skip", RUN["on_bad_file"])
+    seed: int = option(0, RUN["seed"])
+    cache_dir: str | None = option(None, RUN["cache_dir"])
+    progress: bool = option(True, RUN["progress"])
+    resume: bool = option(False, RUN["resume"])  # from run_dir/checkpoint.pt when it is there
+    stop_after_epoch: int | None = option(None, RUN["stop_after_epoch"])  # with a checkpoint (time-boxed jobs)
+    eval_each_epoch: bool = option(True, RUN["eval_each_epoch"])
 
 
 class PromptBank(nn.Module):

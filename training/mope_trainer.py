@@ -22,21 +22,7 @@ from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig, importance_loss
 from mmserve.registry import DEFAULT_TEMPLATE, Manifest, TaskEntry, save_registry
 from training.classify import Towers
-from training.config import (
-    CACHE_DIR,
-    EVAL_EACH_EPOCH,
-    ON_BAD_FILE,
-    PROGRESS,
-    RESUME,
-    RUN_DIR,
-    SEED,
-    SPLIT_FILE,
-    STOP_AFTER_EPOCH,
-    BackboneConfig,
-    OptimConfig,
-    SplitConfig,
-    mope_optim,
-)
+from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.data import BadFiles, read_fusion_jsonl
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.metrics import accuracy, f1_scores
@@ -60,8 +46,8 @@ class FuseConfig:
     select: dict[str, str] = option(default_factory=dict, type=field_value, action=FieldValues, metavar="FIELD=VALUE",
                                     help="keep only lines whose FIELD equals VALUE (repeatable), e.g. task=noto")
     # reused when it exists, else the drawn split is also written there
-    split_file: str | None = option(None, SPLIT_FILE)
-    run_dir: str = option("runs/fuse", RUN_DIR)
+    split_file: str | None = option(None, RUN["split_file"])
+    run_dir: str = option("runs/fuse", RUN["run_dir"])
     # None = multilabel iff any label is a list
     head: str | None = option(None, choices=("multiclass", "multilabel"))
     classes: list[str] | None = None  # None = the labels found; set it to report unknown labels
@@ -75,13 +61,13 @@ class FuseConfig:
     # on sigmoid probabilities
     threshold: float = option(0.5, help="multi-label decision threshold")
     zero_shot_template: str = DEFAULT_TEMPLATE
-    on_bad_file: str = option("skip", ON_BAD_FILE)
-    seed: int = option(0, SEED)
-    cache_dir: str | None = option(None, CACHE_DIR)
-    progress: bool = option(True, PROGRESS)
-    resume: bool = option(False, RESUME)
-    stop_after_epoch: int | None = option(None, STOP_AFTER_EPOCH)
-    eval_each_epoch: bool = option(True, EVAL_EACH_EPOCH)
+    on_bad_file: str = option("skip", RUN["on_bad_file"])
+    seed: int = option(0, RUN["seed"])
+    cache_dir: str | None = option(None, RUN["cache_dir"])
+    progress: bool = option(True, RUN["progress"])
+    resume: bool = option(False, RUN["resume"])
+    stop_after_epoch: int | None = option(None, RUN["stop_after_epoch"])
+    eval_each_epoch: bool = option(True, RUN["eval_each_epoch"])
 
 
 # the options of the MoPE config (mmserve.prompts.mope, which knows nothing of command lines), in --help order

@@ -32,7 +32,7 @@ from mmserve.fileio import atomic_write, atomic_write_bytes, sha256_file
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import BackboneRef, Manifest, save_registry
 from training.classify import Towers
-from training.config import DEVICE, MODEL, PROGRESS, SEED, BackboneConfig, OptimConfig, SplitConfig, mope_optim
+from training.config import DEVICE, MODEL, RUN, BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.evaluate import evaluate_registry
 from training.examples import write_examples
 from training.grouping import GROUP_EVERY, GROUP_STEPS, GroupingConfig
@@ -73,7 +73,7 @@ class ShipConfig:
     device: str = option("cpu", DEVICE)
     runs_dir: str | None = option(None, help="training runs (default <cache>/ship/<model>-<weights>-<hash>)")
     shots: int = option(16)
-    seed: int = option(0, SEED)
+    seed: int = option(0, RUN["seed"])
     # MmAP recipe and prompt shape; defaults are the trainer's (the paper's: SGD lr 0.0035, 5 epochs)
     epochs: int = option(OptimConfig.epochs, help="MmAP epochs")
     lr: float = option(OptimConfig.lr, help="MmAP lr (paper: 0.0035 with SGD)")
@@ -96,7 +96,7 @@ class ShipConfig:
     continued_from: str | None = option(None, help="ship.json of the weights the checkpoint's pretraining started "
                                                    "from (--pretrained): the model card records that stage too, and "
                                                    "its commands come first in 'How to reproduce'")
-    progress: bool = option(True, PROGRESS)
+    progress: bool = option(True, RUN["progress"])
     command: str = ""
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.prompts import methods
-from training.config import DEVICE, MODEL, PRETRAINED, PROGRESS
+from training.config import DEVICE, MODEL, PRETRAINED, RUN
 from training.grouping import GROUP_EVERY, GROUP_STEPS
 from training.options import Opt, option
 from training.templates import AUTO, AUTO_TEMPLATE
@@ -106,5 +106,5 @@ class ResultsConfig:
                                             "finished runs, so only missing ones run (refused unless the settings "
                                             "match and zero-shot measures the same here)")
     stop_on_error: bool = option(False, help="stop at the first failed run (default: go on)")
-    progress: bool = option(True, PROGRESS)
+    progress: bool = option(True, RUN["progress"])
     command: str = ""
