@@ -84,9 +84,10 @@ class EpochLoop:
 
     def resume(self, state: dict) -> None:
         """Continue after the epoch of a checkpoint written by this loop (training.runs.load_checkpoint)."""
-        if self.checkpoint is not None:
-            for key, module in self.checkpoint.modules.items():
-                module.load_state_dict(state[key])
+        if self.checkpoint is None:
+            raise ValueError("only a loop that saves checkpoints can resume from one")
+        for key, module in self.checkpoint.modules.items():
+            module.load_state_dict(state[key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.done = state["history"], state["epoch"]

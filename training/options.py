@@ -34,6 +34,8 @@ class Opt:
 
 def option(default: Any = MISSING, opt: Opt | None = None, *, default_factory: Any = MISSING, **kw: Any) -> Any:
     """A dataclass field with its command-line option: `opt` (one shared by several configs) or Opt(**kw)."""
+    if opt is not None and kw:
+        raise TypeError(f"option(): give a shared Opt or its keywords {sorted(kw)}, not both")
     return field(default=default, default_factory=default_factory, metadata={CLI: opt or Opt(**kw)})
 
 
