@@ -9,7 +9,6 @@ genuinely predict before a registry is written, so the service tests check real 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,11 +227,8 @@ class Registries:
 
 
 def build_registries(base: Path) -> Registries:
-    """Train and write both registry versions under `base` once; later calls (other test modules) reuse them."""
+    """Train and write both registry versions under `base` (the session fixture `demo_registries` calls it once)."""
     out = Registries(base / "v1", base / "v2")
-    if (base / "done").is_file():
-        return out
-    shutil.rmtree(base, ignore_errors=True)
     torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention for this tiny model
     backbone = load_backbone(TINY)
     torch.manual_seed(0)
@@ -244,7 +240,6 @@ def build_registries(base: Path) -> Registries:
     specs_v2 = _specs(COLORS_V2)
     retrained = train_classify(backbone, specs_v2[:1], group, train_group=False)  # only 'colors' changes
     write_registry(out.v2, backbone, group_cfg, group, specs_v2, {**modules, **retrained}, fusion)
-    (base / "done").write_text("ok\n")
     return out
 
 

@@ -1,9 +1,11 @@
-"""Shared fixtures: the tiny random-initialised backbone used by unit tests (never for claimed results)."""
+"""Shared fixtures, built once per test session: the tiny random-initialised backbone (never for claimed results)
+and the demo registries trained on it (tests/_registry_fixture.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _registry_fixture import Registries, build_registries
 
 from mmserve.backbone import TINY_MODEL, Backbone, BackboneSpec, load_backbone
 
@@ -17,3 +19,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def tiny_backbone() -> Backbone:
     """The tiny open_clip model (2+2 layers, width 64), random weights from seed 0."""
     return load_backbone(BackboneSpec(TINY_MODEL, seed=0))
+
+
+@pytest.fixture(scope="session")
+def demo_registries(tmp_path_factory: pytest.TempPathFactory) -> Registries:
+    """Two versions of a small trained registry (classification + fusion tasks) on the tiny backbone."""
+    return build_registries(tmp_path_factory.mktemp("demo-registries"))

@@ -14,10 +14,8 @@ import torch
 from _registry_fixture import (
     ANIMALS,
     COLORS,
-    TINY,
     Registries,
     brightness_image,
-    build_registries,
     color_image,
     fusion_sample,
     warmth_image,
@@ -26,7 +24,7 @@ from PIL import Image
 
 from mmserve import config as config_mod
 from mmserve.answers import FuseResult, Prediction
-from mmserve.backbone import EMBEDDED_MODEL, Backbone, load_backbone
+from mmserve.backbone import EMBEDDED_MODEL, Backbone
 from mmserve.config import ConfigError, ServeConfig
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
 from mmserve.errors import RegistryError, RuntimeUnavailableError, UnknownTaskError, WrongTaskKindError
@@ -39,31 +37,21 @@ MAKERS = {"colors": color_image, "warmth": warmth_image, "brightness": brightnes
 
 
 @pytest.fixture(scope="module")
-def registries(tmp_path_factory: pytest.TempPathFactory) -> Registries:
-    return build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")
+def engine(tiny_backbone: Backbone, demo_registries: Registries) -> InferenceEngine:
+    return InferenceEngine(tiny_backbone, demo_registries.v1)
 
 
-@pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    return load_backbone(TINY)
-
-
-@pytest.fixture(scope="module")
-def engine(backbone: Backbone, registries: Registries) -> InferenceEngine:
-    return InferenceEngine(backbone, registries.v1)
-
-
-def labelled(backbone: Backbone, task: str, seed: int, per_class: int = 3) -> tuple[torch.Tensor, list[str]]:
+def labelled(tiny_backbone: Backbone, task: str, seed: int, per_class: int = 3) -> tuple[torch.Tensor, list[str]]:
     """Fresh synthetic images of every class of `task` (never seen in training) and their labels."""
     rng = np.random.default_rng(seed)
     classes = {"colors": list(COLORS), "warmth": ["warm", "cool"], "brightness": ["dark", "light"]}[task]
     labels = [c for c in classes for _ in range(per_class)]
-    return torch.stack([backbone.preprocess(MAKERS[task](c, rng)) for c in labels]), labels
+    return torch.stack([tiny_backbone.preprocess(MAKERS[task](c, rng)) for c in labels]), labels
 
 
-def test_trained_registry_predicts_every_class(engine: InferenceEngine, backbone: Backbone) -> None:
+def test_trained_registry_predicts_every_class(engine: InferenceEngine, tiny_backbone: Backbone) -> None:
     for task in MAKERS:
-        images, labels = labelled(backbone, task, seed=1000)
+        images, labels = labelled(tiny_backbone, task, seed=1000)
         results = engine.classify(images, [task] * len(labels), top_k=2)
         assert [r.label for r in results] == labels, task
         for r in results:
@@ -72,9 +60,9 @@ def test_trained_registry_predicts_every_class(engine: InferenceEngine, backbone
             assert r.top_k[0].score >= r.top_k[1].score and r.score > 0.5
 
 
-def test_fusion_tasks_use_image_and_text(engine: InferenceEngine, backbone: Backbone) -> None:
+def test_fusion_tasks_use_image_and_text(engine: InferenceEngine, tiny_backbone: Backbone) -> None:
     data = fusion_sample(np.random.default_rng(1234), 8)
-    images = torch.stack([backbone.preprocess(d[0]) for d in data])
+    images = torch.stack([tiny_backbone.preprocess(d[0]) for d in data])
     tags = engine.fuse(images, [d[1] for d in data], "tags")
     assert [{p.label for p in r.labels} for r in tags] == [{d[2], d[3]} for d in data]
     assert all(r.head == "multilabel" and r.threshold == 0.5 and len(r.scores) == 5 for r in tags)
@@ -85,10 +73,10 @@ def test_fusion_tasks_use_image_and_text(engine: InferenceEngine, backbone: Back
 
 
 def test_mixed_task_batch_is_one_pass_per_prompt_shape_and_matches_single_task(
-        engine: InferenceEngine, backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+        engine: InferenceEngine, tiny_backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
     imgs, tasks = [], []
     for task in ("colors", "warmth", "brightness"):
-        x, labels = labelled(backbone, task, seed=7, per_class=2)
+        x, labels = labelled(tiny_backbone, task, seed=7, per_class=2)
         imgs.append(x)
         tasks += [task] * len(labels)
     order = np.random.default_rng(0).permutation(len(tasks))  # interleave the tasks in the batch
@@ -116,16 +104,16 @@ def test_mixed_task_batch_is_one_pass_per_prompt_shape_and_matches_single_task(
         assert m.score == pytest.approx(a.score, abs=1e-5)
 
 
-def test_class_text_features_are_computed_once_at_load(engine: InferenceEngine, backbone: Backbone,
+def test_class_text_features_are_computed_once_at_load(engine: InferenceEngine, tiny_backbone: Backbone,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     def no_text_tower(*args, **kwargs):
         raise AssertionError("the text tower ran during a request")
 
     monkeypatch.setattr(engine.text_encoder, "forward", no_text_tower)
-    images, labels = labelled(backbone, "colors", seed=5, per_class=1)
+    images, labels = labelled(tiny_backbone, "colors", seed=5, per_class=1)
     assert [r.label for r in engine.classify(images, ["colors"] * 3)] == labels
     feats = engine.snapshot.classify["colors"].text_features
-    assert feats.shape == (3, backbone.embed_dim)
+    assert feats.shape == (3, tiny_backbone.embed_dim)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
@@ -140,8 +128,8 @@ def test_multilabel_threshold_is_applied_as_stored() -> None:
     assert FuseResult("t", "multiclass", scores, "v1").labels == scores[:1]
 
 
-def test_unknown_and_wrong_kind_tasks_are_refused(engine: InferenceEngine, backbone: Backbone) -> None:
-    image = labelled(backbone, "colors", seed=3, per_class=1)[0][:1]
+def test_unknown_and_wrong_kind_tasks_are_refused(engine: InferenceEngine, tiny_backbone: Backbone) -> None:
+    image = labelled(tiny_backbone, "colors", seed=3, per_class=1)[0][:1]
     with pytest.raises(UnknownTaskError) as err:
         engine.classify(image, ["nope"])
     assert status_for(err.value) == 404 and err.value.details["known_tasks"] == ["colors", "warmth", "brightness"]
@@ -151,8 +139,8 @@ def test_unknown_and_wrong_kind_tasks_are_refused(engine: InferenceEngine, backb
         engine.fuse(image, ["a cat"], "colors")
 
 
-def test_a_bad_request_fails_alone_in_its_batch(engine: InferenceEngine, backbone: Backbone) -> None:
-    images, labels = labelled(backbone, "colors", seed=11, per_class=1)
+def test_a_bad_request_fails_alone_in_its_batch(engine: InferenceEngine, tiny_backbone: Backbone) -> None:
+    images, labels = labelled(tiny_backbone, "colors", seed=11, per_class=1)
     good = [ClassifyRequest(images[i].numpy(), "colors", 1) for i in range(3)]
     batch = [good[0], ClassifyRequest(images[0], "nope"), good[1], ClassifyRequest(images[0], "pet"),
              ClassifyRequest(torch.zeros(3, 5, 5), "colors"), good[2]]
@@ -161,7 +149,7 @@ def test_a_bad_request_fails_alone_in_its_batch(engine: InferenceEngine, backbon
     assert [out[i].result["label"] for i in (0, 2, 5)] == labels
     assert out[1].details["known_tasks"] and "(3, 32, 32)" in out[4].error
     data = fusion_sample(np.random.default_rng(5), 2)
-    pixels = [backbone.preprocess(d[0]) for d in data]
+    pixels = [tiny_backbone.preprocess(d[0]) for d in data]
     fused = engine.fuse_requests([FuseRequest(pixels[0], data[0][1], "tags"), FuseRequest(pixels[1], " ", "tags"),
                                   FuseRequest(pixels[1], data[1][1], "pet"), FuseRequest(pixels[1], "x", "colors")])
     assert [outcome_status(o) for o in fused] == [200, 400, 200, 400]
@@ -170,11 +158,11 @@ def test_a_bad_request_fails_alone_in_its_batch(engine: InferenceEngine, backbon
 
 
 def test_reload_swaps_atomically_and_in_flight_snapshots_finish_on_their_version(
-        backbone: Backbone, registries: Registries, tmp_path: Path) -> None:
-    engine = InferenceEngine(backbone, registries.v1)
-    images, _ = labelled(backbone, "colors", seed=21, per_class=1)  # red, green, blue
+        tiny_backbone: Backbone, demo_registries: Registries, tmp_path: Path) -> None:
+    engine = InferenceEngine(tiny_backbone, demo_registries.v1)
+    images, _ = labelled(tiny_backbone, "colors", seed=21, per_class=1)  # red, green, blue
     old = engine.snapshot
-    result = engine.reload(registries.v2)
+    result = engine.reload(demo_registries.v2)
     assert result.changed and result.previous_version == old.version and engine.snapshot.version == result.version
     assert [r.label for r in engine.classify(images, ["colors"] * 3)] == ["crimson", "lime", "navy"]
     # a request that took the old snapshot before the swap still answers on it
@@ -182,16 +170,16 @@ def test_reload_swaps_atomically_and_in_flight_snapshots_finish_on_their_version
     assert engine.reload().version == result.version and not engine.reload().changed  # re-read current path
 
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(registries.v1, corrupt)
+    shutil.copytree(demo_registries.v1, corrupt)
     weights = next((corrupt / "tasks").glob("colors-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
     served = engine.snapshot
     with pytest.raises(RegistryError, match=r"colors-.*sha256"):
         engine.reload(corrupt)
-    assert engine.snapshot is served and engine.registry_path == registries.v2
+    assert engine.snapshot is served and engine.registry_path == demo_registries.v2
 
     bad_template = tmp_path / "bad-template"
-    shutil.copytree(registries.v1, bad_template)
+    shutil.copytree(demo_registries.v1, bad_template)
     manifest = json.loads((bad_template / MANIFEST).read_text())
     manifest["tasks"][0]["template"] = "a photo without a placeholder"
     manifest["version"] = content_version(manifest)  # consistent, so the template check is what refuses it
@@ -201,11 +189,12 @@ def test_reload_swaps_atomically_and_in_flight_snapshots_finish_on_their_version
     assert engine.snapshot is served
 
 
-def test_reload_while_classifying_never_mixes_versions(backbone: Backbone, registries: Registries) -> None:
-    engine = InferenceEngine(backbone, registries.v1)
-    images, _ = labelled(backbone, "colors", seed=31, per_class=1)
+def test_reload_while_classifying_never_mixes_versions(tiny_backbone: Backbone, demo_registries: Registries) -> None:
+    engine = InferenceEngine(tiny_backbone, demo_registries.v1)
+    images, _ = labelled(tiny_backbone, "colors", seed=31, per_class=1)
     expected = {}
-    for path, names in ((registries.v2, ["crimson", "lime", "navy"]), (registries.v1, ["red", "green", "blue"])):
+    v1, v2 = demo_registries.v1, demo_registries.v2
+    for path, names in ((v2, ["crimson", "lime", "navy"]), (v1, ["red", "green", "blue"])):
         expected[engine.reload(path).version] = names
     seen: list[tuple[str, list[str]]] = []
     errors: list[BaseException] = []
@@ -224,7 +213,7 @@ def test_reload_while_classifying_never_mixes_versions(backbone: Backbone, regis
     deadline = time.monotonic() + 60
     reloads = 0
     while reloads < 3 or ({v for v, _ in seen} != set(expected) and time.monotonic() < deadline):
-        engine.reload((registries.v2, registries.v1)[reloads % 2])  # until traffic has run under both versions
+        engine.reload((v2, v1)[reloads % 2])  # until traffic has run under both versions
         reloads += 1
     stop.set()
     thread.join()
@@ -232,21 +221,21 @@ def test_reload_while_classifying_never_mixes_versions(backbone: Backbone, regis
     assert all(labels == expected[version] for version, labels in seen)
 
 
-def test_runtime_is_pluggable(backbone: Backbone, registries: Registries, tmp_path, monkeypatch) -> None:
-    assert make_runtime("torch", backbone).name == "torch"
+def test_runtime_is_pluggable(tiny_backbone: Backbone, demo_registries: Registries, tmp_path, monkeypatch) -> None:
+    assert make_runtime("torch", tiny_backbone).name == "torch"
     monkeypatch.setenv("MMSERVE_ONNX_DIR", str(tmp_path / "onnx"))  # graphs are exported there on first use
-    assert make_runtime("onnx", backbone).name == "onnx"  # parity with torch: tests/test_onnx.py
+    assert make_runtime("onnx", tiny_backbone).name == "onnx"  # parity with torch: tests/test_onnx.py
     with pytest.raises(RuntimeUnavailableError, match="unknown runtime"):
-        make_runtime("tensorrt", backbone)
+        make_runtime("tensorrt", tiny_backbone)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxruntime" else object())
     with pytest.raises(RuntimeUnavailableError, match="needs onnxruntime"):  # refused before loading anything
-        InferenceEngine.from_config(ServeConfig(registry=registries.v1, runtime="onnx"))
+        InferenceEngine.from_config(ServeConfig(registry=demo_registries.v1, runtime="onnx"))
 
 
-def test_preprocess_rebuilt_from_config_matches_the_backbone(engine: InferenceEngine, backbone: Backbone) -> None:
+def test_preprocess_rebuilt_from_config_matches_the_backbone(engine: InferenceEngine, tiny_backbone: Backbone) -> None:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     rebuilt = preprocess_from_config(json.loads(json.dumps(engine.describe()["preprocess"])))
-    assert torch.equal(rebuilt(img), backbone.preprocess(img))
+    assert torch.equal(rebuilt(img), tiny_backbone.preprocess(img))
 
 
 def test_config_from_env(tmp_path: Path) -> None:

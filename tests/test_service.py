@@ -30,7 +30,6 @@ from _registry_fixture import (
     SERVER_ENV,
     Registries,
     brightness_image,
-    build_registries,
     color_image,
     fusion_sample,
     png_bytes,
@@ -73,8 +72,8 @@ def _hermetic_env(home: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    registries = build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")
+def server(tmp_path_factory: pytest.TempPathFactory, demo_registries: Registries) -> Iterator[Server]:
+    registries = demo_registries
     tmp = tmp_path_factory.mktemp("server")
     env = _hermetic_env(tmp / "bentoml") | SERVER_ENV | {
         "MMSERVE_REGISTRY": str(registries.v1),
@@ -531,8 +530,8 @@ def test_registry_swap_while_requests_flow(server: Server, client: httpx.Client,
 
 
 def test_bentoml_build_produces_a_bento_with_code_registry_and_backbone(
-        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    registries = build_registries(tmp_path_factory.getbasetemp() / "mmserve-registries")
+        tmp_path: Path, demo_registries: Registries, monkeypatch: pytest.MonkeyPatch) -> None:
+    registries = demo_registries
     ctx = tmp_path / "ctx"
     shutil.copytree(ROOT / "mmserve", ctx / "mmserve", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "bentofile.yaml", ctx)
