@@ -47,3 +47,11 @@ def test_disabled_is_silent_everywhere(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     _epoch(enabled=False)
     assert terminal.getvalue() == ""
+
+
+def test_a_caller_with_its_own_epoch_line_gets_no_second_one(capsys):
+    bar = EpochBar(range(2), 1, 2)
+    for _ in bar:
+        bar.update(0.5, 0.75, 4)
+    bar.close(quiet=True)
+    assert capsys.readouterr().err == ""

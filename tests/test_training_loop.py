@@ -76,3 +76,14 @@ def test_stop_then_resume_is_the_uninterrupted_run(tmp_path: Path, capsys):
     assert torch.equal(head.weight, whole_head.weight) and torch.equal(head.bias, whole_head.bias)
     with pytest.raises(ValueError, match="different config"):
         load_checkpoint(run_dir, {"what": "other"})
+
+
+def test_a_log_file_gets_one_line_per_epoch(capsys):
+    """Off a terminal, with progress on and a describe line, each epoch writes exactly one line and no redraws."""
+    torch.manual_seed(0)
+    head = nn.Linear(1, 2)
+    loop = EpochLoop(list(head.parameters()), OPTIM, [len(X)], seed=3, progress=True)
+    loop.run(_train(head), describe=lambda r: f"train loss {r['train_loss']:.3f}")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(":")[0] for line in err.splitlines()] == [f"[mmserve-train] epoch {n}" for n in (1, 2, 3, 4)]

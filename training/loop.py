@@ -108,7 +108,7 @@ class EpochLoop:
                           EpochBar(range(self.steps), number, epochs, self.progress, self.metric),
                           self.optimizer, self.scheduler)
             record = train_epoch(epoch)
-            epoch.bar.close()
+            epoch.bar.close(quiet=describe is not None)  # off a terminal: the one line per epoch is describe's
             if evaluate is not None and (self.eval_each_epoch or number == epochs):
                 evaluate(record)
             self.history.append(record)

@@ -66,9 +66,9 @@ class EpochBar:
         self.score.add(score, count)
         self.bar.set_postfix({"loss": f"{self.loss.mean:.4f}", self.metric: f"{self.score.mean:.3f}"}, refresh=False)
 
-    def close(self) -> None:
-        """Close the bar (off a terminal: log the epoch's one line)."""
+    def close(self, quiet: bool = False) -> None:
+        """Close the bar (off a terminal: log the epoch's one line, unless `quiet`: the caller logs its own)."""
         self.bar.close()
-        if self.line:
+        if self.line and not quiet:
             log(f"{self.desc} loss {self.loss.mean:.4f} {self.metric} {self.score.mean:.3f} "
                 f"{time.monotonic() - self.started:.1f}s")
