@@ -4,6 +4,7 @@ training, and the engine knows no HTTP."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return out
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports."""
+    """Module -> the project modules it imports (read once per session)."""
     modules = project_modules()
     known = set(modules)
     return {name: imports_of(name, path, known) for name, path in modules.items()}

@@ -30,10 +30,10 @@ TEST = "ruff check . && python -m pytest -q"
 SERVE = "bentoml serve mmserve.service:MmServe"
 SPLIT = "mmserve-train split --root ~/.cache/mmserve/tasks/images --out split.json --shots 16 --split-by stem"
 
-SHIPPED_SERVE = "tests/test_shipped.py::test_serve_command_with_no_variables_classifies_every_style"
-SHIPPED_REPLIES = "tests/test_shipped.py::test_readme_shows_the_answers_the_shipped_examples_get"
-EVAL_RUN = "tests/test_eval.py::test_eval_writes_json_and_markdown_matching_the_run"
-CLI_DELEGATION = "tests/test_train_cli.py::test_prepare_and_pretrain_get_every_argument"
+SHIPPED_SERVE = "tests/mmserve/test_shipped.py::test_serve_command_with_no_variables_classifies_every_style"
+SHIPPED_REPLIES = "tests/mmserve/test_shipped.py::test_readme_shows_the_answers_the_shipped_examples_get"
+EVAL_RUN = "tests/training/test_eval.py::test_eval_writes_json_and_markdown_matching_the_run"
+CLI_DELEGATION = "tests/training/test_train_cli.py::test_prepare_and_pretrain_get_every_argument"
 
 # README command -> what runs it: ".ci/run" (CI runs that line verbatim), or tests (file::function) that run the
 # same command line. The mmserve-train ones run there on tiny synthetic data: same subcommand and options, other
@@ -50,16 +50,17 @@ RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
         (SHIPPED_SERVE, SHIPPED_REPLIES),
     "curl localhost:3000/tasks": (SHIPPED_SERVE,),
     "mmserve-train prepare --cache ~/.cache/mmserve":
-        (CLI_DELEGATION, "tests/test_prepare.py::test_prepare_end_to_end_on_fixtures"),
+        (CLI_DELEGATION, "tests/training/test_prepare.py::test_prepare_end_to_end_on_fixtures"),
     "mmserve-train pretrain --cache ~/.cache/mmserve --epochs 8 --name pretrain-mmserve-vit-p12-96":
-        (CLI_DELEGATION, "tests/test_prepare_errors.py::test_pretrain_missing_train_data_is_one_error_line"),
+        (CLI_DELEGATION, "tests/training/test_prepare_errors.py::test_pretrain_missing_train_data_is_one_error_line"),
     f"mmserve-train classify --split split.json --run-dir runs/mmap --pretrained {WEIGHTS}": (EVAL_RUN,),
     f"mmserve-train fuse --train ~/.cache/mmserve/fusion/train.jsonl --run-dir runs/mope --pretrained {WEIGHTS}":
-        ("tests/test_eval.py::test_eval_of_a_fusion_registry",),
+        ("tests/training/test_eval.py::test_eval_of_a_fusion_registry",),
     "mmserve-train eval --registry runs/mmap/registry --split split.json": (EVAL_RUN,),
     f"mmserve-train ship --cache ~/.cache/mmserve --checkpoint {CHECKPOINT} --out models":
-        ("tests/test_ship.py::test_backbone_is_exported_fp16_weights_only",),
-    f"MMSERVE_REGISTRY=runs/mmap/registry {SERVE}": ("tests/test_toy_method.py::test_served_over_http",),
+        ("tests/training/test_ship.py::test_backbone_is_exported_fp16_weights_only",),
+    f"MMSERVE_REGISTRY=runs/mmap/registry {SERVE}": (  # the session's server; the toy test serves a trained run
+        "tests/_server_fixture.py::demo_server", "tests/mmserve/test_toy_method.py::test_served_over_http"),
 }
 BACKBONE_OPTIONS = {"--pretrained", "--model"}  # what the tests swap for the tiny random backbone
 CONSOLE_SCRIPTS = ("mmserve", "mmserve-train")

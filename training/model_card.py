@@ -328,7 +328,8 @@ def readme(report: dict) -> str:
              *([f"| `{report['earlier_stage']['kept_as']}` | the ship report of the weights this backbone's "
                 "last pretraining stage started from (a copy of the `--continued-from` file) |"]
                if (report.get("earlier_stage") or {}).get("kept_as") else []),
-             "| `examples/` | one held-out emoji per style and the answers the server gave (tests/test_shipped.py) |",
+             "| `examples/` | one held-out emoji per style and the answers the server gave "
+             "(tests/mmserve/test_shipped.py) |",
              "| `ship.json` | every number of this page and of the model card |", "",
              "## The shipped registry", "",
              f"Full MmAP (group-shared + task-specific prompts, grouping computed from gradient similarity) on the "

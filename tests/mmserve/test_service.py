@@ -1,6 +1,6 @@
 """The BentoML service over real HTTP on loopback: `bentoml serve` on a trained tiny registry, Pillow uploads.
 
-One server per module (started once, ~15 s); the registry swap test runs last and restores v1.
+One server for the session (tests/conftest.py `server`, started once, ~15 s); the registry swap test restores v1.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ import torch
 import yaml
 from _registry_fixture import (
     COLORS,
-    SERVER_ENV,
     Registries,
     brightness_image,
     color_image,
@@ -35,55 +33,19 @@ from _registry_fixture import (
     png_bytes,
     warmth_image,
 )
+from _server_fixture import BODY_LIMIT, PIXEL_LIMIT, Server, hermetic_env
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmserve.bench import bentoml_server
 from mmserve.images import ImageDecoder, ImageError, decode_image, preprocess_from_config, split_preprocess
 from mmserve.serving.auth import admin_authorized
 from mmserve.serving.client import dropped_connection, engine_unavailable
 from mmserve.wire import pack_pixels, pixels_to_tensor, unpack_pixels
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
-BODY_LIMIT = 300_000
-PIXEL_LIMIT = 1_000_000
 MAKERS = {"colors": color_image, "warmth": warmth_image, "brightness": brightness_image}
 CLASSES = {"colors": list(COLORS), "warmth": ["warm", "cool"], "brightness": ["dark", "light"]}
-
-
-@dataclass
-class Server:
-    """A running `bentoml serve` on 127.0.0.1."""
-
-    url: str
-    registries: Registries
-    log: Path
-
-    def version(self, registry: Path) -> str:
-        """The manifest version of a registry directory."""
-        return json.loads((registry / "manifest.json").read_text())["version"]
-
-
-def _hermetic_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")}
-    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", OMP_NUM_THREADS="1")
-    return env
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, demo_registries: Registries) -> Iterator[Server]:
-    registries = demo_registries
-    tmp = tmp_path_factory.mktemp("server")
-    env = _hermetic_env(tmp / "bentoml") | SERVER_ENV | {
-        "MMSERVE_REGISTRY": str(registries.v1),
-        "MMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
-        "MMSERVE_MAX_IMAGE_PIXELS": str(PIXEL_LIMIT),
-        "MMSERVE_MAX_LATENCY_MS": "20000",  # a shared 2-core box: never shed load in tests
-    }
-    log = tmp / "server.log"
-    with bentoml_server(env, log, ready_timeout=180) as url:  # the same launcher `mmserve bench` uses
-        yield Server(url, registries, log)
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +505,7 @@ def test_bentoml_build_produces_a_bento_with_code_registry_and_backbone(
     (ctx / "tests").mkdir()
     (ctx / "tests" / "test_x.py").write_text("")
     home = tmp_path / "home"
-    done = subprocess.run([BENTOML, "build", str(ctx)], cwd=ctx, env=_hermetic_env(home), capture_output=True,
+    done = subprocess.run([BENTOML, "build", str(ctx)], cwd=ctx, env=hermetic_env(home), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     bentos = [p for p in (home / "bentos" / "mmserve").iterdir() if p.name != "latest"]

@@ -2,13 +2,13 @@
 exported to ONNX through the project's own commands, with no other file knowing it.
 
 The toy is the simplest two-tower method there is: independent deep prompts in both towers (IVLP-style), one
-(K, b, d) block per tower. The server imports it through MMSERVE_METHODS, as a user's own method would be.
+(K, b, d) block per tower. The shared test server imports it through MMSERVE_METHODS (tests/_server_fixture.py),
+as a user's server would import their own method.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,8 +19,6 @@ from torch import nn
 
 from mmserve.backbone import TINY_MODEL
 from mmserve.prompts import TowerPrompts, register_method, resolve_depth
-
-MODULE = Path(__file__).stem  # what the server imports (tests/ on its PYTHONPATH)
 
 
 @dataclass
@@ -94,30 +92,28 @@ def test_loaded_through_the_table(run: Path, tiny_backbone) -> None:
     assert prompts().text.shape == (tiny_backbone.text_layers, 3, tiny_backbone.text_width)
 
 
-def test_served_over_http(run: Path, tmp_path: Path) -> None:
-    """`bentoml serve` with MMSERVE_METHODS naming this file classifies with the toy prompts."""
-    from _registry_fixture import SERVER_ENV
-
-    from mmserve.bench import bentoml_server
+def test_served_over_http(run: Path, server, tmp_path: Path) -> None:
+    """The shared test server (started with MMSERVE_METHODS naming this file) reloads the toy registry and
+    classifies with its prompts; then it goes back to the registry it served."""
     from training.synthetic import write_image_task
 
     write_image_task(tmp_path / "img", "probe", {"red": "red", "blue": "blue"}, 3, seed=5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")} | SERVER_ENV | {
-        "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "OMP_NUM_THREADS": "1",
-        "MMSERVE_REGISTRY": str(run / "registry"), "MMSERVE_METHODS": MODULE,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
-        "MMSERVE_MAX_LATENCY_MS": "20000"}
-    with bentoml_server(env, tmp_path / "server.log", ready_timeout=180) as url, httpx.Client(timeout=60) as client:
-        tasks = client.get(f"{url}/tasks").json()["tasks"]
-        assert sorted(t["name"] for t in tasks) == ["clipart", "sketch"]
-        right = 0
-        for colour in ("red", "blue"):
-            for image in sorted((tmp_path / "img" / "probe" / colour).iterdir()):
-                resp = client.post(f"{url}/classify", params={"task": "clipart"},
-                                   files={"image": (image.name, image.read_bytes(), "image/png")})
-                assert resp.status_code == 200, resp.text
-                right += resp.json()["label"] == colour
-        assert right >= 5  # of 6: the trained prompts, not chance
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        swap = client.post("/admin/reload", json={"path": str(run / "registry")})
+        assert swap.status_code == 200, swap.text
+        try:
+            tasks = client.get("/tasks").json()["tasks"]
+            assert sorted(t["name"] for t in tasks) == ["clipart", "sketch"]
+            right = 0
+            for colour in ("red", "blue"):
+                for image in sorted((tmp_path / "img" / "probe" / colour).iterdir()):
+                    resp = client.post("/classify", params={"task": "clipart"},
+                                       files={"image": (image.name, image.read_bytes(), "image/png")})
+                    assert resp.status_code == 200, resp.text
+                    right += resp.json()["label"] == colour
+            assert right >= 5  # of 6: the trained prompts, not chance
+        finally:
+            assert client.post("/admin/reload", json={"path": str(server.registries.v1)}).status_code == 200
 
 
 def test_exported_to_onnx_and_matches_torch(run: Path, tmp_path: Path, tiny_backbone, monkeypatch) -> None:
@@ -126,7 +122,8 @@ def test_exported_to_onnx_and_matches_torch(run: Path, tmp_path: Path, tiny_back
     from mmserve.engine import InferenceEngine
 
     out = tmp_path / "onnx"
-    assert main(["export-onnx", *TINY_ARGS, "--registry", str(run / "registry"), "--out", str(out)]) == 0
+    assert main(["export-onnx", *TINY_ARGS, "--registry", str(run / "registry"), "--out", str(out),
+                 "--exporter", "legacy", "--no-unprompted"]) == 0  # the faster exporter; the dynamo one: test_onnx
     shapes = {(s["depth"], s["prompt_tokens"]) for s in map(json.loads, map(Path.read_text, out.glob("*.json")))}
     assert (tiny_backbone.vision_layers, 3) in shapes
     monkeypatch.setenv("MMSERVE_ONNX_DIR", str(out))

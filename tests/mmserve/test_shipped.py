@@ -18,7 +18,7 @@ from mmserve.config import ServeConfig
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
 from mmserve.images import ImageDecoder, preprocess_config, preprocess_from_config
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 EXAMPLES = MODELS / "examples"
 pytestmark = pytest.mark.skipif(not (MODELS / "registry" / "manifest.json").is_file(),
                                 reason="nothing shipped under models/ yet (mmserve-train ship)")

@@ -224,7 +224,7 @@ def test_reload_while_classifying_never_mixes_versions(tiny_backbone: Backbone, 
 def test_runtime_is_pluggable(tiny_backbone: Backbone, demo_registries: Registries, tmp_path, monkeypatch) -> None:
     assert make_runtime("torch", tiny_backbone).name == "torch"
     monkeypatch.setenv("MMSERVE_ONNX_DIR", str(tmp_path / "onnx"))  # graphs are exported there on first use
-    assert make_runtime("onnx", tiny_backbone).name == "onnx"  # parity with torch: tests/test_onnx.py
+    assert make_runtime("onnx", tiny_backbone).name == "onnx"  # parity with torch: tests/mmserve/test_onnx.py
     with pytest.raises(RuntimeUnavailableError, match="unknown runtime"):
         make_runtime("tensorrt", tiny_backbone)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxruntime" else object())
