@@ -6,8 +6,12 @@ through the method table (mmserve.prompts.table) to check shapes and to serve.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 from torch import nn
 
 from mmserve.backbone import Backbone
@@ -16,6 +20,7 @@ from mmserve.fusion import FusionModel
 from mmserve.prompts import TowerPrompts, build_prompt, concat_prompts
 from mmserve.prompts.table import get_method
 from mmserve.registry import MANIFEST, Registry, TaskEntry, check_tensors, read_registry
+from mmserve.store import Store
 
 
 def classify_prompt_module(config: dict, backbone: Backbone) -> nn.Module:
@@ -102,3 +107,56 @@ def load_registry(root: str | Path, backbone: Backbone | None = None) -> Registr
     except (PromptConfigError, TypeError, ValueError, KeyError) as exc:  # values of a wrong type or range
         raise RegistryError(f"{root / MANIFEST}: prompt_config: {exc}") from None
     return registry
+
+
+class StoredWeights(Mapping):
+    """A version's weights by entry name, read from the store on first use (sha256 checked) and kept."""
+
+    def __init__(self, store: Store, entries: dict[str, tuple[str, str, str]]):
+        self._store = store
+        self._entries = entries  # name -> (weights path, sha256, where for messages)
+        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._loaded:
+            rel, sha, where = self._entries[name]
+            data = self._store.weights_bytes(rel, sha, where)
+            try:
+                self._loaded[name] = load_tensors(data)
+            except (SafetensorError, ValueError) as exc:
+                raise RegistryError(f"{self._store.where(rel)}: unreadable safetensors: {exc}") from None
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def open_version(store: Store, version: str, backbone: Backbone) -> Registry:
+    """One version of a store as a Registry whose weights load on first use; the backbone fingerprint checked."""
+    manifest = store.get_version(version)
+    where = store.where(MANIFEST if store.legacy else f"versions/{version}.json")
+    if manifest.backbone.fingerprint != backbone.fingerprint:
+        raise RegistryError(
+            f"{where}: backbone.fingerprint: registry was trained on {manifest.backbone.model} "
+            f"({manifest.backbone.fingerprint}), but the loaded backbone is {backbone.spec.model} "
+            f"({backbone.fingerprint})")
+    groups = {g.name: (g.weights, g.sha256, f"groups[{g.name}]") for g in manifest.groups}
+    tasks = {t.name: (t.weights, t.sha256, f"tasks[{t.name}]") for t in manifest.tasks}
+    return Registry(Path(store.url) if store.is_local else store.url, manifest,  # type: ignore[arg-type]
+                    StoredWeights(store, groups), StoredWeights(store, tasks))
+
+
+def check_entry(store: Store, registry: Registry, task: TaskEntry, backbone: Backbone) -> None:
+    """A task's weights (and its group's) have exactly the tensors its config builds on `backbone`."""
+    where = store.where(MANIFEST if store.legacy else f"versions/{registry.manifest.version}.json")
+    try:
+        if task.group is not None:
+            group = registry.manifest.group(task.group)
+            check_tensors(store.where(group.weights), expected_shapes(group.prompt_config, backbone),
+                          registry.group_weights[group.name])
+        check_tensors(store.where(task.weights), expected_shapes(task, backbone), registry.task_weights[task.name])
+    except (PromptConfigError, TypeError, ValueError, KeyError) as exc:  # values of a wrong type or range
+        raise RegistryError(f"{where}: prompt_config: {exc}") from None

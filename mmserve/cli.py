@@ -6,13 +6,14 @@ Heavy imports (torch, onnx, bentoml) happen inside each subcommand's `run`, so `
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmserve.cli_args import add_backbone_arguments, load_backbone_from_args, project_models_dir
+from mmserve.cli_args import add_backbone_arguments, load_backbone_from_args, positive_int, project_models_dir
 from mmserve.errors import MmserveError
 
 
@@ -90,6 +91,83 @@ def _run_export(args: argparse.Namespace) -> int:
 
 register("export-onnx", "export the prompted image tower (and fusion tasks) to ONNX", _configure_export,
          _run_export)
+
+
+# ---- registry ---------------------------------------------------------------------------------------------
+
+
+def _configure_registry(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, helptext in (("list", "the current version and every task with its group and blob hashes"),
+                           ("history", "every move of the current version, newest last")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("store", help="store (local path or s3://bucket/prefix) or registry directory")
+        q.add_argument("--json", action="store_true", help="print JSON")
+    q = sub.add_parser("add", help="copy tasks (with their groups) into the store: a new version; same name = replace")
+    q.add_argument("store")
+    q.add_argument("source", help="a training run's registry directory, or another store")
+    q.add_argument("--task", action="append", default=[], help="a task to copy (repeatable; default all)")
+    q = sub.add_parser("remove", help="remove tasks: a new version")
+    q.add_argument("store")
+    q.add_argument("names", nargs="+", metavar="NAME")
+    q = sub.add_parser("rollback", help="make an earlier version current (default: the one before)")
+    q.add_argument("store")
+    q.add_argument("version", nargs="?", default=None)
+    for q in (sub.choices["add"], sub.choices["remove"], sub.choices["rollback"]):
+        q.add_argument("--expect", default=None, metavar="VERSION",
+                       help="fail (instead of recomputing the change) unless the store is at this version")
+    q = sub.add_parser("verify", help="check every version file and every blob's sha256")
+    q.add_argument("store")
+    q = sub.add_parser("gc", help="drop versions and blobs the last N history entries do not use")
+    q.add_argument("store")
+    q.add_argument("--keep", type=positive_int, default=10, help="history entries whose versions stay (default 10)")
+
+
+def _run_registry(args: argparse.Namespace) -> int:
+    from mmserve import versions
+    from mmserve.store import Store
+
+    store = Store.open(args.store)
+    if args.action in ("add", "remove", "rollback"):
+        if args.action == "add":
+            done = versions.add_tasks(store, args.source, args.task or None, args.expect)
+        elif args.action == "remove":
+            done = versions.remove_tasks(store, args.names, args.expect)
+        else:
+            done = versions.rollback(store, args.version, args.expect)
+        print(f"{store.url}: {done.previous_version} -> {done.version} (#{done.sequence}: {done.operation})")
+        return 0
+    if args.action == "list":
+        listing = versions.listing(store)
+        if args.json:
+            print(json.dumps(listing, indent=2))
+        else:
+            print(f"{listing['store']}: version {listing['version']} (#{listing['sequence']}), "
+                  f"{len(listing['tasks'])} tasks")
+            for t in listing["tasks"]:
+                print(f"  {t['name']:24} {t['kind']:8} group {t['group'] or '-':12} blob {t['blobs']['task'][:12]}")
+        return 0
+    if args.action == "history":
+        entries = versions.history(store)
+        if args.json:
+            print(json.dumps(entries, indent=2))
+        for h in [] if args.json else entries:
+            print(f"#{h['sequence']:<5} {h['version']}  {h['created']}  {h['operation']}{'  (current)' * h['current']}")
+        return 0
+    if args.action == "verify":
+        problems = versions.verify(store)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{store.url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    report = versions.gc(store, args.keep)
+    print(f"{store.url}: kept {len(report['kept_versions'])} version(s), removed {len(report['removed_versions'])} "
+          f"version(s) and {report['removed_blobs']} blob(s)")
+    return 0
+
+
+register("registry", "a registry store: list, history, add, remove, rollback, verify, gc", _configure_registry,
+         _run_registry)
 
 
 # ---- bench --------------------------------------------------------------------------------------------------

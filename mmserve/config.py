@@ -69,11 +69,31 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    if not value >= minimum:  # also refuses NaN
+        raise ConfigError(f"{name}={value}: must be >= {minimum}")
+    return value
+
+
+def registry_location(value: str | Path) -> Path | str:
+    """A registry as MMSERVE_REGISTRY or a command names it: a local path (Path) or an fsspec URL (str, kept
+    verbatim: Path would fold the '//' of s3://bucket/prefix)."""
+    text = str(value)
+    return text if "://" in text and not text.startswith("file://") else Path(text.removeprefix("file://"))
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything the service reads from its environment; see `ENV` for the variable of each field."""
 
-    registry: Path
+    registry: Path | str  # a local path, or an fsspec URL (s3://bucket/prefix)
     backbone_model: str = EMBEDDED_MODEL
     backbone_pretrained: str | None = None  # open_clip tag or checkpoint path; None = random init (tests)
     backbone_seed: int = 0
@@ -84,6 +104,8 @@ class ServeConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     admin_token: str | None = None
+    registry_poll_s: float = 2.0  # every engine worker checks the store's current version this often (0: never)
+    engine_workers: int = 1
 
     def backbone_spec(self) -> BackboneSpec:
         """The backbone this configuration asks for."""
@@ -94,7 +116,7 @@ class ServeConfig:
         """Read MMSERVE_* variables (defaults: the embedded backbone and registry under `models/`)."""
         env = os.environ if env is None else env
         root = project_root()
-        registry = Path(env.get("MMSERVE_REGISTRY") or root / "models" / "registry")
+        registry = registry_location(env.get("MMSERVE_REGISTRY") or root / "models" / "registry")
         model = env.get("MMSERVE_BACKBONE_MODEL") or EMBEDDED_MODEL
         pretrained = env.get("MMSERVE_BACKBONE_PRETRAINED")
         if pretrained is None:
@@ -119,6 +141,8 @@ class ServeConfig:
             max_body_bytes=_int(env, "MMSERVE_MAX_BODY_BYTES", defaults["max_body_bytes"], 1024),
             max_image_pixels=_int(env, "MMSERVE_MAX_IMAGE_PIXELS", defaults["max_image_pixels"], 1),
             admin_token=_admin_token(env.get("MMSERVE_ADMIN_TOKEN")),
+            registry_poll_s=_float(env, "MMSERVE_REGISTRY_POLL_S", defaults["registry_poll_s"], 0.0),
+            engine_workers=_int(env, "MMSERVE_ENGINE_WORKERS", defaults["engine_workers"], 1),
         )
 
 
@@ -134,4 +158,6 @@ ENV = {
     "max_body_bytes": "MMSERVE_MAX_BODY_BYTES",
     "max_image_pixels": "MMSERVE_MAX_IMAGE_PIXELS",
     "admin_token": "MMSERVE_ADMIN_TOKEN",
+    "registry_poll_s": "MMSERVE_REGISTRY_POLL_S",
+    "engine_workers": "MMSERVE_ENGINE_WORKERS",
 }

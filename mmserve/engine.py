@@ -27,13 +27,15 @@ import torch
 
 from mmserve.answers import ClassifyResult, FuseResult, Outcome, Prediction, ReloadResult
 from mmserve.backbone import Backbone, load_backbone
-from mmserve.config import ServeConfig
+from mmserve.config import ServeConfig, registry_location
 from mmserve.encoders import PromptedTextEncoder
-from mmserve.errors import InvalidInputError, RequestError, RuntimeUnavailableError
+from mmserve.errors import InvalidInputError, RegistryError, RequestError, RuntimeUnavailableError
 from mmserve.fusion import head_probabilities
 from mmserve.images import preprocess_config
 from mmserve.runtime import check_runtime, make_runtime
 from mmserve.snapshot import ClassifyTask, FusionTask, Snapshot, SnapshotBuilder
+from mmserve.store import Store, StoreUnreachableError
+from mmserve.versions import Change, add_tasks, remove_tasks, rollback
 
 __all__ = ["ClassifyRequest", "FuseRequest", "InferenceEngine"]
 
@@ -66,8 +68,9 @@ class InferenceEngine:
         self.image_size = backbone.image_size
         self._builder = SnapshotBuilder(backbone, self.text_encoder, self.runtime)
         self._reload_lock = threading.Lock()
-        self._snapshot = self.build_snapshot(registry)
-        self.registry_path = Path(registry)
+        self.registry_path = registry_location(registry)
+        self._snapshot = self.build_snapshot(self.registry_path)
+        self.store_error: str | None = None  # set while the store does not answer polls (the last good version serves)
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> InferenceEngine:
@@ -91,12 +94,63 @@ class InferenceEngine:
     def reload(self, path: str | Path | None = None) -> ReloadResult:
         """Build `path` (default: re-read the current one) and swap it in; RegistryError keeps the old one."""
         with self._reload_lock:
-            target = Path(path) if path is not None else self.registry_path
+            target = registry_location(path) if path is not None else self.registry_path
             fresh = self.build_snapshot(target)
             previous = self._snapshot
             self._snapshot = fresh  # the swap: one reference assignment
             self.registry_path = target
         return ReloadResult(previous.version, fresh.version, fresh.root, len(fresh.infos))
+
+    def poll(self) -> ReloadResult | None:
+        """Serve the store's current version if it moved since the served one (whoever moved it); None if not.
+
+        A registry directory in the older layout is never polled: it changes only through reload(). A store
+        that does not answer keeps the served version and sets `store_error`; a version that fails validation
+        is logged by the caller and retried at the next poll.
+        """
+        try:
+            store = Store.open(self.registry_path)
+            head = None if store.legacy else store.head()
+        except StoreUnreachableError as exc:
+            self.store_error = str(exc)
+            return None
+        self.store_error = None
+        if head is None or head.version == self._snapshot.version:
+            return None
+        return self.reload()
+
+    def change(self, operation: str, source: str | None = None, tasks: Sequence[str] | None = None,
+               version: str | None = None, expected: str | None = None) -> tuple[Change, ReloadResult]:
+        """A per-task change to the store this engine serves (add | remove | rollback), built and checked
+        against this backbone before the store's HEAD moves, then served here at once (other workers and
+        servers follow within their poll). RegistryError (StaleVersionError on a lost race) changes nothing."""
+        store = Store.open(self.registry_path)
+        if store.legacy:
+            raise RegistryError(f"{self.registry_path}: a registry directory has no per-task versions; serve a "
+                                f"store (mmserve registry add STORE {self.registry_path}) to change tasks one by one")
+        built: dict[str, Snapshot] = {}
+
+        def check(candidate: str) -> None:
+            built[candidate] = self.build_snapshot_version(candidate)
+
+        with self._reload_lock:
+            if operation == "add":
+                if not source:
+                    raise RegistryError("add: 'source' (a registry directory or store URL) is required")
+                done = add_tasks(store, source, tasks, expected, check)
+            elif operation == "remove":
+                done = remove_tasks(store, list(tasks or []), expected, check)
+            elif operation == "rollback":
+                done = rollback(store, version, expected, check)
+            else:
+                raise RegistryError(f"unknown operation {operation!r} (add, remove, rollback)")
+            previous, self._snapshot = self._snapshot, built[done.version]
+        fresh = self._snapshot
+        return done, ReloadResult(previous.version, fresh.version, fresh.root, len(fresh.infos))
+
+    def build_snapshot_version(self, version: str) -> Snapshot:
+        """Build one version of the served store (not necessarily its current one) without serving it."""
+        return self._builder.build(self.registry_path, version)
 
     def describe(self) -> dict[str, Any]:
         """What the service front needs: served version, tasks, preprocessing, runtime and backbone."""
@@ -104,7 +158,9 @@ class InferenceEngine:
         return {"registry_version": snap.version, "registry_loaded_at": snap.loaded_at,
                 "tasks": [t.to_dict() for t in snap.infos], "runtime": self.runtime.name,
                 "backbone": {"model": self.backbone.spec.model, "fingerprint": self.backbone.fingerprint},
-                "image_size": self.image_size, "preprocess": preprocess_config(self.backbone)}
+                "image_size": self.image_size, "preprocess": preprocess_config(self.backbone),
+                "store": {"location": str(self.registry_path), "reachable": self.store_error is None,
+                          "error": self.store_error}}
 
     # ---- inference ---------------------------------------------------------------------------------------
 

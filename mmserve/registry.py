@@ -120,9 +120,14 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes of a weights file (CPU, contiguous)."""
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
 def _write_tensors(root: Path, sub: str, name: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
     """Write a content-addressed safetensors file; return (relative path, sha256)."""
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    data = tensor_bytes(tensors)
     digest = hashlib.sha256(data).hexdigest()
     rel = f"{sub}/{name}-{digest[:12]}.safetensors"
     atomic_write_bytes(root / rel, data)  # on disk before the manifest that points at it
@@ -153,11 +158,7 @@ def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str,
         if t.name not in task_weights:
             raise RegistryError(f"{root / MANIFEST}: tasks[{t.name}]: no tensors given to save")
         t.weights, t.sha256 = _write_tensors(root, "tasks", t.name, task_weights[t.name])
-        t.created = t.created or now_iso()
-    manifest.schema_version = SCHEMA_VERSION
-    manifest.version = _manifest_version(manifest)
-    manifest.created = now_iso()
-    atomic_write_bytes(root / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
+    atomic_write_bytes(root / MANIFEST, seal_manifest(manifest))
     referenced = {g.weights for g in manifest.groups} | {t.weights for t in manifest.tasks}
     for sub in ("groups", "tasks"):
         for f in (root / sub).glob("*.safetensors"):
@@ -200,16 +201,23 @@ def read_manifest(root: str | Path) -> Manifest:
     """Parse and structurally validate manifest.json (no tensors read)."""
     path = Path(root) / MANIFEST
     try:
-        data = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise RegistryError(f"{path}: no manifest (not a registry directory)") from None
+    except (OSError, ValueError) as exc:  # a file, a directory without read permission, a NUL byte, ...
+        reason = getattr(exc, "strerror", None) or exc
+        raise RegistryError(f"{path}: unreadable ({reason}; is {root} a registry directory?)") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: bytes | str, path: str) -> Manifest:
+    """Parse and structurally validate a manifest's JSON; errors name `path` and the field."""
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path}: invalid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
         raise RegistryError(f"{path}: not UTF-8 text: {exc}") from None
-    except (OSError, ValueError) as exc:  # a file, a directory without read permission, a NUL byte, ...
-        reason = getattr(exc, "strerror", None) or exc
-        raise RegistryError(f"{path}: unreadable ({reason}; is {root} a registry directory?)") from None
     if not isinstance(data, dict):
         raise RegistryError(f"{path}: expected a JSON object")
     version = data.get("schema_version")
@@ -227,13 +235,23 @@ def read_manifest(root: str | Path) -> Manifest:
         "backbone": _build(BackboneRef, data["backbone"], f"{path}: backbone"),
         "groups": [_build(GroupEntry, g, f"{path}: groups[{i}]") for i, g in enumerate(data["groups"])],
         "tasks": [_build(TaskEntry, t, f"{path}: tasks[{i}]") for i, t in enumerate(data["tasks"])],
-    }, str(path))
-    _check_names(manifest, path)
+    }, path)
+    _check_names(manifest, Path(path))
     expected = _manifest_version(manifest)
     if manifest.version != expected:
         raise RegistryError(f"{path}: version: the content hash is {expected}, the manifest says "
                             f"{manifest.version!r} (edited by hand? write registries with save_registry)")
     return manifest
+
+
+def seal_manifest(manifest: Manifest) -> bytes:
+    """Stamp schema, content version and time on a manifest whose weights are written; its JSON bytes."""
+    for t in manifest.tasks:
+        t.created = t.created or now_iso()
+    manifest.schema_version = SCHEMA_VERSION
+    manifest.version = _manifest_version(manifest)
+    manifest.created = now_iso()
+    return (json.dumps(asdict(manifest), indent=2) + "\n").encode()
 
 
 def _load_weights(root: Path, rel: str, sha: str, where: str) -> dict[str, torch.Tensor]:

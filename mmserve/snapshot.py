@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
@@ -19,13 +19,15 @@ from typing import Any
 import torch
 
 from mmserve.backbone import Backbone
-from mmserve.builders import load_classify_prompts, load_fusion, load_registry
+from mmserve.builders import check_entry, load_classify_prompts, load_fusion, open_version
 from mmserve.complementary import ComplementaryEncoder, build_complementary
 from mmserve.encoders import PromptedTextEncoder
 from mmserve.errors import MmserveError, PromptConfigError, RegistryError, require_task
+from mmserve.features import load_features, store_features
 from mmserve.fusion import FusionModel
 from mmserve.registry import MANIFEST, Registry, TaskEntry, now_iso
 from mmserve.runtime import ImageRuntime
+from mmserve.store import HEAD, Store
 
 
 @dataclass(frozen=True)
@@ -140,13 +142,20 @@ def format_template(template: str, name: str) -> str:
 
 
 class SnapshotBuilder:
-    """Builds registry versions over one backbone, text encoder and runtime (complementary encoders are shared)."""
+    """Builds registry versions over one backbone, text encoder and runtime (complementary encoders are shared).
+
+    Incremental: a task whose weights, config, template and classes (and group) are those of a task the previous
+    build made is taken over as built; only new or changed tasks load weights and run the text tower, and their
+    class text features come from the store when a build on this backbone already stored them.
+    """
 
     def __init__(self, backbone: Backbone, text_encoder: PromptedTextEncoder, runtime: ImageRuntime):
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.runtime = runtime
         self._complements: dict[str, ComplementaryEncoder] = {}
+        self._built: dict[str, ClassifyTask | FusionTask] = {}  # by build key: the tasks of the last build
+        self.rebuilt = 0  # tasks the last build made anew (the others were taken over)
 
     def _complement(self, spec: dict) -> ComplementaryEncoder:
         key = json.dumps(spec, sort_keys=True)
@@ -155,13 +164,17 @@ class SnapshotBuilder:
         return self._complements[key]
 
     @torch.inference_mode()
-    def _classify(self, registry: Registry, entry: TaskEntry) -> ClassifyTask:
+    def _classify(self, store: Store, registry: Registry, entry: TaskEntry) -> ClassifyTask:
         prompts = load_classify_prompts(registry, entry.name, self.backbone)()
-        texts = [format_template(entry.template, c) for c in entry.classes]
-        tokens = self.text_encoder.tokenize(texts, prompts.text_tokens).to(self.backbone.device)
-        features = self.text_encoder(tokens, prompts.text)  # (C, E), normalised
+        fingerprint, width = self.backbone.fingerprint, self.backbone.embed_dim
+        features = load_features(store, registry.manifest, entry, fingerprint, width)
+        if features is None:
+            texts = [format_template(entry.template, c) for c in entry.classes]
+            tokens = self.text_encoder.tokenize(texts, prompts.text_tokens).to(self.backbone.device)
+            features = self.text_encoder(tokens, prompts.text)  # (C, E), normalised
+            store_features(store, registry.manifest, entry, fingerprint, features)
         vision = None if prompts.vision is None else prompts.vision.detach().clone()
-        return ClassifyTask(TaskInfo.from_entry(entry), features, vision)
+        return ClassifyTask(TaskInfo.from_entry(entry), features.to(self.backbone.device), vision)
 
     def _fusion(self, registry: Registry, entry: TaskEntry) -> FusionTask:
         model = load_fusion(registry, entry.name, self.backbone)
@@ -172,33 +185,64 @@ class SnapshotBuilder:
                                     f"{complement.dim}")
         return FusionTask(TaskInfo.from_entry(entry), model, complement)
 
-    def build(self, path: str | Path) -> Snapshot:
-        """Load, validate and fully build a registry version without serving it; raises RegistryError."""
-        root = Path(path)
-        registry = load_registry(root, self.backbone)
+    def build(self, path: str | Path, version: str | None = None) -> Snapshot:
+        """Load, validate and build a version (default: the current one) of a store or registry directory
+        without serving it; raises RegistryError, and then the previous build's tasks stay the ones taken over."""
+        store = Store.open(path)
+        if version is None:
+            head = store.head()
+            if head is None:
+                raise RegistryError(f"{store.where(MANIFEST)}: no manifest (not a registry directory), and no "
+                                    f"{HEAD} (not a store with a version: add tasks with mmserve registry add)")
+            version = head.version
+        registry = open_version(store, version, self.backbone)
+        where = store.where(MANIFEST if store.legacy else f"versions/{version}.json")
         if not registry.manifest.tasks:
-            raise RegistryError(f"{root / MANIFEST}: tasks: the registry has no task to serve")
+            raise RegistryError(f"{where}: tasks: the registry has no task to serve")
         classify: dict[str, ClassifyTask] = {}
         fusion: dict[str, FusionTask] = {}
+        built: dict[str, ClassifyTask | FusionTask] = {}
+        rebuilt = 0
         for entry in registry.manifest.tasks:
+            key = build_key(registry, entry)
             try:
-                if entry.kind == "classify":
-                    classify[entry.name] = self._classify(registry, entry)
+                task = self._built.get(key)
+                if task is not None:
+                    task = replace(task, info=TaskInfo.from_entry(entry))  # same weights: only the listing changes
                 else:
-                    fusion[entry.name] = self._fusion(registry, entry)
+                    check_entry(store, registry, entry, self.backbone)
+                    task = (self._classify(store, registry, entry) if entry.kind == "classify"
+                            else self._fusion(registry, entry))
+                    rebuilt += 1
             except RegistryError:
                 raise
             except (MmserveError, ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError) as exc:
-                raise RegistryError(f"{root / MANIFEST}: tasks[{entry.name}]: {exc}") from None
+                raise RegistryError(f"{where}: tasks[{entry.name}]: {exc}") from None
+            built[key] = task
+            if isinstance(task, ClassifyTask):
+                classify[entry.name] = task
+            else:
+                fusion[entry.name] = task
         banks = prompt_banks(classify.values())
         try:  # open the runtime's graphs now: the first request must not pay, a missing graph must refuse the load
             self.runtime.prepare({t.prompt_shape for t in classify.values()},
                                  {n: (t.model, t.complement.dim) for n, t in fusion.items()})
         except MmserveError as exc:
-            raise RegistryError(f"{root / MANIFEST}: runtime {self.runtime.name}: {exc}") from None
-        return Snapshot(registry.version, root.resolve(), now_iso(),
+            raise RegistryError(f"{where}: runtime {self.runtime.name}: {exc}") from None
+        self._built, self.rebuilt = built, rebuilt
+        root = Path(path).resolve() if store.is_local else store.url
+        return Snapshot(version, root, now_iso(),  # type: ignore[arg-type]
                         tuple(TaskInfo.from_entry(e) for e in registry.manifest.tasks),
                         MappingProxyType(classify), MappingProxyType(fusion), banks)
+
+
+def build_key(registry: Registry, entry: TaskEntry) -> str:
+    """What a served task is built from: its kind, weights, config and classes, and its group's weights."""
+    group = registry.manifest.group(entry.group) if entry.group is not None else None
+    inputs = {"kind": entry.kind, "sha": entry.sha256, "config": entry.prompt_config, "classes": entry.classes,
+              "template": entry.template, "head": entry.head, "complementary": entry.complementary,
+              "psi_dim": entry.psi_dim, "group": None if group is None else [group.sha256, group.prompt_config]}
+    return json.dumps(inputs, sort_keys=True)
 
 
 def prompt_banks(tasks: Iterable[ClassifyTask]) -> Mapping[tuple[int, int], PromptBank]:

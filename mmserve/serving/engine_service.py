@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +24,7 @@ from mmserve.errors import RegistryError
 from mmserve.images import preprocess_from_config, split_preprocess
 from mmserve.serving.metrics import EngineMetrics
 from mmserve.serving.settings import CONFIG
+from mmserve.store import StaleVersionError
 from mmserve.wire import ClassifyItem, FuseItem, pixels_to_tensor, unpack_pixels
 
 logger = logging.getLogger("mmserve")
@@ -38,8 +41,8 @@ Req = TypeVar("Req", ClassifyRequest, FuseRequest)
 # runner_connection: BentoML's client to this service replaces its whole connection pool every `max_requests`
 # calls (default 100) and closes the old pool with calls still in flight on it, which fail with "server
 # disconnected" (about 1 request in 5 at concurrency 32); the calls stay on one pool, renewed by age only
-@bentoml.service(name="mmserve-engine", workers=1, threads=1, resources=ENGINE_RESOURCES, traffic={"timeout": 120},
-                 logging={"access": {"enabled": False}},
+@bentoml.service(name="mmserve-engine", workers=CONFIG.engine_workers, threads=1, resources=ENGINE_RESOURCES,
+                 traffic={"timeout": 120}, logging={"access": {"enabled": False}},
                  runner_connection={"max_requests": ENGINE_POOL_MAX_REQUESTS, "max_age": ENGINE_POOL_MAX_AGE_S})
 class MmServeEngine:
     """Internal service: the backbone, the registry snapshot and the batchable inference APIs."""
@@ -51,6 +54,27 @@ class MmServeEngine:
         self.finish = split[1] if split else None  # ToTensor + Normalize of uint8 pixels from the front
         logger.info("engine ready: registry %s version %s, runtime %s, device %s", CONFIG.registry,
                     self.engine.snapshot.version, self.engine.runtime.name, CONFIG.device)
+        if CONFIG.registry_poll_s > 0:  # every worker follows the store on its own: no worker is told of a change
+            threading.Thread(target=self._follow_store, name="mmserve-registry-poll", daemon=True).start()
+
+    def _follow_store(self) -> None:
+        """Serve the store's current version within MMSERVE_REGISTRY_POLL_S of any change, whoever made it."""
+        refused = None
+        while True:
+            time.sleep(CONFIG.registry_poll_s)
+            try:
+                result = self.engine.poll()
+            except RegistryError as exc:  # a version this backbone cannot serve: keep the last good one
+                if str(exc) != refused:
+                    logger.error("registry version refused, still serving %s: %s", self.engine.snapshot.version, exc)
+                    refused = str(exc)
+                continue
+            except Exception:  # never let the thread die: the next poll tries again
+                logger.exception("registry poll failed")
+                continue
+            refused = None
+            if result is not None and result.changed:
+                logger.info("registry followed: %s -> %s", result.previous_version, result.version)
 
     def _tensor(self, item: ClassifyItem | FuseItem) -> torch.Tensor | np.ndarray:
         return pixels_to_tensor(unpack_pixels(item.image, self.engine.image_size, item.pixels), self.finish)
@@ -87,3 +111,18 @@ class MmServeEngine:
             return {"ok": False, "error": str(exc), "serving_version": self.engine.snapshot.version}
         logger.info("registry reloaded: %s -> %s (%s)", result.previous_version, result.version, result.root)
         return {"ok": True, **result.to_dict()}
+
+    @bentoml.api
+    async def change(self, operation: str, source: str | None = None, tasks: list[str] | None = None,
+                     version: str | None = None, expected_version: str | None = None) -> dict[str, Any]:
+        """A per-task change to the store (add, remove, rollback), checked here before it becomes current."""
+        try:
+            done, served = await asyncio.to_thread(self.engine.change, operation, source, tasks, version,
+                                                   expected_version)
+        except StaleVersionError as exc:
+            return {"ok": False, "conflict": True, "error": str(exc), "serving_version": self.engine.snapshot.version}
+        except RegistryError as exc:
+            return {"ok": False, "conflict": False, "error": str(exc),
+                    "serving_version": self.engine.snapshot.version}
+        logger.info("registry changed (%s): %s -> %s", done.operation, served.previous_version, served.version)
+        return {"ok": True, **done.to_dict(), "registry_version": served.version}

@@ -285,32 +285,79 @@ class MmServe:
         return await self._answer("/fuse", ctx, time.perf_counter(),
                                   self._fuse(image, text, task or ctx.request.query_params.get("task")))
 
+    def _admin_refusal(self, ctx: bentoml.Context) -> dict[str, Any] | None:
+        """None when the caller may change what is served; else the 401/403 answer (status set on ctx)."""
+        client = ctx.request.client
+        if admin_authorized(ctx.request.headers.get("authorization"), CONFIG.admin_token,
+                            client.host if client else None):
+            return None
+        if CONFIG.admin_token is None:
+            ctx.response.status_code = 403
+            return {"error": "without MMSERVE_ADMIN_TOKEN only callers on the server's own machine may reload; "
+                             "set the token to reload from elsewhere"}
+        ctx.response.status_code = 401
+        return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
+
+    async def _admin_call(self, ctx: bentoml.Context, api: str, what: str, **kwargs: Any
+                          ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(the engine's answer, {}) or, when the engine could not be reached, (None, the 503/500 answer)."""
+        try:
+            return await self._call(api, **kwargs), {}
+        except Exception as exc:  # the engine unreachable or restarting, or a bug: a clear status, never a trace
+            unavailable = engine_unavailable(exc)
+            logger.exception("%s failed", what)
+            ctx.response.status_code = 503 if unavailable else 500
+            return None, {"error": "inference engine unavailable; retry" if unavailable else
+                          f"{what} failed; see the server log"}
+
     @bentoml.api(route="/admin/reload")
     async def reload(self, ctx: bentoml.Context, path: str | None = None) -> dict[str, Any]:
         """Load a new registry version without restart: JSON {"path": DIR} or no body to re-read the current one."""
-        client = ctx.request.client
-        if not admin_authorized(ctx.request.headers.get("authorization"), CONFIG.admin_token,
-                                client.host if client else None):
-            if CONFIG.admin_token is None:
-                ctx.response.status_code = 403
-                return {"error": "without MMSERVE_ADMIN_TOKEN only callers on the server's own machine may reload; "
-                                 "set the token to reload from elsewhere"}
-            ctx.response.status_code = 401
-            return {"error": "admin token required: Authorization: Bearer $MMSERVE_ADMIN_TOKEN"}
-        try:
-            result = await self._call("reload", path=path)
-        except Exception as exc:  # the engine unreachable or restarting, or a bug: a clear status, never a trace
-            unavailable = engine_unavailable(exc)
-            logger.exception("registry reload of %s failed", path)
-            ctx.response.status_code = 503 if unavailable else 500
-            return {"error": "inference engine unavailable; retry" if unavailable else
-                    "reload failed; see the server log"}
+        refusal = self._admin_refusal(ctx)
+        if refusal is not None:
+            return refusal
+        result, failure = await self._admin_call(ctx, "reload", f"registry reload of {path}", path=path)
+        if result is None:
+            return failure
         await self.engine_view(refresh=True)
         if not result.pop("ok"):
             ctx.response.status_code = 422
             return {"error": f"registry refused, still serving {result['serving_version']}: {result['error']}",
                     "serving_version": result["serving_version"]}
         return result
+
+    async def _change(self, ctx: bentoml.Context, operation: str, **kwargs: Any) -> dict[str, Any]:
+        refusal = self._admin_refusal(ctx)
+        if refusal is not None:
+            return refusal
+        result, failure = await self._admin_call(ctx, "change", f"registry {operation}", operation=operation,
+                                                 **kwargs)
+        if result is None:
+            return failure
+        await self.engine_view(refresh=True)
+        if not result.pop("ok"):
+            ctx.response.status_code = 409 if result["conflict"] else 422
+            return {"error": result["error"], "registry_version": result["serving_version"]}
+        return result
+
+    @bentoml.api(route="/admin/tasks")
+    async def add_tasks(self, ctx: bentoml.Context, source: str, tasks: list[str] | None = None,
+                        expected_version: str | None = None) -> dict[str, Any]:
+        """Copy tasks (default all) from a registry directory or store URL into the served store: a new version,
+        checked against the backbone before it is current; 409 when `expected_version` (or a racing writer) moved."""
+        return await self._change(ctx, "add", source=source, tasks=tasks, expected_version=expected_version)
+
+    @bentoml.api(route="/admin/tasks/delete")
+    async def delete_tasks(self, ctx: bentoml.Context, tasks: list[str], expected_version: str | None = None
+                           ) -> dict[str, Any]:
+        """Remove tasks from the served store: a new version."""
+        return await self._change(ctx, "remove", tasks=tasks, expected_version=expected_version)
+
+    @bentoml.api(route="/admin/rollback")
+    async def rollback(self, ctx: bentoml.Context, version: str | None = None, expected_version: str | None = None
+                       ) -> dict[str, Any]:
+        """Make an earlier version of the served store current again (default: the one before the current)."""
+        return await self._change(ctx, "rollback", version=version, expected_version=expected_version)
 
 
 def _count_refusal(scope: Any, status: int, seconds: float) -> None:
