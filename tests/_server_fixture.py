@@ -40,10 +40,11 @@ def hermetic_env(home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def demo_server(tmp: Path, registries: Registries) -> Iterator[Server]:
+def demo_server(tmp: Path, registries: Registries, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     """Serve registries.v1 with small upload limits; the toy prompt method's module is importable and imported
-    (MMSERVE_METHODS), as a user's own method would be, so its registries can be reloaded into this server."""
-    env = hermetic_env(tmp / "bentoml") | SERVER_ENV | {
+    (MMSERVE_METHODS), as a user's own method would be, so its registries can be reloaded into this server;
+    `extra_env` (the S3 server's endpoint and keys) lets it be reloaded onto a store in a bucket too."""
+    env = hermetic_env(tmp / "bentoml") | SERVER_ENV | (extra_env or {}) | {
         "MMSERVE_REGISTRY": str(registries.v1),
         "MMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
         "MMSERVE_MAX_IMAGE_PIXELS": str(PIXEL_LIMIT),

@@ -7,15 +7,12 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from _registry_fixture import color_image
-from _s3_fixture import seaweedfs
 from safetensors.torch import load_file, save_file
 
 from mmserve.engine import InferenceEngine
@@ -95,21 +92,20 @@ def test_concurrent_writers_from_two_processes_lose_nothing(tmp_path: Path, demo
     assert verify(Store.open(url)) == []
 
 
-CRASH = """
-import os, sys
-from mmserve import store as st
-from mmserve.versions import add_tasks
-point, n = sys.argv[3], int(sys.argv[4])
-calls = {"n": 0}
-original = getattr(st.Store, point)
-def dying(self, *args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == n:
-        os._exit(9)  # killed between two writes: nothing after this runs, no cleanup
-    return original(self, *args, **kwargs)
-setattr(st.Store, point, dying)
-add_tasks(st.Store.open(sys.argv[1]), sys.argv[2])
-"""
+def _killed_at(point: str, n: int, store_url: str, source: str) -> None:
+    """In a forked child: add `source`'s tasks, dying (no cleanup at all) at the n-th call of Store.`point`."""
+    calls = {"n": 0}
+    original = getattr(Store, point)
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os._exit(9)  # killed between two writes: nothing after this runs
+        return original(self, *args, **kwargs)
+
+    setattr(Store, point, dying)
+    add_tasks(Store.open(store_url), source)
+    os._exit(0)
 
 
 @pytest.mark.parametrize(("point", "n"), [("put_blob", 1), ("put_blob", 3), ("put_version", 1), ("move_head", 1)])
@@ -117,9 +113,11 @@ def test_a_writer_killed_between_writes_leaves_a_servable_version(tmp_path: Path
                                                                  n: int) -> None:
     url = tmp_path / "store"
     before = add_tasks(Store.open(url), demo_registries.v1, ["colors", "warmth"]).version
-    done = subprocess.run([sys.executable, "-c", CRASH, str(url), str(demo_registries.v2), point, str(n)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 9, done.stderr
+    child = multiprocessing.get_context("fork").Process(target=_killed_at,
+                                                        args=(point, n, str(url), str(demo_registries.v2)))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 9
     store = Store.open(url)
     assert store.head().version == before  # HEAD never moved: the old version serves, complete
     assert verify(store) == []
@@ -231,21 +229,6 @@ def test_engine_change_checks_the_version_before_it_becomes_current(tmp_path: Pa
 
 
 # ---- on a real S3 server ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def test_the_store_on_s3_with_compare_and_swap(s3, demo_registries, tiny_backbone) -> None:
