@@ -137,22 +137,9 @@ def _run_registry(args: argparse.Namespace) -> int:
             done = versions.rollback(store, args.version, args.expect)
         print(f"{store.url}: {done.previous_version} -> {done.version} (#{done.sequence}: {done.operation})")
         return 0
-    if args.action == "list":
-        listing = versions.listing(store)
-        if args.json:
-            print(json.dumps(listing, indent=2))
-        else:
-            print(f"{listing['store']}: version {listing['version']} (#{listing['sequence']}), "
-                  f"{len(listing['tasks'])} tasks")
-            for t in listing["tasks"]:
-                print(f"  {t['name']:24} {t['kind']:8} group {t['group'] or '-':12} blob {t['blobs']['task'][:12]}")
-        return 0
-    if args.action == "history":
-        entries = versions.history(store)
-        if args.json:
-            print(json.dumps(entries, indent=2))
-        for h in [] if args.json else entries:
-            print(f"#{h['sequence']:<5} {h['version']}  {h['created']}  {h['operation']}{'  (current)' * h['current']}")
+    if args.action in ("list", "history"):
+        data = versions.listing(store) if args.action == "list" else versions.history(store)
+        print(json.dumps(data, indent=2) if args.json else _registry_text(args.action, data))
         return 0
     if args.action == "verify":
         problems = versions.verify(store)
@@ -164,6 +151,17 @@ def _run_registry(args: argparse.Namespace) -> int:
     print(f"{store.url}: kept {len(report['kept_versions'])} version(s), removed {len(report['removed_versions'])} "
           f"version(s) and {report['removed_blobs']} blob(s)")
     return 0
+
+
+def _registry_text(action: str, data) -> str:
+    """`registry list` / `registry history` as lines for a terminal."""
+    if action == "history":
+        return "\n".join(f"#{h['sequence']:<5} {h['version']}  {h['created']}  {h['operation']}"
+                         f"{'  (current)' * h['current']}" for h in data)
+    lines = [f"{data['store']}: version {data['version']} (#{data['sequence']}), {len(data['tasks'])} tasks"]
+    lines += [f"  {t['name']:24} {t['kind']:8} group {t['group'] or '-':12} blob {t['blobs']['task'][:12]}"
+              for t in data["tasks"]]
+    return "\n".join(lines)
 
 
 register("registry", "a registry store: list, history, add, remove, rollback, verify, gc", _configure_registry,

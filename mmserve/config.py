@@ -56,30 +56,26 @@ def _admin_token(raw: str | None) -> str | None:
     return raw
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float, kind: type = int):
+    """A numeric MMSERVE_* variable of `kind` (int or float), at least `minimum`; `default` when unset or blank."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value}: must be >= {minimum}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a number") from None
+        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
     if not value >= minimum:  # also refuses NaN
         raise ConfigError(f"{name}={value}: must be >= {minimum}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    return _number(env, name, default, minimum, int)
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    return _number(env, name, default, minimum, float)
 
 
 def registry_location(value: str | Path) -> Path | str:

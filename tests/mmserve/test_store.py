@@ -254,3 +254,29 @@ def test_an_unreachable_store_is_one_line_naming_the_url(tiny_backbone, monkeypa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     with pytest.raises(RegistryError, match=r"^s3://nowhere/registry: store unreachable"):
         InferenceEngine(tiny_backbone, "s3://nowhere/registry")
+
+
+def test_the_registry_command(tmp_path: Path, demo_registries, capsys) -> None:
+    """`mmserve registry add | remove | list --json | history | rollback | verify | gc` on a local store."""
+    from mmserve.cli import main
+
+    store = str(tmp_path / "store")
+    assert main(["registry", "add", store, str(demo_registries.v1), "--task", "colors", "--task", "pet"]) == 0
+    assert main(["registry", "add", store, str(demo_registries.v1), "--task", "warmth"]) == 0
+    assert main(["registry", "remove", store, "pet"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "list", store, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in listed["tasks"]] == ["colors", "warmth"] and listed["sequence"] == 3
+    assert listed["tasks"][0]["blobs"]["group"] == listed["tasks"][1]["blobs"]["group"]  # one shared group
+    assert main(["registry", "history", store]) == 0
+    assert "remove pet  (current)" in capsys.readouterr().out
+    assert main(["registry", "rollback", store, "--expect", "000000000000"]) == 2  # stale: one line, exit 2
+    assert "not 000000000000" in capsys.readouterr().err
+    assert main(["registry", "rollback", store]) == 0 and main(["registry", "verify", store]) == 0
+    assert main(["registry", "gc", store, "--keep", "1"]) == 0
+    assert "removed 2 version(s)" in capsys.readouterr().out
+    blob = next((tmp_path / "store" / "blobs").iterdir())
+    blob.write_bytes(b"not the bytes")
+    assert main(["registry", "verify", store]) == 1
+    assert blob.name.removesuffix(".safetensors") in capsys.readouterr().err
