@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -66,7 +67,8 @@ def seaweedfs(tmp: Path, ready_timeout: float = 60) -> Iterator[S3Server]:
     log = open(tmp / "weed.log", "wb")
     proc = subprocess.Popen([weed, "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
                              f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
-                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16"],
+                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16",
+                             f"-logdir={tmp}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}")
     try:
@@ -87,3 +89,8 @@ def seaweedfs(tmp: Path, ready_timeout: float = 60) -> Iterator[S3Server]:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         log.close()
+        for port in (master, volume, filer, s3):  # the local gRPC sockets it leaves in the temp dir when killed
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port + 10000}.sock"):
+                sock.unlink(missing_ok=True)
