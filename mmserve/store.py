@@ -226,17 +226,6 @@ class Store:
             return None
         return Head.parse(self.read(HEAD), self.where(HEAD))
 
-    def head_tag(self) -> str | None:
-        """A cheap token that changes whenever HEAD does (ETag, or mtime and size), for polling; None if absent."""
-        name = MANIFEST if self.legacy else HEAD
-        try:
-            info = self.fs.info(self.path_of(name))
-        except FileNotFoundError:
-            return None
-        except Exception as exc:  # OSError, or botocore's EndpointConnectionError...
-            raise StoreUnreachableError(f"{self.url}: store unreachable ({_reason(exc)})") from None
-        return str(info.get("ETag") or (info.get("mtime"), info.get("size"), info.get("ino")))
-
     def move_head(self, expected: str | None, version: str, operation: str) -> Head:
         """Point HEAD at `version` if it still names `expected` (None: the store is empty); StaleVersionError else."""
         if self.legacy:
