@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,12 @@ class Change:
                 "sequence": self.sequence, "tasks": self.tasks}
 
 
+def some(names: Sequence[str], limit: int = 20) -> str:
+    """Names for a message: all of a few, the first `limit` of many (a store may hold thousands)."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
 def current(store: Store) -> Manifest:
     """The manifest of the store's current version; RegistryError for an empty store."""
     head = store.head()
@@ -51,7 +57,7 @@ Check = Callable[[str], None]  # called with a written version before HEAD moves
 
 def _commit(store: Store, base: str | None, manifest: Manifest, operation: str, tasks: list[str],
             check: Check | None) -> Change:
-    payload = seal_manifest(manifest)
+    payload = seal_manifest(manifest, indent=None)
     store.put_version(manifest, payload)  # blobs were written by the caller: version second, HEAD last
     if check is not None:
         check(manifest.version)  # e.g. a server builds it against its backbone: a bad version never becomes HEAD
@@ -81,6 +87,12 @@ def _retrying(store: Store, expected: str | None, make, check: Check | None) -> 
 # ---- add / remove / rollback -------------------------------------------------------------------------------
 
 
+def _copy(manifest: Manifest) -> Manifest:
+    """A manifest to change: its own lists (and group task lists); entries are replaced, never edited in place."""
+    return replace(manifest, groups=[replace(g, tasks=list(g.tasks)) for g in manifest.groups],
+                   tasks=list(manifest.tasks))
+
+
 def _blank(backbone: BackboneRef) -> Manifest:
     return Manifest(backbone=copy.deepcopy(backbone), groups=[], tasks=[])
 
@@ -104,7 +116,7 @@ def add_tasks(store: Store, source: str | Path, names: Sequence[str] | None = No
     known = {t.name: t for t in src_manifest.tasks}
     unknown = [n for n in chosen if n not in known]
     if unknown:
-        raise RegistryError(f"{src.url}: no task(s) {unknown}; it has: {', '.join(known)}")
+        raise RegistryError(f"{src.url}: no task(s) {unknown}; it has: {some(list(known))}")
     blobs = {}  # copy the bytes first: a version must never name a blob that is not there
     for name in chosen:
         task = known[name]
@@ -117,7 +129,7 @@ def add_tasks(store: Store, source: str | Path, names: Sequence[str] | None = No
             raise RegistryError(f"{src.url}: a weights file changed while it was copied; try again")
 
     def make(base: Manifest | None):
-        manifest = copy.deepcopy(base) if base else _blank(src_manifest.backbone)
+        manifest = _copy(base) if base else _blank(src_manifest.backbone)
         if manifest.backbone.fingerprint != src_manifest.backbone.fingerprint:
             raise RegistryError(f"{src.url}: backbone.fingerprint: its tasks were trained on "
                                 f"{src_manifest.backbone.model} ({src_manifest.backbone.fingerprint}), the store "
@@ -163,8 +175,8 @@ def remove_tasks(store: Store, names: Sequence[str], expected: str | None = None
         known = [t.name for t in base.tasks]
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise RegistryError(f"{store.url}: no task(s) {unknown}; the current version has: {', '.join(known)}")
-        manifest = copy.deepcopy(base)
+            raise RegistryError(f"{store.url}: no task(s) {unknown}; the current version has: {some(known)}")
+        manifest = _copy(base)
         for name in names:
             _drop_task(manifest, name)
         if not manifest.tasks:
