@@ -57,6 +57,11 @@ class MmServeEngine:
         if CONFIG.registry_poll_s > 0:  # every worker follows the store on its own: no worker is told of a change
             threading.Thread(target=self._follow_store, name="mmserve-registry-poll", daemon=True).start()
 
+    def __is_ready__(self) -> bool:
+        """BentoML's readiness (the front's /readyz asks it): not ready while the store does not answer polls,
+        though the last good version keeps serving."""
+        return self.engine.store_error is None
+
     def _follow_store(self) -> None:
         """Serve the store's current version within MMSERVE_REGISTRY_POLL_S of any change, whoever made it."""
         refused = None

@@ -248,6 +248,20 @@ def test_the_store_on_s3_with_compare_and_swap(s3, demo_registries, tiny_backbon
     assert verify(store) == [] and Store.open(url).head().version == moved.version
 
 
+def test_a_store_that_stops_answering_leaves_the_last_version_serving(s3, demo_registries, tiny_backbone,
+                                                                      monkeypatch) -> None:
+    url = s3.bucket("mmserve-flaky") + "/registry"
+    add_tasks(Store.open(url), demo_registries.v1, ["colors"])
+    engine = InferenceEngine(tiny_backbone, url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the store's endpoint stops answering
+    assert engine.poll() is None and "store unreachable" in engine.store_error
+    assert engine.describe()["store"]["reachable"] is False  # /readyz says not ready (MmServeEngine.__is_ready__)
+    image = torch.stack([tiny_backbone.preprocess(color_image("red", np.random.default_rng(0)))])
+    assert engine.classify(image, ["colors"])[0].label == "red"  # the last good version keeps serving
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    assert engine.poll() is None and engine.store_error is None
+
+
 def test_an_unreachable_store_is_one_line_naming_the_url(tiny_backbone, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
