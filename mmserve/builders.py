@@ -137,7 +137,7 @@ class StoredWeights(Mapping):
 def open_version(store: Store, version: str, backbone: Backbone) -> Registry:
     """One version of a store as a Registry whose weights load on first use; the backbone fingerprint checked."""
     manifest = store.get_version(version)
-    where = store.where(MANIFEST if store.legacy else f"versions/{version}.json")
+    where = store.manifest_where(version)
     if manifest.backbone.fingerprint != backbone.fingerprint:
         raise RegistryError(
             f"{where}: backbone.fingerprint: registry was trained on {manifest.backbone.model} "
@@ -151,7 +151,7 @@ def open_version(store: Store, version: str, backbone: Backbone) -> Registry:
 
 def check_entry(store: Store, registry: Registry, task: TaskEntry, backbone: Backbone) -> None:
     """A task's weights (and its group's) have exactly the tensors its config builds on `backbone`."""
-    where = store.where(MANIFEST if store.legacy else f"versions/{registry.manifest.version}.json")
+    where = store.manifest_where(registry.manifest.version)
     try:
         if task.group is not None:
             group = registry.manifest.group(task.group)

@@ -40,6 +40,11 @@ def feature_name(fingerprint: str, task: TaskEntry, key: str) -> str:
     return f"{FEATURES}/{fingerprint}/{task.sha256}-{key}.safetensors"
 
 
+def feature_task(name: str) -> str:
+    """The task sha256 a features file name starts with (gc keeps the file while that blob is used)."""
+    return name.split("-", 1)[0]
+
+
 def _metadata(data: bytes) -> dict[str, str]:
     """The __metadata__ of safetensors bytes (the JSON header after its 8-byte length)."""
     (length,) = struct.unpack("<Q", data[:8])

@@ -196,7 +196,7 @@ class SnapshotBuilder:
                                     f"{HEAD} (not a store with a version: add tasks with mmserve registry add)")
             version = head.version
         registry = open_version(store, version, self.backbone)
-        where = store.where(MANIFEST if store.legacy else f"versions/{version}.json")
+        where = store.manifest_where(version)
         if not registry.manifest.tasks:
             raise RegistryError(f"{where}: tasks: the registry has no task to serve")
         classify: dict[str, ClassifyTask] = {}

@@ -81,6 +81,11 @@ class Head:
         return from_dict(cls, {**raw, "history": entries}, where, RegistryError, check_types=False)
 
 
+def version_name(version: str) -> str:
+    """A version's manifest inside a store."""
+    return f"versions/{version}.json"
+
+
 def blob_name(sha: str) -> str:
     """A blob's path inside the store."""
     return f"blobs/{sha}.safetensors"
@@ -188,7 +193,7 @@ class Store:
 
     def put_version(self, manifest: Manifest, payload: bytes) -> str:
         """Write a sealed manifest (its weights naming blobs) as an immutable version; returns its id."""
-        name = f"versions/{manifest.version}.json"
+        name = version_name(manifest.version)
         if not self._exists(name):
             self.write(name, payload)
         return manifest.version
@@ -200,8 +205,12 @@ class Store:
             if version != manifest.version:
                 raise RegistryError(f"{self.where(MANIFEST)}: version {version} is not this registry's")
             return manifest
-        name = f"versions/{version}.json"
+        name = version_name(version)
         return parse_manifest(self.read(name), self.where(name))
+
+    def manifest_where(self, version: str) -> str:
+        """Where version `version`'s manifest is, for messages (a directory registry's manifest.json)."""
+        return self.where(MANIFEST if self.legacy else version_name(version))
 
     def weights_bytes(self, rel: str, sha: str, where: str) -> bytes:
         """The bytes of a manifest's weights file (a blob, or a legacy directory's file), checked by sha256."""

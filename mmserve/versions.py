@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from mmserve.errors import RegistryError
+from mmserve.features import FEATURES, feature_task
 from mmserve.registry import BackboneRef, GroupEntry, Manifest, TaskEntry, seal_manifest
-from mmserve.store import HEAD, StaleVersionError, Store, blob_name
+from mmserve.store import HEAD, StaleVersionError, Store, blob_name, version_name
 
 ATTEMPTS = 8  # an unpinned change computed again after losing a race, at most this often
-FEATURES = "features"
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
     removed_versions = [n.removesuffix(".json") for n in store.list_names("versions")
                         if n.removesuffix(".json") not in kept]
     for version in removed_versions:
-        store.delete(f"versions/{version}.json")
+        store.delete(version_name(version))
     removed = 0
     for name in store.list_names("blobs"):
         if name.removesuffix(".safetensors") not in used:
@@ -287,12 +287,6 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
             removed += 1
     for fingerprint in store.list_names(FEATURES):
         for name in store.list_names(f"{FEATURES}/{fingerprint}"):
-            if not _feature_inputs_kept(name, used):
+            if feature_task(name) not in used:
                 store.delete(f"{FEATURES}/{fingerprint}/{name}")
     return {"kept_versions": kept, "removed_versions": removed_versions, "removed_blobs": removed}
-
-
-def _feature_inputs_kept(name: str, used: set[str]) -> bool:
-    """A stored feature is named <task sha>-<key>.safetensors: kept while its task's weights are."""
-    return name.split("-", 1)[0] in used
-
