@@ -55,3 +55,22 @@ class FuseItem(BaseModel):
     text: str
     task: str
     pixels: str = "float32"  # as ClassifyItem.pixels
+
+
+class EmbedItem(BaseModel):
+    """One embedding request as the engine's batchable API receives it: an image and/or a text."""
+
+    image: str | None = None  # pack_pixels of the preprocessed image
+    text: str | None = None
+    task: str | None = None  # a classification task whose prompts to embed through; None: the bare backbone
+    pixels: str = "float32"  # as ClassifyItem.pixels
+
+
+class LabelsItem(BaseModel):
+    """One open-vocabulary request: rank the caller's labels for an image (task None: zero-shot)."""
+
+    image: str  # pack_pixels of the preprocessed image
+    labels: list[str]
+    task: str | None = None
+    top_k: int = 5
+    pixels: str = "float32"  # as ClassifyItem.pixels

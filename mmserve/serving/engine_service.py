@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any, TypeVar
 
 import bentoml
@@ -19,13 +20,15 @@ import numpy as np
 import torch
 
 from mmserve.answers import Outcome
+from mmserve.embed import EmbedRequest, embed_requests
 from mmserve.engine import ClassifyRequest, FuseRequest, InferenceEngine
 from mmserve.errors import RegistryError
 from mmserve.images import preprocess_from_config, split_preprocess
-from mmserve.serving.metrics import EngineMetrics
+from mmserve.serving.metrics import NO_TASK, EngineMetrics
 from mmserve.serving.settings import CONFIG
 from mmserve.store import StaleVersionError
-from mmserve.wire import ClassifyItem, FuseItem, pixels_to_tensor, unpack_pixels
+from mmserve.vocab import LabelCache, LabelRequest, rank_label_requests
+from mmserve.wire import ClassifyItem, EmbedItem, FuseItem, LabelsItem, pixels_to_tensor, unpack_pixels
 
 logger = logging.getLogger("mmserve")
 
@@ -131,3 +134,27 @@ class MmServeEngine:
                     "serving_version": self.engine.snapshot.version}
         logger.info("registry changed (%s): %s -> %s", done.operation, served.previous_version, served.version)
         return {"ok": True, **done.to_dict(), "registry_version": served.version}
+
+    @cached_property
+    def label_cache(self) -> LabelCache:
+        """Label text features of open-vocabulary requests, per (task build, label), bounded LRU."""
+        return LabelCache()
+
+    def _image(self, image: str | None, kind: str) -> torch.Tensor | np.ndarray | None:
+        return None if image is None else pixels_to_tensor(unpack_pixels(image, self.engine.image_size, kind),
+                                                           self.finish)
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def embed_batch(self, items: list[EmbedItem]) -> list[dict[str, Any]]:
+        """Embed a batch of independent image and/or text requests (any mix of tasks, or none)."""
+        self.metrics.observe("embed", [it.task or NO_TASK for it in items])
+        requests = [EmbedRequest(self._image(it.image, it.pixels), it.text, it.task) for it in items]
+        return [o.to_dict() for o in embed_requests(self.engine, requests)]
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def labels_batch(self, items: list[LabelsItem]) -> list[dict[str, Any]]:
+        """Rank the caller's labels for a batch of images (any mix of tasks, or zero-shot), one image pass."""
+        self.metrics.observe("labels", [it.task or NO_TASK for it in items])
+        requests = [LabelRequest(self._image(it.image, it.pixels), tuple(it.labels), it.task, it.top_k)
+                    for it in items]
+        return [o.to_dict() for o in rank_label_requests(self.engine, self.label_cache, requests)]
