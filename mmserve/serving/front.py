@@ -1,12 +1,14 @@
-"""MmServe: the front users talk to (POST /classify, POST /fuse, GET /tasks, POST /admin/reload).
+"""MmServe: the front users talk to (POST /classify, /fuse, /embed, GET /tasks, the admin APIs, GET /docs.json).
 
-The front reads query parameters from the request context, validates and decodes each upload on its own (so a
-bad request gets its own 4xx and never reaches a batch), then calls the engine's batchable API with a one-item
-list. This is the pattern BentoML 1.4 documents for batching requests that carry several parameters: a batchable
-API takes exactly one list argument, and a wrapper service with `bentoml.depends` turns single requests into list
-items. The front checks task names with the engine's own check (mmserve.errors.require_task) on its cached copy of
-what the engine serves, and answers every refusal through one table (mmserve.serving.statuses). It also counts
-requests and latency per task for /metrics.
+The front reads `task`, `top_k` and `labels` from a form field or the query (both are declared, so BentoML's own
+client, which sends only declared arguments, and curl's `?task=` both work), validates and decodes each upload on
+its own (so a bad request gets its own 4xx and never reaches a batch), then calls the engine's batchable API with
+a one-item list. This is the pattern BentoML 1.4 documents for batching requests that carry several parameters:
+a batchable API takes exactly one list argument, and a wrapper service with `bentoml.depends` turns single
+requests into list items. The front checks task names with the engine's own check (mmserve.errors.require_task)
+on its cached copy of what the engine serves, and answers every refusal through one table
+(mmserve.serving.statuses). It also counts requests and latency per task for /metrics; GET /docs.json is the
+contract (mmserve.serving.contract).
 """
 
 from __future__ import annotations
@@ -34,26 +36,51 @@ from mmserve.errors import InvalidInputError, MissingInputError, MissingTaskErro
 from mmserve.images import ImageDecoder, preprocess_from_config
 from mmserve.serving.auth import admin_authorized
 from mmserve.serving.client import ENGINE_ATTEMPTS, call_engine, dropped_connection, engine_unavailable, http_status
+from mmserve.serving.contract import document
 from mmserve.serving.engine_service import MmServeEngine
 from mmserve.serving.metrics import NO_TASK, ServiceMetrics
 from mmserve.serving.settings import CONFIG
 from mmserve.serving.statuses import REFUSALS, error_body, status_for
 from mmserve.serving.uploads import FORM_TEXTS, FormSpec, UploadGuard
-from mmserve.wire import ClassifyItem, FuseItem, pack_pixels
+from mmserve.vocab import parse_labels
+from mmserve.wire import ClassifyItem, EmbedItem, FuseItem, LabelsItem, pack_pixels
 
 logger = logging.getLogger("mmserve")
 
 UNKNOWN_TASK_REFRESH_S = 1.0  # a request naming an unknown task asks the engine again at most this often
 KIND_ROUTES = {"classify": "/classify", "fuse": "/fuse"}  # the endpoint each task kind is sent to
+MAX_TOP_K = 1000  # top_k past this is refused (400); below it, top_k past the number of classes gives them all
 
 
 def _as_text(value: Any) -> Any:
     """BentoML JSON-decodes multipart text fields ('42' -> 42); turn such values back into text.
 
-    Only a fallback for the schema: the round trip is lossy ('1.50' -> '1.5', '"a cat"' -> 'a cat'), so /fuse
-    reads the fields as sent from the scope, where UploadGuard leaves them (FORM_TEXTS).
+    Only for BentoML's own validation of the declared arguments: the round trip is lossy ('1.50' -> '1.5'), so
+    the endpoints read every field as sent from the scope, where UploadGuard leaves them (FORM_TEXTS), through
+    form_text.
     """
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def form_text(raw: str) -> str:
+    """A multipart text field as its sender meant it: BentoML's client JSON-encodes every field ("a cat", quotes
+    included) and curl sends it raw, so a field that is one JSON string literal is decoded and anything else is
+    kept exactly as sent (1.50 stays 1.50, 1e3 stays 1e3)."""
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return raw
+        if isinstance(value, str):
+            return value
+    return raw
+
+
+def sent_values(ctx: bentoml.Context, name: str) -> list[str]:
+    """Every value of parameter `name` as sent: the form field's (form_text) first, then the query's."""
+    fields = ctx.request.scope.get(FORM_TEXTS, {})
+    values = [form_text(fields[name])] if name in fields else []
+    return values + ctx.request.query_params.getlist(name)
 
 
 Text = Annotated[str, BeforeValidator(_as_text)]
@@ -118,20 +145,30 @@ async def _tasks_endpoint(request: Request) -> JSONResponse:
                          "tasks": [task_listing(t) for t in data["tasks"]]})
 
 
-# mounted at "/": BentoML's PassiveMount only claims paths a route of this app matches, so GET /tasks works
-# without a trailing-slash redirect and nothing else is shadowed
-tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"])])
-
-
-def positive_int(name: str, raw: str) -> int:
-    """A query parameter that must be a positive integer; InvalidInputError otherwise."""
+async def _docs_endpoint(request: Request) -> JSONResponse:
+    """GET /docs.json: the contract (mmserve.serving.contract), `task` listing the tasks served now."""
+    service = bentoml.get_current_service()
     try:
-        value = int(raw)
-        if value < 1:
-            raise ValueError
-    except ValueError:
-        raise InvalidInputError(f"{name} must be a positive integer, got {raw!r}") from None
-    return value
+        data = (await service.engine_view()).data
+        tasks: dict[str, list[str]] | None = {kind: [t["name"] for t in data["tasks"] if t["kind"] == kind]
+                                              for kind in KIND_ROUTES}
+    except Exception:  # the engine starting or unreachable: the document without the task names
+        logger.warning("GET /docs.json: engine unavailable, task names left out")
+        tasks = None
+    return JSONResponse(document(MmServe.openapi_spec.asdict(), tasks))
+
+
+# mounted at "/": BentoML's PassiveMount only claims paths a route of this app matches, so GET /tasks works
+# without a trailing-slash redirect and nothing else is shadowed; it comes before BentoML's own /docs.json route
+tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"]),
+                              Route("/docs.json", _docs_endpoint, methods=["GET"])])
+
+
+def positive_int(name: str, raw: str, most: int = MAX_TOP_K) -> int:
+    """A parameter that must be an integer in [1, most], in ASCII digits; InvalidInputError otherwise."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(most)) and 1 <= int(raw) <= most):
+        raise InvalidInputError(f"{name} must be an integer from 1 to {most}, got {raw[:100]!r}")
+    return int(raw)
 
 
 @bentoml.service(name="mmserve", traffic={"timeout": 120})
@@ -224,37 +261,78 @@ class MmServe:
 
     # ---- endpoints ------------------------------------------------------------------------------------------
 
-    async def _classify(self, image: Path, params: Mapping[str, str]) -> Reply:
-        task = params.get("task")
-        view = await self.view_for(task)
+    @staticmethod
+    def _task(view: EngineView, values: list[str], kind: str) -> str | None:
+        """The task a request names (the form field's before the query's), each value given checked: an unknown
+        task 404, one of the other kind 400, an empty name 422; None when none is given."""
+        for value in values:
+            if not value:
+                raise MissingTaskError(f"'task' is empty; known {kind} tasks: {', '.join(view.names(kind))}",
+                                       known_tasks=view.names(kind))
+            view.require(value, kind)
+        return values[0] if values else None
+
+    async def _classify(self, image: Path, ctx: bentoml.Context) -> Reply:
+        tasks = sent_values(ctx, "task")
+        view = await self.view_for(next((t for t in tasks if t), None))
+        task = tasks[0] if tasks else None
         try:
-            if not task:
-                raise MissingTaskError("query parameter 'task' is required: POST /classify?task=NAME",
+            task = self._task(view, tasks, "classify")
+            top_k = [positive_int("top_k", raw) for raw in sent_values(ctx, "top_k")]
+            labels = [parse_labels(raw) for raw in sent_values(ctx, "labels")]
+            if task is None and not labels:
+                raise MissingTaskError("'task' is required (query parameter or form field: POST /classify?task=NAME),"
+                                       " or 'labels' to rank your own labels zero-shot",
                                        known_tasks=view.names("classify"))
-            view.require(task, "classify")
-            top_k = positive_int("top_k", params.get("top_k", "5"))
             pixels, kind = await self._decode(image)
-            item = ClassifyItem(image=pixels, task=task, top_k=top_k, pixels=kind)
+            k = top_k[0] if top_k else 5
+            if labels:
+                item: BaseModel = LabelsItem(image=pixels, labels=labels[0], task=task, top_k=k, pixels=kind)
+                return await self._infer("labels_batch", item, view.label(task), view)
+            assert task is not None
+            item = ClassifyItem(image=pixels, task=task, top_k=k, pixels=kind)
             return await self._infer("classify_batch", item, task, view)
         except REFUSALS as exc:
             return Reply.refusal(exc, view.label(task))
 
-    async def _fuse(self, image: Path, text: str, task: str | None) -> Reply:
-        view = await self.view_for(task)
+    async def _fuse(self, image: Path, ctx: bentoml.Context) -> Reply:
+        tasks = sent_values(ctx, "task")
+        view = await self.view_for(next((t for t in tasks if t), None))
+        task = tasks[0] if tasks else None
         try:
-            if not task:
+            task = self._task(view, tasks, "fuse")
+            if task is None:
                 known = view.names("fuse")
                 if len(known) != 1:
                     raise MissingTaskError(f"several fusion tasks are served: pass 'task' (form field or query "
                                            f"parameter), one of {', '.join(known)}" if known else
                                            "the registry has no fusion task", known_tasks=known)
                 task = known[0]
-            view.require(task, "fuse")
+            text = next(iter(sent_values(ctx, "text")), None)
+            if text is None:
+                raise MissingInputError("multipart field 'text' is required")
             if not text.strip():
                 raise MissingInputError("field 'text' must not be empty")
             pixels, kind = await self._decode(image)
             item = FuseItem(image=pixels, text=text, task=task, pixels=kind)
             return await self._infer("fuse_batch", item, task, view)
+        except REFUSALS as exc:
+            return Reply.refusal(exc, view.label(task))
+
+    async def _embed(self, image: Path | None, ctx: bentoml.Context) -> Reply:
+        tasks = sent_values(ctx, "task")
+        view = await self.view_for(next((t for t in tasks if t), None))
+        task = tasks[0] if tasks else None
+        try:
+            task = self._task(view, tasks, "classify")
+            text = next(iter(sent_values(ctx, "text")), None)
+            if image is None and text is None:
+                raise MissingInputError("send an image file part, a 'text' field or both")
+            if text is not None and not text.strip():
+                raise MissingInputError("field 'text' must not be empty")
+            pixels, kind = await self._decode(image) if image is not None else (None, "float32")
+            item = EmbedItem(image=pixels, text=text, task=task, pixels=kind)
+            return await self._infer("embed_batch", item, view.label(task), view)
         except REFUSALS as exc:
             return Reply.refusal(exc, view.label(task))
 
@@ -272,18 +350,24 @@ class MmServe:
         return reply.body
 
     @bentoml.api(route="/classify")
-    async def classify(self, image: Path, ctx: bentoml.Context) -> dict[str, Any]:
-        """Classify an uploaded image: POST /classify?task=NAME&top_k=5 with a multipart 'image' file."""
-        return await self._answer("/classify", ctx, time.perf_counter(),
-                                  self._classify(image, ctx.request.query_params))
+    async def classify(self, image: Path, ctx: bentoml.Context, task: Text | None = None, top_k: Text | None = None,
+                       labels: Text | None = None) -> dict[str, Any]:
+        """Classify an uploaded image with a task's classes (task=NAME), or rank your own labels (labels=a,b,c)
+        through a task's prompts or zero-shot; task, top_k and labels as query parameters or form fields."""
+        return await self._answer("/classify", ctx, time.perf_counter(), self._classify(image, ctx))
 
     @bentoml.api(route="/fuse")
     async def fuse(self, image: Path, text: Text, ctx: bentoml.Context, task: Text | None = None) -> dict[str, Any]:
         """Fuse an uploaded image with a text: multipart 'image' + 'text' (+ 'task' when several fusion tasks)."""
-        sent = ctx.request.scope.get(FORM_TEXTS, {})  # the fields as sent, before BentoML's JSON decoding
-        text, task = sent.get("text", text), sent.get("task", task)
-        return await self._answer("/fuse", ctx, time.perf_counter(),
-                                  self._fuse(image, text, task or ctx.request.query_params.get("task")))
+        return await self._answer("/fuse", ctx, time.perf_counter(), self._fuse(image, ctx))
+
+    @bentoml.api(route="/embed")
+    async def embed(self, ctx: bentoml.Context, image: Path = None,  # type: ignore[assignment]
+                    text: Text | None = None, task: Text | None = None) -> dict[str, Any]:
+        """L2-normalised embeddings of an image and/or a text: the bare backbone, or through a classification
+        task's prompts (task=NAME). `image: Path` (not Path | None): BentoML's schema then calls it a file, and
+        its client sends the request as multipart."""
+        return await self._answer("/embed", ctx, time.perf_counter(), self._embed(image, ctx))
 
     def _admin_refusal(self, ctx: bentoml.Context) -> dict[str, Any] | None:
         """None when the caller may change what is served; else the 401/403 answer (status set on ctx)."""
@@ -369,6 +453,7 @@ def _count_refusal(scope: Any, status: int, seconds: float) -> None:
 
 
 MmServe.add_asgi_middleware(UploadGuard, max_bytes=CONFIG.max_body_bytes, on_reject=_count_refusal, forms={
-    "/classify": FormSpec(),
+    "/classify": FormSpec(optional_texts=("task", "top_k", "labels")),
     "/fuse": FormSpec(texts=("text",), optional_texts=("task",)),
+    "/embed": FormSpec(files=(), optional_files=("image",), optional_texts=("text", "task")),
 })

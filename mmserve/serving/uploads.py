@@ -38,11 +38,12 @@ class FormSpec:
     files: tuple[str, ...] = ("image",)
     texts: tuple[str, ...] = ()
     optional_texts: tuple[str, ...] = ()
+    optional_files: tuple[str, ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
         """Every field the endpoint takes, in order."""
-        return (*self.files, *self.texts, *self.optional_texts)
+        return (*self.files, *self.optional_files, *self.texts, *self.optional_texts)
 
 
 def file_name_bytes(filename: str) -> bytes:
@@ -51,9 +52,11 @@ def file_name_bytes(filename: str) -> bytes:
 
 
 def _check_files(form: Any, spec: FormSpec) -> None:
-    for name in spec.files:
+    for name in (*spec.files, *spec.optional_files):
         value = form.get(name)
         if value is None:
+            if name in spec.optional_files:
+                continue
             raise MissingInputError(f"multipart field '{name}' (an image file) is required")
         if not isinstance(value, UploadFile):
             raise InvalidInputError(f"multipart field '{name}' must be a file part (curl -F {name}=@photo.jpg)")
@@ -82,9 +85,22 @@ def _check_texts(form: Any, spec: FormSpec) -> dict[str, str]:
     return texts
 
 
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _check_json_body(scope: Any) -> None:
+    """The JSON APIs (the admin ones) take JSON or no body: a form body is refused with 415 (BentoML's form parser
+    would answer a multipart body without a boundary with a 500)."""
+    content_type = Headers(scope=scope).get("content-type", "").lower()
+    if content_type.startswith(FORM_TYPES):
+        raise UnsupportedMediaTypeError(f"{scope['path']} takes a JSON body (content-type: application/json), got "
+                                        f"content-type {content_type[:100]!r}")
+
+
 @dataclass
 class UploadGuard:
-    """ASGI middleware before the APIs: body size limit (413) and multipart shape checks (400/415/422)."""
+    """ASGI middleware before the APIs: body size limit (413), multipart shape checks (400/415/422) of the upload
+    APIs, and no form bodies on the JSON APIs (415)."""
 
     app: Any
     max_bytes: int
@@ -151,11 +167,13 @@ class UploadGuard:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         spec = self.forms.get(scope["path"])
-        if spec is not None:
-            try:
+        try:
+            if spec is not None:
                 await self._check_form(scope, body, spec)
-            except RequestError as exc:
-                return await self._reject(scope, receive, send, exc, started)
+            else:
+                _check_json_body(scope)
+        except RequestError as exc:
+            return await self._reject(scope, receive, send, exc, started)
         delivered = False
 
         async def replay() -> dict[str, Any]:
