@@ -6,6 +6,8 @@ through the method table (mmserve.prompts.table) to check shapes and to serve.
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -110,22 +112,20 @@ def load_registry(root: str | Path, backbone: Backbone | None = None) -> Registr
 
 
 class StoredWeights(Mapping):
-    """A version's weights by entry name, read from the store on first use (sha256 checked) and kept."""
+    """A version's weights by entry name, read from the store (sha256 checked) at each use, never kept: a served
+    task keeps its prompts, not its weights."""
 
     def __init__(self, store: Store, entries: dict[str, tuple[str, str, str]]):
         self._store = store
         self._entries = entries  # name -> (weights path, sha256, where for messages)
-        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
 
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
-        if name not in self._loaded:
-            rel, sha, where = self._entries[name]
-            data = self._store.weights_bytes(rel, sha, where)
-            try:
-                self._loaded[name] = load_tensors(data)
-            except (SafetensorError, ValueError) as exc:
-                raise RegistryError(f"{self._store.where(rel)}: unreadable safetensors: {exc}") from None
-        return self._loaded[name]
+        rel, sha, where = self._entries[name]
+        data = self._store.weights_bytes(rel, sha, where)
+        try:
+            return load_tensors(data)
+        except (SafetensorError, ValueError) as exc:
+            raise RegistryError(f"{self._store.where(rel)}: unreadable safetensors: {exc}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -160,3 +160,58 @@ def check_entry(store: Store, registry: Registry, task: TaskEntry, backbone: Bac
         check_tensors(store.where(task.weights), expected_shapes(task, backbone), registry.task_weights[task.name])
     except (PromptConfigError, TypeError, ValueError, KeyError) as exc:  # values of a wrong type or range
         raise RegistryError(f"{where}: prompt_config: {exc}") from None
+
+
+class PromptMaker:
+    """Served prompts from a classification entry's weights, through one module per prompt config, reused under a
+    lock: building a module costs more than running it, and a store of 10,000 tasks must load in seconds."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self._modules: dict[str, tuple[nn.Module, dict[str, torch.Size]]] = {}
+        self._lock = threading.Lock()
+
+    def _module(self, config: dict) -> tuple[nn.Module, dict[str, torch.Size]]:
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._modules:
+            module = classify_prompt_module(config, self.backbone).to(self.backbone.device).eval()
+            module.requires_grad_(False)
+            self._modules[key] = module, {k: v.shape for k, v in module.state_dict().items()}
+        return self._modules[key]
+
+    @torch.inference_mode()
+    def prompts(self, config: dict, weights: Mapping[str, torch.Tensor], where: str) -> TowerPrompts:
+        """The prompts (text, vision) of one weights file, checked against its config's tensors; copies the
+        module does not own. RegistryError naming `where` for weights that do not fit; PromptConfigError for a
+        config the method refuses."""
+        with self._lock:
+            module, shapes = self._module(config)
+            check_tensors(where, shapes, dict(weights))
+            module.load_state_dict(weights)
+            out = module()
+            return TowerPrompts(None if out.text is None else out.text.clone(),
+                                None if out.vision is None else out.vision.clone())
+
+    def classify(self, registry: Registry, task: TaskEntry, store: Store,
+                 groups: dict[str, TowerPrompts] | None = None) -> TowerPrompts:
+        """A classification task's served prompts: its group's (if any; kept in `groups` by the group's weights
+        and config, for the other tasks of one build) then its own, per layer."""
+        parts = []
+        if task.group is not None:
+            group = registry.manifest.group(task.group)
+            key = group.sha256 + json.dumps(group.prompt_config, sort_keys=True)
+            shared = (groups or {}).get(key)
+            if shared is None:
+                shared = self.prompts(group.prompt_config, registry.group_weights[group.name],
+                                      store.where(group.weights))
+                if groups is not None:
+                    groups[key] = shared
+            parts.append(shared)
+        parts.append(self.prompts(task.prompt_config, registry.task_weights[task.name], store.where(task.weights)))
+        return concat_prompts(*parts) if len(parts) > 1 else parts[0]
+
+    @torch.inference_mode()
+    def initial(self, config: dict) -> TowerPrompts:
+        """The prompts of a config's module, with whatever weights it last held: for their shapes."""
+        with self._lock:
+            return self._module(config)[0]()

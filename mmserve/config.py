@@ -102,6 +102,7 @@ class ServeConfig:
     admin_token: str | None = None
     registry_poll_s: float = 2.0  # every engine worker checks the store's current version this often (0: never)
     engine_workers: int = 1
+    max_resident_tasks: int | None = None  # classify tasks kept in memory, least recently used evicted (None: all)
 
     def backbone_spec(self) -> BackboneSpec:
         """The backbone this configuration asks for."""
@@ -139,6 +140,8 @@ class ServeConfig:
             admin_token=_admin_token(env.get("MMSERVE_ADMIN_TOKEN")),
             registry_poll_s=_float(env, "MMSERVE_REGISTRY_POLL_S", defaults["registry_poll_s"], 0.0),
             engine_workers=_int(env, "MMSERVE_ENGINE_WORKERS", defaults["engine_workers"], 1),
+            max_resident_tasks=(_int(env, "MMSERVE_MAX_RESIDENT_TASKS", 0, 1)
+                                if env.get("MMSERVE_MAX_RESIDENT_TASKS", "").strip() else None),
         )
 
 
@@ -156,4 +159,5 @@ ENV = {
     "admin_token": "MMSERVE_ADMIN_TOKEN",
     "registry_poll_s": "MMSERVE_REGISTRY_POLL_S",
     "engine_workers": "MMSERVE_ENGINE_WORKERS",
+    "max_resident_tasks": "MMSERVE_MAX_RESIDENT_TASKS",
 }

@@ -29,7 +29,13 @@ from mmserve.answers import ClassifyResult, FuseResult, Outcome, Prediction, Rel
 from mmserve.backbone import Backbone, load_backbone
 from mmserve.config import ServeConfig, registry_location
 from mmserve.encoders import PromptedTextEncoder
-from mmserve.errors import InvalidInputError, RegistryError, RequestError, RuntimeUnavailableError
+from mmserve.errors import (
+    InvalidInputError,
+    RegistryError,
+    RequestError,
+    RuntimeUnavailableError,
+    TaskUnavailableError,
+)
 from mmserve.fusion import head_probabilities
 from mmserve.images import preprocess_config
 from mmserve.runtime import check_runtime, make_runtime
@@ -61,12 +67,14 @@ class FuseRequest:
 class InferenceEngine:
     """Loads the backbone and a registry once; answers classification and fusion batches; hot-swaps registries."""
 
-    def __init__(self, backbone: Backbone, registry: str | Path, runtime: str = "torch"):
+    def __init__(self, backbone: Backbone, registry: str | Path, runtime: str = "torch",
+                 max_resident: int | None = None):
         self.backbone = backbone
         self.runtime = make_runtime(runtime, backbone)
         self.text_encoder = PromptedTextEncoder(backbone)
         self.image_size = backbone.image_size
-        self._builder = SnapshotBuilder(backbone, self.text_encoder, self.runtime)
+        self._builder = SnapshotBuilder(backbone, self.text_encoder, self.runtime, max_resident)
+        self.resident = self._builder.resident  # the classify tasks in memory (bounded: MMSERVE_MAX_RESIDENT_TASKS)
         self._reload_lock = threading.Lock()
         self.registry_path = registry_location(registry)
         self._snapshot = self.build_snapshot(self.registry_path)
@@ -78,7 +86,8 @@ class InferenceEngine:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeUnavailableError(f"MMSERVE_DEVICE={config.device} but torch sees no CUDA device")
         check_runtime(config.runtime)  # fail before the (slow) backbone load
-        return cls(load_backbone(config.backbone_spec()), config.registry, config.runtime)
+        return cls(load_backbone(config.backbone_spec()), config.registry, config.runtime,
+                   config.max_resident_tasks)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -160,12 +169,12 @@ class InferenceEngine:
                 "backbone": {"model": self.backbone.spec.model, "fingerprint": self.backbone.fingerprint},
                 "image_size": self.image_size, "preprocess": preprocess_config(self.backbone),
                 "store": {"location": str(self.registry_path), "reachable": self.store_error is None,
-                          "error": self.store_error}}
+                          "error": self.store_error},
+                "residency": self.resident.stats()}
 
     # ---- inference ---------------------------------------------------------------------------------------
 
-    def _encode_mixed(self, images: torch.Tensor, tasks: Sequence[str], entries: Sequence[ClassifyTask],
-                      snap: Snapshot) -> torch.Tensor:
+    def _encode_mixed(self, images: torch.Tensor, entries: Sequence[ClassifyTask]) -> torch.Tensor:
         """Image features (B, E): one forward pass per distinct prompt shape in the batch (usually exactly one)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, entry in enumerate(entries):
@@ -175,7 +184,7 @@ class InferenceEngine:
             whole = len(rows) == len(entries)
             index = torch.tensor(rows, device=images.device)
             sub = images if whole else images.index_select(0, index)
-            prompts = None if shape == (0, 0) else snap.banks[shape].gather([tasks[i] for i in rows])
+            prompts = None if shape == (0, 0) else torch.stack([entries[i].vision_prompts for i in rows])
             feats = self.runtime.encode(sub, prompts)
             if whole:
                 return feats
@@ -188,7 +197,8 @@ class InferenceEngine:
     @torch.inference_mode()
     def classify(self, images: torch.Tensor, tasks: Sequence[str], top_k: int | Sequence[int] = 5,
                  snapshot: Snapshot | None = None) -> list[ClassifyResult]:
-        """Classify images (B, 3, S, S), sample i with task tasks[i], in one mixed-task forward pass."""
+        """Classify images (B, 3, S, S), sample i with task tasks[i], in one mixed-task forward pass; a task that
+        is not resident loads first (RegistryError when the store cannot give it)."""
         snap = snapshot or self._snapshot
         if images.dim() != 4 or images.shape[0] != len(tasks):
             raise ValueError(f"images must be (B, 3, H, W) with B = len(tasks) = {len(tasks)}, got "
@@ -198,14 +208,14 @@ class InferenceEngine:
         ks = [top_k] * len(tasks) if isinstance(top_k, int) else list(top_k)
         entries = [snap.require(t, "classify") for t in tasks]
         images = images.to(self.backbone.device, torch.float32)
-        feats = self._encode_mixed(images, tasks, entries, snap)
+        feats = self._encode_mixed(images, entries)
         scale = self.backbone.logit_scale
         rows: dict[str, list[int]] = {}
         for i, t in enumerate(tasks):
             rows.setdefault(t, []).append(i)
         results: list[ClassifyResult | None] = [None] * len(tasks)
         for name, idx in rows.items():
-            task = snap.classify[name]
+            task = entries[idx[0]]
             probs = (scale * feats[idx] @ task.text_features.T).softmax(dim=-1).cpu()
             order = probs.argsort(dim=-1, descending=True)
             classes = task.info.classes
@@ -256,7 +266,10 @@ class InferenceEngine:
         images: list[torch.Tensor] = []
         for i, req in enumerate(requests):
             try:
-                snap.require(req.task, "classify")
+                try:
+                    snap.require(req.task, "classify")  # a cold task loads here, before the batch's forward pass
+                except RegistryError as exc:
+                    raise TaskUnavailableError(f"task {req.task!r} could not be loaded: {exc}") from None
                 images.append(self._check_image(req.image))
                 good.append(i)
             except RequestError as exc:

@@ -67,6 +67,10 @@ class WrongTaskKindError(RequestError):
     """The task exists but is of the other kind (a fusion task sent to classification or the reverse)."""
 
 
+class TaskUnavailableError(RequestError):
+    """The task is registered but could not be loaded from the store now (unreachable, or a blob it names)."""
+
+
 def _by_name(cls: type[RequestError]) -> dict[str, type[RequestError]]:
     out = {cls.__name__: cls}
     for sub in cls.__subclasses__():

@@ -1,11 +1,14 @@
-"""Stored class text features: each classification task's (C, E) features, computed once per backbone and kept in
-the store beside the blobs, so loading a task reads them instead of running every class through the text tower.
+"""Stored served tensors: each classification task's class text features (C, E), computed once per backbone, and
+its visual prompts (K, P, d_v) as its group and task weights make them, kept in the store beside the blobs, so
+loading a task reads one file instead of running every class through the text tower and its prompt modules.
 
-    <store>/features/<backbone fingerprint>/<task sha256>-<key>.safetensors
+    <store>/features/<backbone fingerprint>/<task sha256>-<key>.safetensors   tensors "features" (and "vision")
 
-The key hashes everything the features depend on besides the backbone: the task's and its group's weights and
-prompt configs, the template and the class names. The file records the fingerprint and key it was made for; a
-file that says otherwise is refused naming it. A directory registry in the older layout keeps no features.
+The key hashes everything they depend on besides the backbone: the task's and its group's weights and prompt
+configs, the template and the class names. The file records the fingerprint and key it was made for; a file that
+says otherwise, or whose tensors have other shapes than the task needs, is refused naming it. A file without
+"vision" (written before it was kept) serves its features, the prompts coming from the weights. A directory
+registry in the older layout keeps no features.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import logging
 import struct
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -51,9 +55,18 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + length]).get("__metadata__", {})
 
 
-def load_features(store: Store, manifest: Manifest, task: TaskEntry, fingerprint: str, width: int
-                  ) -> torch.Tensor | None:
-    """The stored features (C, E) of `task` for this backbone, or None when none are stored."""
+@dataclass(frozen=True)
+class Served:
+    """A task's stored tensors: class text features (C, E) and, when the file keeps them, visual prompts."""
+
+    features: torch.Tensor
+    vision: torch.Tensor | None
+
+
+def load_features(store: Store, manifest: Manifest, task: TaskEntry, fingerprint: str, width: int,
+                  vision_shape: tuple[int, ...] | None = None) -> Served | None:
+    """The stored tensors of `task` for this backbone, or None when none are stored; `vision_shape` is the
+    (K, P, d_v) its visual prompts must have (None: it has none)."""
     if store.legacy:
         return None
     key = feature_key(manifest, task)
@@ -63,7 +76,8 @@ def load_features(store: Store, manifest: Manifest, task: TaskEntry, fingerprint
         return None
     try:
         meta = _metadata(data)
-        features = load(data)["features"]
+        tensors = load(data)
+        features = tensors["features"]
     except (SafetensorError, ValueError, KeyError, struct.error) as exc:
         raise RegistryError(f"{store.where(name)}: unreadable features file: {exc}") from None
     if meta.get("fingerprint") != fingerprint or meta.get("key") != key:
@@ -72,16 +86,23 @@ def load_features(store: Store, manifest: Manifest, task: TaskEntry, fingerprint
     if tuple(features.shape) != (len(task.classes), width):
         raise RegistryError(f"{store.where(name)}: features: shape {tuple(features.shape)}, the task needs "
                             f"{(len(task.classes), width)}")
-    return features
+    vision = tensors.get("vision")
+    if vision is not None and (vision_shape is None or tuple(vision.shape) != tuple(vision_shape)):
+        raise RegistryError(f"{store.where(name)}: vision: shape {tuple(vision.shape)}, the task's prompt configs "
+                            f"make {vision_shape}")
+    return Served(features, vision)
 
 
 def store_features(store: Store, manifest: Manifest, task: TaskEntry, fingerprint: str,
-                   features: torch.Tensor) -> None:
-    """Keep a task's computed features in the store (skipped, with a warning, where the store refuses writes)."""
+                   features: torch.Tensor, vision: torch.Tensor | None = None) -> None:
+    """Keep a task's computed features (and visual prompts) in the store (skipped, with a warning, where the
+    store refuses writes)."""
     if store.legacy:
         return
     key = feature_key(manifest, task)
-    data = save({"features": features.detach().cpu().contiguous()}, metadata={"fingerprint": fingerprint, "key": key})
+    tensors = {"features": features} if vision is None else {"features": features, "vision": vision}
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"fingerprint": fingerprint, "key": key})
     try:
         store.write(feature_name(fingerprint, task, key), data)
     except (OSError, RegistryError) as exc:

@@ -87,17 +87,30 @@ class Manifest:
 
     def task(self, name: str) -> TaskEntry:
         """The entry of task `name` (KeyError if absent)."""
-        for t in self.tasks:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return _lookup(self, "tasks", name)
 
     def group(self, name: str) -> GroupEntry:
         """The entry of group `name` (KeyError if absent)."""
-        for g in self.groups:
-            if g.name == name:
-                return g
+        return _lookup(self, "groups", name)
+
+
+def _lookup(manifest: Manifest, kind: str, name: str):
+    """An entry by name through an index kept beside the list it was made from (rebuilt when the list was
+    replaced, grew or shrank, or an entry was renamed): thousands of tasks look their groups up in O(1). The
+    index is an attribute outside the dataclass fields, so JSON, equality and `replace` never see it."""
+    entries = getattr(manifest, kind)
+    cached = manifest.__dict__.get(f"_index_{kind}")
+    if cached is None or cached[0] is not entries or cached[1] != len(entries):
+        cached = (entries, len(entries), {e.name: e for e in entries})
+        manifest.__dict__[f"_index_{kind}"] = cached
+    entry = cached[2].get(name)
+    if entry is None or entry.name != name:
+        for entry in entries:  # an entry renamed or swapped in place since the index was made
+            if entry.name == name:
+                manifest.__dict__.pop(f"_index_{kind}", None)
+                return entry
         raise KeyError(name)
+    return entry
 
 
 @dataclass
@@ -143,7 +156,8 @@ def content_version(payload: Mapping[str, object]) -> str:
 def manifest_dict(manifest: Manifest) -> dict:
     """A manifest as its JSON object, without dataclasses.asdict's deep copies (thousands of tasks: milliseconds)."""
     fields_of = vars  # every field is a JSON value; the entries' own dicts are read, never changed
-    return {**fields_of(manifest), "backbone": dict(fields_of(manifest.backbone)),
+    top = {k: v for k, v in fields_of(manifest).items() if not k.startswith("_")}  # not the lookup indexes
+    return {**top, "backbone": dict(fields_of(manifest.backbone)),
             "groups": [dict(fields_of(g)) for g in manifest.groups],
             "tasks": [dict(fields_of(t)) for t in manifest.tasks]}
 

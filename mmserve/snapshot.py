@@ -9,8 +9,10 @@ stacked per prompt shape (K, P) into banks; per fusion task its MoPE + head and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
@@ -19,12 +21,13 @@ from typing import Any
 import torch
 
 from mmserve.backbone import Backbone
-from mmserve.builders import check_entry, load_classify_prompts, load_fusion, open_version
+from mmserve.builders import PromptMaker, check_entry, load_fusion, open_version
 from mmserve.complementary import ComplementaryEncoder, build_complementary
 from mmserve.encoders import PromptedTextEncoder
 from mmserve.errors import MmserveError, PromptConfigError, RegistryError, require_task
 from mmserve.features import load_features, store_features
 from mmserve.fusion import FusionModel
+from mmserve.prompts import TowerPrompts
 from mmserve.registry import MANIFEST, Registry, TaskEntry, now_iso
 from mmserve.runtime import ImageRuntime
 from mmserve.store import HEAD, Store
@@ -74,6 +77,8 @@ class ClassifyTask:
     info: TaskInfo
     text_features: torch.Tensor
     vision_prompts: torch.Tensor | None
+    key: str = ""  # what it was built from (build_key): equal keys, equal tensors
+    load_prompts: Callable[[], TowerPrompts] | None = field(default=None, repr=False, compare=False)
 
     @property
     def prompt_shape(self) -> tuple[int, int]:
@@ -81,6 +86,18 @@ class ClassifyTask:
         if self.vision_prompts is None:
             return (0, 0)
         return (int(self.vision_prompts.shape[0]), int(self.vision_prompts.shape[1]))
+
+    @property
+    def text_prompts(self) -> torch.Tensor | None:
+        """The task's text-tower prompts (K, P_l, d_l), group's then its own; recomputed from the store at each
+        call (a served task keeps only what every request needs: callers cache what they derive from them)."""
+        return None if self.load_prompts is None else self.load_prompts().text
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors it serves with."""
+        vision = 0 if self.vision_prompts is None else self.vision_prompts.nbytes
+        return self.text_features.nbytes + vision
 
 
 @dataclass(frozen=True)
@@ -92,17 +109,90 @@ class FusionTask:
     complement: ComplementaryEncoder
 
 
-@dataclass(frozen=True)
-class PromptBank:
-    """Visual prompts of every classify task with one (K, P) shape, stacked (T, K, P, d_v) for per-sample gathers."""
+class ResidentTasks:
+    """The classify tasks in memory, by build key, shared by every version one builder makes.
 
-    prompts: torch.Tensor
-    index: Mapping[str, int]
+    Unbounded (`capacity` None): every task of the served version, loaded when the version is built. Bounded
+    (MMSERVE_MAX_RESIDENT_TASKS): tasks load on first use and the least recently used beyond `capacity` are
+    evicted; a request holding an evicted task finishes with it. Counts hits, misses (loads) and evictions.
+    """
 
-    def gather(self, tasks: Sequence[str]) -> torch.Tensor:
-        """Per-sample prompts (B, K, P, d_v) for the tasks of a batch."""
-        rows = torch.tensor([self.index[t] for t in tasks], device=self.prompts.device)
-        return self.prompts.index_select(0, rows)
+    def __init__(self, capacity: int | None = None):
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"resident task capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._tasks: OrderedDict[str, ClassifyTask] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str, load: Callable[[], ClassifyTask]) -> ClassifyTask:
+        """The task built from `key`, loaded (and counted a miss) when it is not resident."""
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is not None:
+                self._tasks.move_to_end(key)
+                self.hits += 1
+                return task
+        task = load()
+        with self._lock:
+            self.misses += 1
+            self._put(key, task)
+        return task
+
+    def peek(self, key: str) -> ClassifyTask | None:
+        """The resident task built from `key`, or None; not counted, not moved."""
+        with self._lock:
+            return self._tasks.get(key)
+
+    def put(self, key: str, task: ClassifyTask) -> None:
+        """Make a task resident (evicting the least recently used beyond capacity)."""
+        with self._lock:
+            self._put(key, task)
+
+    def _put(self, key: str, task: ClassifyTask) -> None:
+        self._tasks[key] = task
+        self._tasks.move_to_end(key)
+        while self.capacity is not None and len(self._tasks) > self.capacity:
+            self._tasks.popitem(last=False)
+            self.evictions += 1
+
+    def retain(self, keys: Iterable[str]) -> None:
+        """Drop the tasks no key in `keys` names (what a new unbounded version no longer serves)."""
+        wanted = set(keys)
+        with self._lock:
+            for key in [k for k in self._tasks if k not in wanted]:
+                del self._tasks[key]
+
+    def stats(self) -> dict[str, int | None]:
+        """Counters and sizes, for /metrics and the benchmark."""
+        with self._lock:
+            return {"resident": len(self._tasks), "capacity": self.capacity, "hits": self.hits,
+                    "misses": self.misses, "evictions": self.evictions,
+                    "bytes": sum(t.nbytes for t in self._tasks.values())}
+
+
+class ClassifyTasks(Mapping[str, ClassifyTask]):
+    """One version's classify tasks by name: held (unbounded residency) or fetched through ResidentTasks."""
+
+    def __init__(self, infos: Mapping[str, TaskInfo], keys: Mapping[str, str], resident: ResidentTasks,
+                 load: Callable[[TaskInfo, str], ClassifyTask], held: Mapping[str, ClassifyTask] | None = None):
+        self._infos, self._keys, self._resident, self._load, self._held = infos, keys, resident, load, held
+
+    def __getitem__(self, name: str) -> ClassifyTask:
+        if self._held is not None:
+            return self._held[name]
+        info, key = self._infos[name], self._keys[name]
+        task = self._resident.get(key, lambda: self._load(info, key))
+        return task if task.info is info else replace(task, info=info)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclass(frozen=True)
@@ -115,7 +205,6 @@ class Snapshot:
     infos: tuple[TaskInfo, ...]
     classify: Mapping[str, ClassifyTask]
     fusion: Mapping[str, FusionTask]
-    banks: Mapping[tuple[int, int], PromptBank]
 
     @cached_property
     def kinds(self) -> Mapping[str, str]:
@@ -144,18 +233,25 @@ def format_template(template: str, name: str) -> str:
 class SnapshotBuilder:
     """Builds registry versions over one backbone, text encoder and runtime (complementary encoders are shared).
 
-    Incremental: a task whose weights, config, template and classes (and group) are those of a task the previous
-    build made is taken over as built; only new or changed tasks load weights and run the text tower, and their
-    class text features come from the store when a build on this backbone already stored them.
+    Incremental: a task built from the same weights, config, template and classes (and group weights) as one
+    already built is taken over; only new or changed tasks read their weights and run the text tower, and their
+    class text features come from the store when a build on this backbone stored them. With bounded residency
+    (`max_resident`) a version's classify tasks load on first use; every build after the first loads, and so
+    checks, the tasks it changed before it returns.
     """
 
-    def __init__(self, backbone: Backbone, text_encoder: PromptedTextEncoder, runtime: ImageRuntime):
+    def __init__(self, backbone: Backbone, text_encoder: PromptedTextEncoder, runtime: ImageRuntime,
+                 max_resident: int | None = None):
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.runtime = runtime
+        self.prompt_maker = PromptMaker(backbone)
+        self.resident = ResidentTasks(max_resident)
         self._complements: dict[str, ComplementaryEncoder] = {}
-        self._built: dict[str, ClassifyTask | FusionTask] = {}  # by build key: the tasks of the last build
-        self.rebuilt = 0  # tasks the last build made anew (the others were taken over)
+        self._fusion: dict[str, FusionTask] = {}  # by build key: the fusion tasks of the last build
+        self._keys: frozenset[str] | None = None  # classify build keys of the last build (None before the first)
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self.rebuilt = 0  # tasks the last build made anew (the others were taken over or load on first use)
 
     def _complement(self, spec: dict) -> ComplementaryEncoder:
         key = json.dumps(spec, sort_keys=True)
@@ -164,30 +260,65 @@ class SnapshotBuilder:
         return self._complements[key]
 
     @torch.inference_mode()
-    def _classify(self, store: Store, registry: Registry, entry: TaskEntry) -> ClassifyTask:
-        prompts = load_classify_prompts(registry, entry.name, self.backbone)()
+    def _classify(self, store: Store, registry: Registry, entry: TaskEntry, info: TaskInfo, key: str,
+                  groups: dict[str, TowerPrompts] | None = None) -> ClassifyTask:
         fingerprint, width = self.backbone.fingerprint, self.backbone.embed_dim
-        features = load_features(store, registry.manifest, entry, fingerprint, width)
-        if features is None:
-            texts = [format_template(entry.template, c) for c in entry.classes]
-            tokens = self.text_encoder.tokenize(texts, prompts.text_tokens).to(self.backbone.device)
-            features = self.text_encoder(tokens, prompts.text)  # (C, E), normalised
-            store_features(store, registry.manifest, entry, fingerprint, features)
-        vision = None if prompts.vision is None else prompts.vision.detach().clone()
-        return ClassifyTask(TaskInfo.from_entry(entry), features.to(self.backbone.device), vision)
+        k, p = self._prompt_shape(registry, entry)
+        vision_shape = None if (k, p) == (0, 0) else (k, p, self.backbone.vision_width)
+        stored = load_features(store, registry.manifest, entry, fingerprint, width, vision_shape)
+        if stored is not None and (vision_shape is None or stored.vision is not None):
+            features, vision = stored.features, stored.vision  # one file read: no weights, no text tower
+        else:
+            prompts = self.prompt_maker.classify(registry, entry, store, groups)
+            if stored is not None:
+                features = stored.features
+            else:
+                texts = [format_template(entry.template, c) for c in entry.classes]
+                tokens = self.text_encoder.tokenize(texts, prompts.text_tokens).to(self.backbone.device)
+                features = self.text_encoder(tokens, prompts.text)  # (C, E), normalised
+            vision = prompts.vision
+            store_features(store, registry.manifest, entry, fingerprint, features, vision)
 
-    def _fusion(self, registry: Registry, entry: TaskEntry) -> FusionTask:
+        def load_prompts() -> TowerPrompts:
+            return self.prompt_maker.classify(registry, entry, store)
+
+        device = self.backbone.device
+        return ClassifyTask(info, features.to(device), None if vision is None else vision.to(device), key,
+                            load_prompts)
+
+    def _fusion_task(self, registry: Registry, entry: TaskEntry, info: TaskInfo) -> FusionTask:
         model = load_fusion(registry, entry.name, self.backbone)
         spec = dict(entry.complementary or {"kind": "clip_text"})
         complement = self._complement(spec)
         if entry.psi_dim is not None and int(entry.psi_dim) != complement.dim:
             raise PromptConfigError(f"psi_dim is {entry.psi_dim} but the complementary encoder {spec} gives "
                                     f"{complement.dim}")
-        return FusionTask(TaskInfo.from_entry(entry), model, complement)
+        return FusionTask(info, model, complement)
+
+    def _prompt_shape(self, registry: Registry, entry: TaskEntry) -> tuple[int, int]:
+        """(K, P) of a classify task's visual prompts, from its configs alone (tasks may not be loaded yet)."""
+        group = registry.manifest.group(entry.group) if entry.group is not None else None
+        configs = [entry.prompt_config] if group is None else [group.prompt_config, entry.prompt_config]
+        key = json.dumps(configs, sort_keys=True)
+        if key not in self._shapes:
+            parts = [self.prompt_maker.initial(c) for c in configs]
+            vision = [p.vision for p in parts if p.vision is not None]
+            self._shapes[key] = (0, 0) if not vision else (int(vision[0].shape[0]),
+                                                           sum(int(v.shape[1]) for v in vision))
+        return self._shapes[key]
+
+    def _guarded(self, where: str, name: str, work: Callable[[], Any]) -> Any:
+        """Run one task's load; its errors as RegistryError naming the manifest and the task."""
+        try:
+            return work()
+        except RegistryError:
+            raise
+        except (MmserveError, ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError) as exc:
+            raise RegistryError(f"{where}: tasks[{name}]: {exc}") from None
 
     def build(self, path: str | Path, version: str | None = None) -> Snapshot:
         """Load, validate and build a version (default: the current one) of a store or registry directory
-        without serving it; raises RegistryError, and then the previous build's tasks stay the ones taken over."""
+        without serving it; raises RegistryError, and then what the previous build made stays as it was."""
         store = Store.open(path)
         if version is None:
             head = store.head()
@@ -197,43 +328,64 @@ class SnapshotBuilder:
             version = head.version
         registry = open_version(store, version, self.backbone)
         where = store.manifest_where(version)
-        if not registry.manifest.tasks:
+        manifest = registry.manifest
+        if not manifest.tasks:
             raise RegistryError(f"{where}: tasks: the registry has no task to serve")
-        classify: dict[str, ClassifyTask] = {}
+        bounded = self.resident.capacity is not None
+        infos = {e.name: TaskInfo.from_entry(e) for e in manifest.tasks}
+        entries = {e.name: e for e in manifest.tasks}
+        keys: dict[str, str] = {}
+        held: dict[str, ClassifyTask] = {}
+        fresh: dict[str, ClassifyTask] = {}  # loaded by this build: resident once the whole build succeeds
         fusion: dict[str, FusionTask] = {}
-        built: dict[str, ClassifyTask | FusionTask] = {}
-        rebuilt = 0
-        for entry in registry.manifest.tasks:
-            key = build_key(registry, entry)
-            try:
-                task = self._built.get(key)
-                if task is not None:
-                    task = replace(task, info=TaskInfo.from_entry(entry))  # same weights: only the listing changes
+        fusion_built: dict[str, FusionTask] = {}
+        shapes: set[tuple[int, int]] = set()
+        groups: dict[str, TowerPrompts] = {}
+        fusion_rebuilt = 0
+        for entry in manifest.tasks:
+            info, key = infos[entry.name], build_key(registry, entry)
+            if entry.kind == "fuse":
+                task = self._fusion.get(key)
+                if task is None:
+                    def make(entry: TaskEntry = entry, info: TaskInfo = info) -> FusionTask:
+                        check_entry(store, registry, entry, self.backbone)
+                        return self._fusion_task(registry, entry, info)
+                    task = self._guarded(where, entry.name, make)
+                    fusion_rebuilt += 1
                 else:
-                    check_entry(store, registry, entry, self.backbone)
-                    task = (self._classify(store, registry, entry) if entry.kind == "classify"
-                            else self._fusion(registry, entry))
-                    rebuilt += 1
-            except RegistryError:
-                raise
-            except (MmserveError, ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError) as exc:
-                raise RegistryError(f"{where}: tasks[{entry.name}]: {exc}") from None
-            built[key] = task
-            if isinstance(task, ClassifyTask):
-                classify[entry.name] = task
-            else:
-                fusion[entry.name] = task
-        banks = prompt_banks(classify.values())
+                    task = replace(task, info=info)
+                fusion_built[key], fusion[entry.name] = task, task
+                continue
+            keys[entry.name] = key
+            shapes.add(self._guarded(where, entry.name, lambda e=entry: self._prompt_shape(registry, e)))
+            loaded = fresh.get(key) or self.resident.peek(key)
+            changed = self._keys is not None and key not in self._keys
+            if loaded is None and (not bounded or changed):
+                loaded = self._guarded(where, entry.name, lambda e=entry, i=info, k=key: self._classify(
+                    store, registry, e, i, k, groups))
+                fresh[key] = loaded
+            if not bounded:
+                held[entry.name] = loaded if loaded.info is info else replace(loaded, info=info)
         try:  # open the runtime's graphs now: the first request must not pay, a missing graph must refuse the load
-            self.runtime.prepare({t.prompt_shape for t in classify.values()},
-                                 {n: (t.model, t.complement.dim) for n, t in fusion.items()})
+            self.runtime.prepare(shapes, {n: (t.model, t.complement.dim) for n, t in fusion.items()})
         except MmserveError as exc:
             raise RegistryError(f"{where}: runtime {self.runtime.name}: {exc}") from None
-        self._built, self.rebuilt = built, rebuilt
+        self.rebuilt = len(fresh) + fusion_rebuilt
+        for key, task in fresh.items():
+            self.resident.put(key, task)
+        if not bounded:
+            self.resident.retain(keys.values())
+        self._fusion, self._keys = fusion_built, frozenset(keys.values())
+
+        def load(info: TaskInfo, key: str) -> ClassifyTask:
+            entry = entries[info.name]
+            return self._guarded(where, info.name, lambda: self._classify(store, registry, entry, info, key))
+
+        classify = ClassifyTasks(MappingProxyType(infos), MappingProxyType(keys), self.resident, load,
+                                 None if bounded else MappingProxyType(held))
         root = Path(path).resolve() if store.is_local else store.url
         return Snapshot(version, root, now_iso(),  # type: ignore[arg-type]
-                        tuple(TaskInfo.from_entry(e) for e in registry.manifest.tasks),
-                        MappingProxyType(classify), MappingProxyType(fusion), banks)
+                        tuple(infos.values()), classify, MappingProxyType(fusion))
 
 
 def build_key(registry: Registry, entry: TaskEntry) -> str:
@@ -243,14 +395,3 @@ def build_key(registry: Registry, entry: TaskEntry) -> str:
               "template": entry.template, "head": entry.head, "complementary": entry.complementary,
               "psi_dim": entry.psi_dim, "group": None if group is None else [group.sha256, group.prompt_config]}
     return json.dumps(inputs, sort_keys=True)
-
-
-def prompt_banks(tasks: Iterable[ClassifyTask]) -> Mapping[tuple[int, int], PromptBank]:
-    """The visual prompts of classify tasks stacked per prompt shape (tasks without visual prompts left out)."""
-    by_shape: dict[tuple[int, int], list[ClassifyTask]] = {}
-    for task in tasks:
-        if task.vision_prompts is not None:
-            by_shape.setdefault(task.prompt_shape, []).append(task)
-    return MappingProxyType({shape: PromptBank(torch.stack([t.vision_prompts for t in group]),
-                                               MappingProxyType({t.info.name: i for i, t in enumerate(group)}))
-                             for shape, group in by_shape.items()})

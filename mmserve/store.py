@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ class Store:
         store.legacy = not store._exists(HEAD) and store._exists(MANIFEST)
         return store
 
-    @property
+    @cached_property
     def is_local(self) -> bool:
         """True on the local filesystem (compare-and-swap by flock)."""
         return "file" in _protocols(self.fs)
@@ -145,10 +146,16 @@ class Store:
         except Exception as exc:  # OSError, or botocore's EndpointConnectionError...
             raise StoreUnreachableError(f"{self.url}: store unreachable ({_reason(exc)})") from None
 
+    def _cat(self, name: str) -> bytes:
+        if self.is_local:  # plain open(): fsspec's local layer costs more than the read (thousands of blobs)
+            with open(self.path_of(name), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.path_of(name))
+
     def read(self, name: str) -> bytes:
         """A file's bytes; RegistryError naming it when it is missing."""
         try:
-            return self.fs.cat_file(self.path_of(name))
+            return self._cat(name)
         except FileNotFoundError:
             raise RegistryError(f"{self.where(name)}: missing") from None
         except Exception as exc:  # OSError, or botocore's EndpointConnectionError...
@@ -157,7 +164,7 @@ class Store:
     def read_optional(self, name: str) -> bytes | None:
         """A file's bytes, or None when it is not there."""
         try:
-            return self.fs.cat_file(self.path_of(name))
+            return self._cat(name)
         except FileNotFoundError:
             return None
         except Exception as exc:  # OSError, or botocore's EndpointConnectionError...

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
-from typing import TypeVar
+from functools import cache
+from typing import NamedTuple, TypeVar
 
 from mmserve.errors import MmserveError
 
@@ -17,8 +18,10 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float
 _ITEM_TYPES: dict[str, type] = {"list[str]": str, "list[int]": int}
 
 
-def check_json_type(value: object, annotation: str, where: str, error: type[Exception] = MmserveError) -> None:
-    """Refuse a value whose JSON type does not fit a field's annotation (bool is not a number, nor a number bool)."""
+def check_json_type(value: object, annotation: str, where: str, error: type[Exception] = MmserveError,
+                    field_name: str | None = None) -> None:
+    """Refuse a value whose JSON type does not fit a field's annotation (bool is not a number, nor a number bool);
+    the message names `where` (and `.field_name`, when given)."""
     base = annotation.removesuffix(" | None")
     if value is None and base != annotation:
         return
@@ -29,7 +32,23 @@ def check_json_type(value: object, annotation: str, where: str, error: type[Exce
     wrong_bool = isinstance(value, bool) and bool not in types
     if not isinstance(value, types) or wrong_bool or (item is not None and not all(
             isinstance(x, item) and not isinstance(x, bool) for x in value)):
-        raise error(f"{where}: expected {base}, got {json.dumps(value)[:80]}")
+        at = where if field_name is None else f"{where}.{field_name}"
+        raise error(f"{at}: expected {base}, got {json.dumps(value)[:80]}")
+
+
+class _Schema(NamedTuple):
+    names: frozenset[str]
+    required: frozenset[str]
+    annotations: tuple[tuple[str, str], ...]  # (field, annotation) for every field
+
+
+@cache
+def _schema(cls: type) -> _Schema:
+    """A dataclass's fields, read once (a manifest of thousands of tasks builds thousands of entries)."""
+    fs = fields(cls)
+    return _Schema(frozenset(f.name for f in fs),
+                   frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING),
+                   tuple((f.name, str(f.type)) for f in fs))
 
 
 def from_dict(cls: type[T], data: object, where: str, error: type[Exception] = MmserveError, *,
@@ -37,18 +56,15 @@ def from_dict(cls: type[T], data: object, where: str, error: type[Exception] = M
     """Construct dataclass `cls` from a dict, naming `where` and the field on any mismatch of name or type."""
     if not isinstance(data, Mapping):
         raise error(f"{where}: expected an object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise error(f"{where}: unknown field(s) {sorted(unknown)}")
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    missing = required - set(data)
-    if missing:
-        raise error(f"{where}: missing field(s) {sorted(missing)}")
+    schema = _schema(cls)
+    if not schema.names.issuperset(data):
+        raise error(f"{where}: unknown field(s) {sorted(set(data) - schema.names)}")
+    if not schema.required.issubset(data):
+        raise error(f"{where}: missing field(s) {sorted(schema.required - set(data))}")
     if check_types:
-        for f in fields(cls):
-            if f.name in data:
-                check_json_type(data[f.name], str(f.type), f"{where}.{f.name}", error)
+        for name, annotation in schema.annotations:
+            if name in data:
+                check_json_type(data[name], annotation, where, error, name)
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:  # a __post_init__ that refuses a value

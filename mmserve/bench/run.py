@@ -170,8 +170,9 @@ def _agreement(setup: BenchSetup, config: BenchConfig) -> dict[str, Any]:
     if "onnx-int8" in labels:
         result["int8_vs_fp32"] = agree("onnx-int8", ref)
         result["int8_reference"] = ref
-    banks = setup.engines["torch"].snapshot.banks
-    prompts = banks[setup.prompt_shapes[0]].gather(tasks[:32]) if setup.prompt_shapes[0] in banks else None
+    snap = setup.engines["torch"].snapshot
+    vision = [snap.classify[t].vision_prompts for t in tasks[:32]]
+    prompts = None if any(v is None for v in vision) else torch.stack(vision)
     with torch.inference_mode():
         reference = setup.engines["torch"].runtime.encode(images[:32], prompts)
         result["max_abs_feature_diff_vs_torch"] = {v: float((rt.encode(images[:32], prompts) - reference).abs().max())
