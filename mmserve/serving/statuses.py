@@ -15,6 +15,7 @@ from mmserve.errors import (
     MissingInputError,
     MissingTaskError,
     RequestError,
+    TaskUnavailableError,
     UnknownTaskError,
     UnsupportedMediaTypeError,
     WrongTaskKindError,
@@ -31,6 +32,7 @@ STATUSES: dict[type[Exception], int] = {
     UnsupportedMediaTypeError: 415,
     MissingInputError: 422,
     MissingTaskError: 422,
+    TaskUnavailableError: 503,  # registered, but the store cannot give it now: try again
 }
 REFUSALS = (RequestError, ImageError)  # what a request is refused with: a 4xx of its own, never a 500
 OK = 200
