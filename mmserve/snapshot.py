@@ -124,6 +124,7 @@ class ResidentTasks:
         self._tasks: OrderedDict[str, ClassifyTask] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
+        self._bytes = 0
 
     def get(self, key: str, load: Callable[[], ClassifyTask]) -> ClassifyTask:
         """The task built from `key`, loaded (and counted a miss) when it is not resident."""
@@ -150,10 +151,11 @@ class ResidentTasks:
             self._put(key, task)
 
     def _put(self, key: str, task: ClassifyTask) -> None:
+        old = self._tasks.pop(key, None)
+        self._bytes += task.nbytes - (0 if old is None else old.nbytes)
         self._tasks[key] = task
-        self._tasks.move_to_end(key)
         while self.capacity is not None and len(self._tasks) > self.capacity:
-            self._tasks.popitem(last=False)
+            self._bytes -= self._tasks.popitem(last=False)[1].nbytes
             self.evictions += 1
 
     def retain(self, keys: Iterable[str]) -> None:
@@ -161,14 +163,14 @@ class ResidentTasks:
         wanted = set(keys)
         with self._lock:
             for key in [k for k in self._tasks if k not in wanted]:
-                del self._tasks[key]
+                self._bytes -= self._tasks.pop(key).nbytes
 
     def stats(self) -> dict[str, int | None]:
         """Counters and sizes, for /metrics and the benchmark."""
         with self._lock:
             return {"resident": len(self._tasks), "capacity": self.capacity, "hits": self.hits,
                     "misses": self.misses, "evictions": self.evictions,
-                    "bytes": sum(t.nbytes for t in self._tasks.values())}
+                    "bytes": self._bytes}
 
 
 class ClassifyTasks(Mapping[str, ClassifyTask]):

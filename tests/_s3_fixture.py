@@ -68,7 +68,9 @@ def seaweedfs(tmp: Path, ready_timeout: float = 60) -> Iterator[S3Server]:
     log = open(tmp / "weed.log", "wb")
     proc = subprocess.Popen([weed, f"-logdir={tmp}", "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                              "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
-                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=200"],
+                             f"-filer.port={filer}", "-master.volumeSizeLimitMB=64", "-volume.max=200",
+                             # no Iceberg or Lance listeners: their fixed ports (8181, 9101) collide between runs
+                             "-s3.port.iceberg=0", "-s3.port.lance=0"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}")
     try:

@@ -91,7 +91,9 @@ class MmServeEngine:
                answer: Callable[[Sequence[Req]], list[Outcome]]) -> list[dict[str, Any]]:
         """Record the batch, turn its items into engine requests, and answer each with its outcome's JSON form."""
         self.metrics.observe(endpoint, [it.task for it in items])
-        return [o.to_dict() for o in answer([request(it, self._tensor(it)) for it in items])]
+        outcomes = answer([request(it, self._tensor(it)) for it in items])
+        self.metrics.observe_residency(self.engine.resident.stats())
+        return [o.to_dict() for o in outcomes]
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def classify_batch(self, items: list[ClassifyItem]) -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 NO_TASK = "-"  # metrics label for requests whose task is missing or unknown (keeps label values bounded)
 
 
@@ -16,11 +18,25 @@ class EngineMetrics:
                                          ["endpoint"], buckets=buckets)
         self.batch_tasks = prom.Histogram("mmserve_engine_batch_tasks", "Distinct tasks per engine batch",
                                           ["endpoint"], buckets=buckets)
+        self.residency = prom.Counter("mmserve_resident_tasks", "Classify task lookups: hit (in memory), miss "
+                                      "(loaded from the store), eviction (dropped, least recently used)", ["event"])
+        self.resident = prom.Gauge("mmserve_resident_tasks_in_memory", "Classify tasks in memory, per engine worker",
+                                   multiprocess_mode="livesum")
+        self._seen = {"hits": 0, "misses": 0, "evictions": 0}
 
     def observe(self, endpoint: str, tasks: list[str]) -> None:
         """Record one batch."""
         self.batch_size.labels(endpoint=endpoint).observe(len(tasks))
         self.batch_tasks.labels(endpoint=endpoint).observe(len(set(tasks)))
+
+    def observe_residency(self, stats: Mapping[str, int | None]) -> None:
+        """Count what the engine's resident tasks did since the last call (ResidentTasks.stats())."""
+        for counter, event in (("hits", "hit"), ("misses", "miss"), ("evictions", "eviction")):
+            now = int(stats[counter] or 0)
+            if now > self._seen[counter]:
+                self.residency.labels(event=event).inc(now - self._seen[counter])
+            self._seen[counter] = now
+        self.resident.set(int(stats["resident"] or 0))
 
 
 class ServiceMetrics:

@@ -1,5 +1,7 @@
 """Two servers on one store in a SeaweedFS bucket, one of them with two engine workers: a change made through
-either (or by anyone writing the store) is served by every worker of both within the poll interval + 1 s.
+either (or by anyone writing the store) is served by every worker of both within the poll interval + 1 s. The
+two-worker server keeps one classify task in memory per worker (MMSERVE_MAX_RESIDENT_TASKS=1): the others load
+from the bucket on first use.
 
 The second server is the session's demo server, reloaded onto the store for this module and back to v1 after."""
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from _registry_fixture import brightness_image, png_bytes
 from _server_fixture import hermetic_env
+from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.bench import bentoml_server
 from mmserve.store import Store
@@ -32,7 +35,7 @@ def fleet(s3, demo_registries, server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
     env = hermetic_env(tmp / "bentoml") | SERVER_ENV | s3.env | {
         "MMSERVE_REGISTRY": url, "MMSERVE_REGISTRY_POLL_S": str(POLL_S), "MMSERVE_MAX_LATENCY_MS": "20000",
-        "MMSERVE_ENGINE_WORKERS": "2"}
+        "MMSERVE_ENGINE_WORKERS": "2", "MMSERVE_MAX_RESIDENT_TASKS": "1"}
     swap = httpx.post(f"{server.url}/admin/reload", json={"path": url}, timeout=120)
     assert swap.status_code == 200, swap.text
     try:
@@ -89,3 +92,23 @@ def test_a_change_by_another_writer_is_followed_and_a_stale_one_is_409(fleet, de
 
 def _tasks(url: str) -> list[str]:
     return [t["name"] for t in httpx.get(f"{url}/tasks", timeout=30).json()["tasks"]]
+
+
+def _residency(url: str) -> dict[str, float]:
+    """The bounded server's residency counters, summed over its engine workers."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {s.labels["event"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "mmserve_resident_tasks_total"}
+
+
+def test_a_bounded_server_loads_cold_tasks_from_the_bucket_and_counts_them(fleet) -> None:
+    _, urls = fleet
+    image = png_bytes(brightness_image("dark", np.random.default_rng(0)))
+    before = _residency(urls[0])
+    for task in ["colors", "warmth"] * 4:  # one resident task per worker: every switch is a load and an eviction
+        answer = httpx.post(f"{urls[0]}/classify", params={"task": task}, timeout=60,
+                            files={"image": ("d.png", image, "image/png")})
+        assert answer.status_code == 200 and answer.json()["task"] == task, answer.text
+    after = _residency(urls[0])
+    gained = {event: after.get(event, 0) - before.get(event, 0) for event in ("hit", "miss", "eviction")}
+    assert sum(gained.values()) >= 8 and gained["miss"] >= 2 and gained["eviction"] >= 1, gained
