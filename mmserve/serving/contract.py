@@ -142,13 +142,17 @@ def _query(name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _upload(description: str, properties: Mapping[str, Any], required: Sequence[str],
-            query: Sequence[dict[str, Any]], ok: str, name: str) -> dict[str, Any]:
+            query: Sequence[dict[str, Any]], ok: str, name: str, one_of: Sequence[str] = ()) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": "object", "properties": dict(properties), "additionalProperties": False}
+    if required:
+        body["required"] = list(required)
+    if one_of:  # at least one of these fields
+        body["anyOf"] = [{"required": [field]} for field in one_of]
     return {"post": {
         "tags": ["Service APIs"], "operationId": f"mmserve__{name}", "x-bentoml-name": name,
         "description": description, "parameters": list(query),
         "requestBody": {"required": True, "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": list(required), "properties": dict(properties),
-                       "additionalProperties": False},
+            "schema": body,
             "encoding": {"image": {"contentType": IMAGE_TYPES}}}}},
         "responses": _responses(ok, f"{ok}", UPLOAD_STATUSES)}}
 
@@ -193,7 +197,7 @@ def document(bentoml_spec: Mapping[str, Any], tasks: Mapping[str, Sequence[str]]
             "L2-normalised embeddings of an image and/or a text (422 with neither): the bare backbone (open_clip's "
             "encode_image / encode_text), or through a classification task's prompts. Long texts are truncated.",
             {"image": image, "text": TEXT, "task": _task_schema(classify, "classify")}, [],
-            [_query("task", _task_schema(classify, "classify"))], "EmbedResult", "embed"),
+            [_query("task", _task_schema(classify, "classify"))], "EmbedResult", "embed", one_of=("image", "text")),
         "/admin/reload": _admin(
             "Load a registry version without restart: {\"path\": DIR} or no body to re-read the current one; a "
             "registry that fails validation is refused (422) and the old one keeps serving.",
