@@ -34,6 +34,7 @@ SHIPPED_SERVE = "tests/mmserve/test_shipped.py::test_serve_command_with_no_varia
 SHIPPED_REPLIES = "tests/mmserve/test_shipped.py::test_readme_shows_the_answers_the_shipped_examples_get"
 EVAL_RUN = "tests/training/test_eval.py::test_eval_writes_json_and_markdown_matching_the_run"
 CLI_DELEGATION = "tests/training/test_train_cli.py::test_prepare_and_pretrain_get_every_argument"
+EXAMPLE_CLIENT = "tests/mmserve/test_example_client.py::test_example_client_prints_what_curl_gets"
 
 # README command -> what runs it: ".ci/run" (CI runs that line verbatim), or tests (file::function) that run the
 # same command line. The mmserve-train ones run there on tiny synthetic data: same subcommand and options, other
@@ -49,6 +50,7 @@ RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
     "curl -F image=@models/examples/noto.png -F 'text=hammer and wrench' 'localhost:3000/fuse?task=emoji_subgroup'":
         (SHIPPED_SERVE, SHIPPED_REPLIES),
     "curl localhost:3000/tasks": (SHIPPED_SERVE,),
+    "python examples/client.py --url http://localhost:3000": (EXAMPLE_CLIENT,),  # on the session's server
     "mmserve-train prepare --cache ~/.cache/mmserve":
         (CLI_DELEGATION, "tests/training/test_prepare.py::test_prepare_end_to_end_on_fixtures"),
     "mmserve-train pretrain --cache ~/.cache/mmserve --epochs 8 --name pretrain-mmserve-vit-p12-96":
@@ -291,6 +293,17 @@ def _check_curl_command(command: str, sources: str) -> None:
         assert f'"top_k": {query["top_k"]}' in sources, f"{command}: the test asks for another top_k"
 
 
+def _check_example_command(command: str, sources: str) -> None:
+    """`python examples/SCRIPT --option VALUE ...`: the named test runs that script as a program, with those
+    options (their values are the test's own, e.g. its server's URL)."""
+    argv = shlex.split(command)
+    script, options = argv[1], [a for a in argv[2:] if a.startswith("--")]
+    assert (ROOT / script).is_file(), f"{command}: no {script}"
+    assert f'"{script}"' in sources and "subprocess.run(" in sources, f"{command}: the named test never runs {script}"
+    missing = [o for o in options if f'"{o}"' not in sources]
+    assert not missing, f"{command}: the named test never passes {missing}"
+
+
 def test_mapped_commands_are_what_the_named_tests_run() -> None:
     """Each RUN_ELSEWHERE entry: CI's line holds it, or its tests exist and run that command line."""
     ci = CI.read_text()
@@ -305,6 +318,8 @@ def test_mapped_commands_are_what_the_named_tests_run() -> None:
             _check_curl_command(command, sources)
         elif re.fullmatch(r"(\w+=\S+ )*bentoml serve \S+", command):
             _check_serve_command(command, sources)
+        elif command.startswith("python examples/"):
+            _check_example_command(command, sources)
         else:
             assert runners == (".ci/run",), f"{command}: no check says how {runners} run it"
 
