@@ -171,7 +171,7 @@ def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str,
     """Write weights then atomically replace manifest.json; unreferenced old weight files are removed after."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _check_names(manifest, root / MANIFEST)
+    check_manifest_names(manifest, root / MANIFEST)
     for g in manifest.groups:
         if g.name not in group_weights:
             raise RegistryError(f"{root / MANIFEST}: groups[{g.name}]: no tensors given to save")
@@ -194,7 +194,8 @@ def _build(cls: type, data: object, where: str):
     return from_dict(cls, data, where, RegistryError)
 
 
-def _check_names(manifest: Manifest, path: Path) -> None:
+def check_manifest_names(manifest: Manifest, path: Path) -> None:
+    """Task and group names unique and consistent, kinds, classes and thresholds valid."""
     seen: set[str] = set()
     for t in manifest.tasks:
         if t.name in seen:
@@ -204,8 +205,9 @@ def _check_names(manifest: Manifest, path: Path) -> None:
             raise RegistryError(f"{path}: tasks[{t.name}].kind: '{t.kind}' is not one of {KINDS}")
         if not t.classes or len(set(t.classes)) != len(t.classes):
             raise RegistryError(f"{path}: tasks[{t.name}].classes: must be a non-empty list of distinct names")
-    groups = [g.name for g in manifest.groups]
-    if len(set(groups)) != len(groups):
+    group_list = [g.name for g in manifest.groups]
+    groups = set(group_list)
+    if len(groups) != len(group_list):
         raise RegistryError(f"{path}: groups: duplicate group name")
     for t in manifest.tasks:
         if t.group is not None and t.group not in groups:
@@ -258,8 +260,11 @@ def parse_manifest(text: bytes | str, path: str) -> Manifest:
         "groups": [_build(GroupEntry, g, f"{path}: groups[{i}]") for i, g in enumerate(data["groups"])],
         "tasks": [_build(TaskEntry, t, f"{path}: tasks[{i}]") for i, t in enumerate(data["tasks"])],
     }, path)
-    _check_names(manifest, Path(path))
-    expected = _manifest_version(manifest)
+    check_manifest_names(manifest, Path(path))
+    # the hash of the JSON as read; of the parsed manifest (defaults filled in) only when that differs
+    expected = content_version(data)
+    if manifest.version != expected:
+        expected = _manifest_version(manifest)
     if manifest.version != expected:
         raise RegistryError(f"{path}: version: the content hash is {expected}, the manifest says "
                             f"{manifest.version!r} (edited by hand? write registries with save_registry)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -77,7 +77,7 @@ class ClassifyTask:
     info: TaskInfo
     text_features: torch.Tensor
     vision_prompts: torch.Tensor | None
-    key: str = ""  # what it was built from (build_key): equal keys, equal tensors
+    key: Hashable = ()  # what it was built from (build_key): equal keys, equal tensors
     load_prompts: Callable[[], TowerPrompts] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -121,12 +121,12 @@ class ResidentTasks:
         if capacity is not None and capacity < 1:
             raise ValueError(f"resident task capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._tasks: OrderedDict[str, ClassifyTask] = OrderedDict()
+        self._tasks: OrderedDict[Hashable, ClassifyTask] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
         self._bytes = 0
 
-    def get(self, key: str, load: Callable[[], ClassifyTask]) -> ClassifyTask:
+    def get(self, key: Hashable, load: Callable[[], ClassifyTask]) -> ClassifyTask:
         """The task built from `key`, loaded (and counted a miss) when it is not resident."""
         with self._lock:
             task = self._tasks.get(key)
@@ -140,17 +140,17 @@ class ResidentTasks:
             self._put(key, task)
         return task
 
-    def peek(self, key: str) -> ClassifyTask | None:
+    def peek(self, key: Hashable) -> ClassifyTask | None:
         """The resident task built from `key`, or None; not counted, not moved."""
         with self._lock:
             return self._tasks.get(key)
 
-    def put(self, key: str, task: ClassifyTask) -> None:
+    def put(self, key: Hashable, task: ClassifyTask) -> None:
         """Make a task resident (evicting the least recently used beyond capacity)."""
         with self._lock:
             self._put(key, task)
 
-    def _put(self, key: str, task: ClassifyTask) -> None:
+    def _put(self, key: Hashable, task: ClassifyTask) -> None:
         old = self._tasks.pop(key, None)
         self._bytes += task.nbytes - (0 if old is None else old.nbytes)
         self._tasks[key] = task
@@ -158,7 +158,7 @@ class ResidentTasks:
             self._bytes -= self._tasks.popitem(last=False)[1].nbytes
             self.evictions += 1
 
-    def retain(self, keys: Iterable[str]) -> None:
+    def retain(self, keys: Iterable[Hashable]) -> None:
         """Drop the tasks no key in `keys` names (what a new unbounded version no longer serves)."""
         wanted = set(keys)
         with self._lock:
@@ -176,8 +176,8 @@ class ResidentTasks:
 class ClassifyTasks(Mapping[str, ClassifyTask]):
     """One version's classify tasks by name: held (unbounded residency) or fetched through ResidentTasks."""
 
-    def __init__(self, infos: Mapping[str, TaskInfo], keys: Mapping[str, str], resident: ResidentTasks,
-                 load: Callable[[TaskInfo, str], ClassifyTask], held: Mapping[str, ClassifyTask] | None = None):
+    def __init__(self, infos: Mapping[str, TaskInfo], keys: Mapping[str, BuildKey], resident: ResidentTasks,
+                 load: Callable[[TaskInfo, BuildKey], ClassifyTask], held: Mapping[str, ClassifyTask] | None = None):
         self._infos, self._keys, self._resident, self._load, self._held = infos, keys, resident, load, held
 
     def __getitem__(self, name: str) -> ClassifyTask:
@@ -185,7 +185,7 @@ class ClassifyTasks(Mapping[str, ClassifyTask]):
             return self._held[name]
         info, key = self._infos[name], self._keys[name]
         task = self._resident.get(key, lambda: self._load(info, key))
-        return task if task.info is info else replace(task, info=info)
+        return task if task.info is info or task.info == info else replace(task, info=info)
 
     def __contains__(self, name: object) -> bool:
         return name in self._keys
@@ -250,9 +250,10 @@ class SnapshotBuilder:
         self.prompt_maker = PromptMaker(backbone)
         self.resident = ResidentTasks(max_resident)
         self._complements: dict[str, ComplementaryEncoder] = {}
-        self._fusion: dict[str, FusionTask] = {}  # by build key: the fusion tasks of the last build
-        self._keys: frozenset[str] | None = None  # classify build keys of the last build (None before the first)
-        self._shapes: dict[str, tuple[int, int]] = {}
+        self._fusion: dict[BuildKey, FusionTask] = {}  # by build key: the fusion tasks of the last build
+        self._keys: frozenset[BuildKey] | None = None  # classify build keys of the last build (None before the first)
+        self._shapes: dict[Hashable, tuple[int, int]] = {}
+        self._parts: dict[int, tuple[object, tuple]] = {}  # build_key shares of the last build's entries
         self.rebuilt = 0  # tasks the last build made anew (the others were taken over or load on first use)
 
     def _complement(self, spec: dict) -> ComplementaryEncoder:
@@ -262,10 +263,10 @@ class SnapshotBuilder:
         return self._complements[key]
 
     @torch.inference_mode()
-    def _classify(self, store: Store, registry: Registry, entry: TaskEntry, info: TaskInfo, key: str,
+    def _classify(self, store: Store, registry: Registry, entry: TaskEntry, info: TaskInfo, key: BuildKey,
                   groups: dict[str, TowerPrompts] | None = None) -> ClassifyTask:
         fingerprint, width = self.backbone.fingerprint, self.backbone.embed_dim
-        k, p = self._prompt_shape(registry, entry)
+        k, p = self._prompt_shape(registry, entry, key)
         vision_shape = None if (k, p) == (0, 0) else (k, p, self.backbone.vision_width)
         stored = load_features(store, registry.manifest, entry, fingerprint, width, vision_shape)
         if stored is not None and (vision_shape is None or stored.vision is not None):
@@ -297,11 +298,11 @@ class SnapshotBuilder:
                                     f"{complement.dim}")
         return FusionTask(info, model, complement)
 
-    def _prompt_shape(self, registry: Registry, entry: TaskEntry) -> tuple[int, int]:
+    def _prompt_shape(self, registry: Registry, entry: TaskEntry, key: BuildKey) -> tuple[int, int]:
         """(K, P) of a classify task's visual prompts, from its configs alone (tasks may not be loaded yet)."""
         group = registry.manifest.group(entry.group) if entry.group is not None else None
         configs = [entry.prompt_config] if group is None else [group.prompt_config, entry.prompt_config]
-        key = json.dumps(configs, sort_keys=True)
+        key = (key[2], None if key[-1] is None else key[-1][1])  # the frozen task and group configs
         if key not in self._shapes:
             parts = [self.prompt_maker.initial(c) for c in configs]
             vision = [p.vision for p in parts if p.vision is not None]
@@ -336,16 +337,18 @@ class SnapshotBuilder:
         bounded = self.resident.capacity is not None
         infos = {e.name: TaskInfo.from_entry(e) for e in manifest.tasks}
         entries = {e.name: e for e in manifest.tasks}
-        keys: dict[str, str] = {}
+        keys: dict[str, BuildKey] = {}
         held: dict[str, ClassifyTask] = {}
-        fresh: dict[str, ClassifyTask] = {}  # loaded by this build: resident once the whole build succeeds
+        fresh: dict[BuildKey, ClassifyTask] = {}  # loaded by this build: resident once the whole build succeeds
         fusion: dict[str, FusionTask] = {}
-        fusion_built: dict[str, FusionTask] = {}
+        fusion_built: dict[BuildKey, FusionTask] = {}
         shapes: set[tuple[int, int]] = set()
         groups: dict[str, TowerPrompts] = {}
+        parts: dict[int, tuple[object, tuple]] = {}  # this build's key shares, from the last build's where the same
         fusion_rebuilt = 0
         for entry in manifest.tasks:
-            info, key = infos[entry.name], build_key(registry, entry)
+            info, key = infos[entry.name], build_key(registry, entry, self._parts)
+            parts[id(entry)] = self._parts[id(entry)]
             if entry.kind == "fuse":
                 task = self._fusion.get(key)
                 if task is None:
@@ -359,15 +362,15 @@ class SnapshotBuilder:
                 fusion_built[key], fusion[entry.name] = task, task
                 continue
             keys[entry.name] = key
-            shapes.add(self._guarded(where, entry.name, lambda e=entry: self._prompt_shape(registry, e)))
+            shapes.add(self._guarded(where, entry.name, lambda e=entry, k=key: self._prompt_shape(registry, e, k)))
             loaded = fresh.get(key) or self.resident.peek(key)
             changed = self._keys is not None and key not in self._keys
             if loaded is None and (not bounded or changed):
                 loaded = self._guarded(where, entry.name, lambda e=entry, i=info, k=key: self._classify(
                     store, registry, e, i, k, groups))
                 fresh[key] = loaded
-            if not bounded:
-                held[entry.name] = loaded if loaded.info is info else replace(loaded, info=info)
+            if not bounded:  # equal listings (the usual case): the task as it was, no copy
+                held[entry.name] = loaded if loaded.info == info else replace(loaded, info=info)
         try:  # open the runtime's graphs now: the first request must not pay, a missing graph must refuse the load
             self.runtime.prepare(shapes, {n: (t.model, t.complement.dim) for n, t in fusion.items()})
         except MmserveError as exc:
@@ -378,8 +381,9 @@ class SnapshotBuilder:
         if not bounded:
             self.resident.retain(keys.values())
         self._fusion, self._keys = fusion_built, frozenset(keys.values())
+        self._parts = parts
 
-        def load(info: TaskInfo, key: str) -> ClassifyTask:
+        def load(info: TaskInfo, key: BuildKey) -> ClassifyTask:
             entry = entries[info.name]
             return self._guarded(where, info.name, lambda: self._classify(store, registry, entry, info, key))
 
@@ -390,10 +394,36 @@ class SnapshotBuilder:
                         tuple(infos.values()), classify, MappingProxyType(fusion))
 
 
-def build_key(registry: Registry, entry: TaskEntry) -> str:
-    """What a served task is built from: its kind, weights, config and classes, and its group's weights."""
-    group = registry.manifest.group(entry.group) if entry.group is not None else None
-    inputs = {"kind": entry.kind, "sha": entry.sha256, "config": entry.prompt_config, "classes": entry.classes,
-              "template": entry.template, "head": entry.head, "complementary": entry.complementary,
-              "psi_dim": entry.psi_dim, "group": None if group is None else [group.sha256, group.prompt_config]}
-    return json.dumps(inputs, sort_keys=True)
+BuildKey = tuple  # what a served task is built from (build_key): equal keys, equal tensors
+
+
+def frozen(value: Any) -> Hashable:
+    """A JSON value as a hashable value with the same equality (dict keys sorted)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(frozen(v) for v in value)
+    return value
+
+
+def build_key(registry: Registry, entry: TaskEntry, parts: dict[int, tuple[object, tuple]] | None = None
+              ) -> BuildKey:
+    """What a served task is built from: its kind, weights, config and classes, and its group's weights (a tuple:
+    thousands of tasks are keyed at every build). `parts` keeps each entry's and group's share by object, for
+    the entries that versions share (mmserve.store keeps them across the versions it parses)."""
+    own = _part(parts, entry, lambda: (entry.kind, entry.sha256, frozen(entry.prompt_config), tuple(entry.classes),
+                                       entry.template, entry.head, frozen(entry.complementary), entry.psi_dim))
+    if entry.group is None:
+        return (*own, None)
+    group = registry.manifest.group(entry.group)
+    return (*own, _part(parts, group, lambda: (group.sha256, frozen(group.prompt_config))))
+
+
+def _part(parts: dict[int, tuple[object, tuple]] | None, owner: object, make: Callable[[], tuple]) -> tuple:
+    cached = None if parts is None else parts.get(id(owner))
+    if cached is not None and cached[0] is owner:
+        return cached[1]
+    value = make()
+    if parts is not None:
+        parts[id(owner)] = (owner, value)
+    return value

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,10 +29,14 @@ from mmserve.errors import RegistryError
 from mmserve.fileio import atomic_write_bytes
 from mmserve.registry import MANIFEST, Manifest, now_iso, parse_manifest
 from mmserve.strict import from_dict
+from mmserve.version_index import entry_name, is_index, parse_index, seal_index
 
 HEAD = "HEAD.json"
 HEAD_FORMAT = "mmserve-store-1"
 HISTORY_KEPT = 1000  # history entries HEAD keeps (the versions they name stay until `gc`)
+PARSED_KEPT = 4  # parsed versions kept in memory: a change reads its base and its result, a follower both
+# (store url, version) -> (manifest, entry sha256 by task name, or None for a version holding a whole manifest)
+_PARSED: OrderedDict[tuple[str, str], tuple[Manifest, dict[str, str] | None]] = OrderedDict()
 
 
 class StaleVersionError(RegistryError):
@@ -198,22 +203,81 @@ class Store:
                                 f"sha256 (corrupt or replaced)")
         return data
 
-    def put_version(self, manifest: Manifest, payload: bytes) -> str:
-        """Write a sealed manifest (its weights naming blobs) as an immutable version; returns its id."""
+    def put_version(self, manifest: Manifest, base: str | None = None) -> str:
+        """Write a manifest whose weights are written as an immutable version (its new entries, then its index;
+        mmserve.version_index) and stamp its id on it; entries taken over from version `base` unchanged (the same
+        objects, as mmserve.versions copies them) are not written again. The manifest is kept as the version's
+        parse in this process: the writer must not change it after."""
+        known: dict[int, str] = {}
+        cached = _PARSED.get((self.url, base)) if base else None
+        if cached is not None and cached[1] is not None:
+            known = {id(t): cached[1][t.name] for t in cached[0].tasks}
+        index, fresh, shas = seal_index(manifest, known)
+        for sha, data in fresh.items():  # entries, then the index naming them: never an index naming a gap
+            if not self._exists(entry_name(sha)):
+                self.write(entry_name(sha), data)
         name = version_name(manifest.version)
         if not self._exists(name):
-            self.write(name, payload)
+            self.write(name, index)
+        self._keep(manifest.version, manifest, shas)
         return manifest.version
 
-    def get_version(self, version: str) -> Manifest:
-        """The manifest of `version`, validated strictly."""
+    def get_version(self, version: str, fresh: bool = False) -> Manifest:
+        """The manifest of `version`, validated strictly; shared with every caller in this process that asks for
+        the same version of the same store (versions are immutable: never change the object, copy it). `fresh`
+        reads the files whatever this process holds (verify; rollback, which must see a collected version gone)."""
+        cached = None if fresh or self.legacy else _PARSED.get((self.url, version))
+        if cached is not None:
+            _PARSED.move_to_end((self.url, version))
+            return cached[0]
+        manifest, shas = self._parse_version(version)
+        if not self.legacy:
+            self._keep(version, manifest, shas)
+        return manifest
+
+    def entry_shas(self, version: str) -> dict[str, str] | None:
+        """Each task's entry sha256 in `version` (None for a version holding a whole manifest)."""
+        self.get_version(version)
+        return _PARSED[(self.url, version)][1]
+
+    def _keep(self, version: str, manifest: Manifest, shas: dict[str, str] | None) -> None:
+        _PARSED[(self.url, version)] = (manifest, shas)
+        _PARSED.move_to_end((self.url, version))
+        while len(_PARSED) > PARSED_KEPT:
+            _PARSED.popitem(last=False)
+
+    def _parse_version(self, version: str) -> tuple[Manifest, dict[str, str] | None]:
         if self.legacy:
             manifest = parse_manifest(self.read(MANIFEST), self.where(MANIFEST))
             if version != manifest.version:
                 raise RegistryError(f"{self.where(MANIFEST)}: version {version} is not this registry's")
-            return manifest
+            return manifest, None
         name = version_name(version)
-        return parse_manifest(self.read(name), self.where(name))
+        raw = self.read(name)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{self.where(name)}: invalid JSON: {exc}") from None
+        if not is_index(data):
+            return parse_manifest(raw, self.where(name)), None
+        known = {shas[t.name]: t for m, shas in _PARSED.values() if shas for t in m.tasks}
+        tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
+        needed = [entry_name(item[1]) for item in tasks
+                  if isinstance(item, list) and len(item) == 2 and isinstance(item[1], str) and item[1] not in known]
+        blobs = self.read_many(needed)
+        return parse_index(data, self.where(name), lambda sha: blobs.get(entry_name(sha)) or self.read(
+            entry_name(sha)), known)
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        """Several files' bytes by name, those missing left out (one concurrent request batch on S3)."""
+        if self.is_local or len(names) < 2:
+            return {n: data for n in names if (data := self.read_optional(n)) is not None}
+        try:
+            got = self.fs.cat([self.path_of(n) for n in names], on_error="return")
+        except Exception as exc:  # OSError, or botocore's EndpointConnectionError...
+            raise StoreUnreachableError(f"{self.url}: store unreachable ({_reason(exc)})") from None
+        by_path = {self.path_of(n): n for n in names}
+        return {by_path[p]: data for p, data in got.items() if isinstance(data, bytes) and p in by_path}
 
     def manifest_where(self, version: str) -> str:
         """Where version `version`'s manifest is, for messages (a directory registry's manifest.json)."""
@@ -318,11 +382,19 @@ class Store:
         return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in found)
 
     def delete(self, name: str) -> None:
-        """Remove one file (gc)."""
+        """Remove one file (gc); a version's parse kept in this process goes with it."""
+        if name.startswith("versions/"):
+            _PARSED.pop((self.url, name.removeprefix("versions/").removesuffix(".json")), None)
         try:
             self.fs.rm_file(self.path_of(name))
         except FileNotFoundError:
             pass
+
+
+def forget_parsed() -> None:
+    """Drop every version this process keeps parsed (a benchmark's follower measures a parse, as another process
+    would)."""
+    _PARSED.clear()
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -30,8 +30,8 @@ def check_json_type(value: object, annotation: str, where: str, error: type[Exce
         return
     item = _ITEM_TYPES.get(base)
     wrong_bool = isinstance(value, bool) and bool not in types
-    if not isinstance(value, types) or wrong_bool or (item is not None and not all(
-            isinstance(x, item) and not isinstance(x, bool) for x in value)):
+    # the items' exact types (JSON gives exactly str and int; bool is not an int here)
+    if not isinstance(value, types) or wrong_bool or (item is not None and not {type(x) for x in value} <= {item}):
         at = where if field_name is None else f"{where}.{field_name}"
         raise error(f"{at}: expected {base}, got {json.dumps(value)[:80]}")
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from mmserve.errors import RegistryError
 from mmserve.features import FEATURES, feature_task
-from mmserve.registry import BackboneRef, GroupEntry, Manifest, TaskEntry, seal_manifest
+from mmserve.registry import BackboneRef, GroupEntry, Manifest, TaskEntry
 from mmserve.store import HEAD, StaleVersionError, Store, blob_name, version_name
+from mmserve.version_index import ENTRIES
 
 ATTEMPTS = 8  # an unpinned change computed again after losing a race, at most this often
 
@@ -57,8 +58,7 @@ Check = Callable[[str], None]  # called with a written version before HEAD moves
 
 def _commit(store: Store, base: str | None, manifest: Manifest, operation: str, tasks: list[str],
             check: Check | None) -> Change:
-    payload = seal_manifest(manifest, indent=None)
-    store.put_version(manifest, payload)  # blobs were written by the caller: version second, HEAD last
+    store.put_version(manifest, base)  # blobs were written by the caller: version second, HEAD last
     if check is not None:
         check(manifest.version)  # e.g. a server builds it against its backbone: a bad version never becomes HEAD
     head = store.move_head(base, manifest.version, operation)
@@ -197,7 +197,7 @@ def rollback(store: Store, version: str | None = None, expected: str | None = No
         if not earlier:
             raise RegistryError(f"{store.where(HEAD)}: no earlier version to roll back to")
         version = earlier[-1]
-    manifest = store.get_version(version)  # refuses a version that is not there (or was collected)
+    manifest = store.get_version(version, fresh=True)  # refuses a version that is not there (or was collected)
     if check is not None:
         check(version)
     pinned = head.version if expected is None else expected
@@ -246,7 +246,7 @@ def verify(store: Store) -> list[str]:
     checked: set[str] = set()
     for version in versions:
         try:
-            manifest = store.get_version(version)
+            manifest = store.get_version(version, fresh=True)
         except RegistryError as exc:
             problems.append(str(exc))
             continue
@@ -265,7 +265,7 @@ def verify(store: Store) -> list[str]:
 
 def gc(store: Store, keep: int = 10) -> dict[str, Any]:
     """Keep the versions of the last `keep` history entries (the current one always); drop every other version
-    file and every blob (and stored feature) no kept version uses."""
+    file and every blob, task entry and stored feature no kept version uses."""
     if keep < 1:
         raise RegistryError("gc: --keep must be at least 1")
     head = store.head()
@@ -273,9 +273,11 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
         return {"kept_versions": [], "removed_versions": [], "removed_blobs": 0}
     kept = list(dict.fromkeys([h.version for h in head.history[-keep:]] + [head.version]))
     used: set[str] = set()
+    entries: set[str] = set()
     for version in kept:
         manifest = store.get_version(version)
         used |= {g.sha256 for g in manifest.groups} | {t.sha256 for t in manifest.tasks}
+        entries |= set((store.entry_shas(version) or {}).values())
     removed_versions = [n.removesuffix(".json") for n in store.list_names("versions")
                         if n.removesuffix(".json") not in kept]
     for version in removed_versions:
@@ -285,6 +287,9 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
         if name.removesuffix(".safetensors") not in used:
             store.delete(f"blobs/{name}")
             removed += 1
+    for name in store.list_names(ENTRIES):
+        if name.removesuffix(".json") not in entries:
+            store.delete(f"{ENTRIES}/{name}")
     for fingerprint in store.list_names(FEATURES):
         for name in store.list_names(f"{FEATURES}/{fingerprint}"):
             if feature_task(name) not in used:

@@ -49,6 +49,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-requests", type=positive_int, default=d.http_requests, help="requests per load run")
     p.add_argument("--http-runs", type=positive_int, default=d.http_runs, help="runs per HTTP figure (median)")
     p.add_argument("--http-max-batch", type=int, default=d.http_max_batch)
+    p.add_argument("--registry-scale", type=_ints, default=None, metavar="N,N",
+                   help="run only the registry-scale section at these task counts (e.g. 1000,10000)")
+    p.add_argument("--registry-resident", default="100000:1000", metavar="REGISTERED:RESIDENT",
+                   help="with --registry-scale: tasks registered and MMSERVE_MAX_RESIDENT_TASKS for the bounded "
+                        "case (default %(default)s; 'none' skips it)")
+    p.add_argument("--registry-workdir", type=Path, default=None,
+                   help="with --registry-scale: where the stores are written (default: the temp dir)")
     p.add_argument("--out", type=Path, default=d.out, help="JSON report path (default %(default)s)")
 
 
@@ -76,7 +83,45 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     backbone, note = load_backbone_from_args(args)
     print(f"backbone {backbone.spec.model}: {note}", flush=True)
+    if args.registry_scale:
+        return _registry_scale(args, backbone, note)
     report = run_bench(config, backbone, note, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_report(report))
     print(f"\nJSON report: {config.out}")
     return 0
+
+
+def _registry_scale(args: argparse.Namespace, backbone, note: str) -> int:
+    """`mmserve bench --registry-scale N,...`: that section alone, its table and JSON."""
+    from mmserve.bench.registry_scale import format_registry_scale, run_registry_scale
+    from mmserve.fileio import atomic_write_json
+
+    if min(args.registry_scale) < 8:
+        print("mmserve bench: --registry-scale: every task count must be >= 8 (throughput is judged against 8 "
+              "tasks)", file=sys.stderr)
+        return 2
+    resident = None
+    if args.registry_resident.strip().lower() != "none":
+        try:
+            registered, kept = (int(v) for v in args.registry_resident.split(":"))
+        except ValueError:
+            print(f"mmserve bench: --registry-resident {args.registry_resident!r}: expected REGISTERED:RESIDENT "
+                  f"(e.g. 100000:1000) or none", file=sys.stderr)
+            return 2
+        resident = (registered, kept)
+    if args.threads:
+        torch_threads(args.threads)
+    result = run_registry_scale(backbone, tuple(args.registry_scale), resident, args.registry_workdir,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["backbone"] = {"model": backbone.spec.model, "note": note}
+    print(format_registry_scale(result))
+    atomic_write_json(args.out, {"registry_scale": result})
+    print(f"\nJSON report: {args.out}")
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    """Intra-op threads for the section's forward passes."""
+    import torch
+
+    torch.set_num_threads(n)

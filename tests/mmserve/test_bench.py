@@ -234,3 +234,26 @@ def test_stopping_a_server_that_already_exited_is_no_error() -> None:
     proc.wait(30)
     _stop_group(proc)  # its process group is gone
     assert proc.returncode == 0
+
+
+def test_registry_scale_section_reports_every_target(tmp_path: Path, capsys) -> None:
+    """`mmserve bench --registry-scale` on the tiny backbone: every figure and target is in the JSON and table (the
+    issue's numbers come from the shipped backbone: docs/performance.md)."""
+    out = tmp_path / "scale.json"
+    code = main(["bench", "--model", TINY_MODEL, "--pretrained", "none", "--registry-scale", "12",
+                 "--registry-resident", "40:5", "--registry-workdir", str(tmp_path), "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())["registry_scale"]
+    (row,) = report["scales"]
+    assert row["tasks"] == 12 and all(_positive(row[k]) for k in (
+        "ready_s", "follower_ready_s", "add_s", "follow_add_s", "remove_s", "follow_remove_s", "mixed_over_8",
+        "served_bytes_per_task"))
+    resident = report["resident"]
+    assert resident["registered"] == 40 and resident["residency"]["resident"] == 5
+    assert resident["residency"]["evictions"] > 0 and resident["cold_requests"] == 35
+    targets = {t["target"]: t for t in report["targets"]}
+    assert len(targets) == 6 and all(t["met"] in (True, False) for t in targets.values())
+    printed = capsys.readouterr().out
+    assert "Registry scale" in printed and all(t in printed for t in targets)
+    assert [p.name for p in tmp_path.iterdir()] == ["scale.json"]  # the stores are gone
+    assert main(["bench", "--model", TINY_MODEL, "--pretrained", "none", "--registry-scale", "4"]) == 2

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from mmserve.engine import InferenceEngine
 from mmserve.errors import RegistryError
 from mmserve.features import FEATURES
 from mmserve.fileio import sha256_file
-from mmserve.registry import content_version
-from mmserve.store import StaleVersionError, Store
+from mmserve.registry import content_version, seal_manifest
+from mmserve.store import StaleVersionError, Store, forget_parsed
+from mmserve.version_index import ENTRIES
 from mmserve.versions import add_tasks, current, gc, history, listing, remove_tasks, rollback, verify
 
 
@@ -149,6 +151,54 @@ def test_gc_keeps_what_kept_versions_use(tmp_path: Path, demo_registries) -> Non
     assert verify(store) == []
     with pytest.raises(RegistryError, match="missing"):
         rollback(store, report["removed_versions"][0])
+
+
+def test_a_change_writes_one_entry_and_an_index_and_a_corrupt_entry_is_named(tmp_path: Path,
+                                                                             demo_registries) -> None:
+    store = Store.open(tmp_path / "store")
+    add_tasks(store, demo_registries.v1)
+    entries = tmp_path / "store" / ENTRIES
+    before = set(entries.iterdir())
+    assert len(before) == 5  # one per task
+    add_tasks(store, demo_registries.v2, ["colors"])
+    (fresh,) = set(entries.iterdir()) - before  # the changed task's entry; the other four are the index's names
+    index = json.loads((tmp_path / "store" / "versions" / f"{store.head().version}.json").read_bytes())
+    assert len(index["tasks"]) == 5 and [n for n, sha in index["tasks"] if f"{sha}.json" == fresh.name] == ["colors"]
+    forget_parsed()  # as another process: read from the files
+    assert Store.open(tmp_path / "store").get_version(store.head().version).task("colors").sha256 == current(
+        Store.open(demo_registries.v2)).task("colors").sha256
+    good = fresh.read_bytes()
+    fresh.write_bytes(good.replace(b'"colors"', b'"colour"'))
+    forget_parsed()
+    with pytest.raises(RegistryError, match=rf"tasks\[colors\] \(entries/{fresh.stem}.json\): bytes do not match"):
+        Store.open(tmp_path / "store").get_version(store.head().version)
+    assert any(fresh.stem in p for p in verify(store))
+    fresh.write_bytes(good)
+    report = gc(store, keep=1)
+    assert len(report["removed_versions"]) == 1 and fresh in set(entries.iterdir())  # kept: the current one uses it
+    assert len(set(entries.iterdir())) == 5  # v1's colors entry went with the version that used it
+
+
+def test_a_version_holding_a_whole_manifest_still_reads(tmp_path: Path, demo_registries) -> None:
+    """The first store layout wrote each version as a whole manifest; such a store serves and changes on."""
+    manifest = current(Store.open(demo_registries.v1))
+    old = replace(manifest, groups=list(manifest.groups), tasks=list(manifest.tasks))
+    for entry in old.tasks + old.groups:
+        entry.weights = f"blobs/{entry.sha256}.safetensors"
+    payload = seal_manifest(old, indent=None)
+    root = tmp_path / "store"
+    for sub in ("blobs", "versions"):
+        (root / sub).mkdir(parents=True)
+    for path in (demo_registries.v1 / "groups").iterdir():
+        shutil.copy(path, root / "blobs" / f"{sha256_file(path)}.safetensors")
+    for path in (demo_registries.v1 / "tasks").iterdir():
+        shutil.copy(path, root / "blobs" / f"{sha256_file(path)}.safetensors")
+    (root / "versions" / f"{old.version}.json").write_bytes(payload)
+    store = Store.open(root)
+    store.move_head(None, old.version, "written by the first layout")
+    assert _names(store) == ["colors", "warmth", "brightness", "tags", "pet"] and verify(store) == []
+    removed = remove_tasks(store, ["pet"])
+    assert _names(store) == ["colors", "warmth", "brightness", "tags"] and removed.previous_version == old.version
 
 
 def test_a_legacy_directory_reads_as_a_one_version_store(demo_registries) -> None:
