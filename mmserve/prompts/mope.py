@@ -4,6 +4,10 @@ Per prompted layer the prompt is [static (l) ; dynamic (l) ; mapped (l_m)] token
   static  - a learned (l, d) prompt shared by every sample;
   dynamic - sum_i r_i E_i over k prompt experts (l, d), router r = softmax(W_r psi / tau + noise);
   mapped  - f_m(psi), a 2-layer GELU MLP reshaped to (l_m, d).
+
+The router's noise-free softmax r = softmax(W_r psi / tau) (the paper's eq. 5-6) is what the routing statistics,
+the entropy and the importance loss read, in every mode; the noise (training only) and the top-1 gate apply to
+the gates that weight the experts, i.e. to the prompts only.
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ from mmserve.errors import PromptConfigError
 from mmserve.prompts.base import resolve_depth
 from mmserve.strict import from_dict
 
+# what the fusion head reads: the prompted image feature alone (the paper's linear head), or that feature
+# concatenated with psi (mmserve's first head, a late-fusion path around the prompts; registries without the
+# field were trained with it)
+HEAD_INPUTS = ("image", "image+psi")
+LEGACY_HEAD_INPUT = "image+psi"
+
 
 @dataclass
 class MoPEConfig:
-    """MoPE hyper-parameters; defaults are the paper's (l = 6, k = 16, tau = 0.1, gamma = 0.05, dense routing)."""
+    """MoPE hyper-parameters; defaults are the paper's (l = 6, k = 16, tau = 0.1, gamma = 0.05, dense routing)
+    but for `head_input`, which defaults to what every registry before the field was trained with."""
 
     prompt_len: int = 6  # l: tokens of the static prompt and of each expert
     n_experts: int = 16  # k
@@ -35,6 +46,7 @@ class MoPEConfig:
     importance_weight: float = 0.01
     depth: int | None = None  # prompted layers of the image tower (None = all)
     init_std: float = 0.02
+    head_input: str = LEGACY_HEAD_INPUT  # "image" (the paper's head) or "image+psi" (see HEAD_INPUTS)
 
     type: str = "mope"
 
@@ -52,10 +64,13 @@ class MoPEConfig:
 
 @dataclass
 class MoPEOutput:
-    """Per-sample prompts (B, K, P, d_v) and routing scores (B, K, k) for reporting and the importance loss."""
+    """Per-sample prompts (B, K, P, d_v), the gates that weighted the experts (B, K, k: noisy in training, one
+    non-zero per layer under top-1) and the router's noise-free softmax (B, K, k) that statistics and the
+    importance loss read."""
 
     prompts: torch.Tensor
     routing: torch.Tensor
+    probs: torch.Tensor
 
 
 class MoPE(nn.Module):
@@ -94,8 +109,8 @@ class MoPE(nn.Module):
         """Prompt tokens per layer: static + dynamic + mapped."""
         return 2 * self.config.prompt_len + self.config.mapped_len
 
-    def route(self, psi: torch.Tensor, image_summary: torch.Tensor | None = None) -> torch.Tensor:
-        """Routing scores r (B, K, k): softmax over experts of W_r psi / tau (+ noise when training)."""
+    def router_logits(self, psi: torch.Tensor, image_summary: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise-free router logits W_r psi / tau (B, K, k)."""
         router_in = psi
         if self.config.router_uses_image:
             if image_summary is None:
@@ -103,7 +118,10 @@ class MoPE(nn.Module):
             # unit length like psi: the mean patch embedding (after ln_pre) has norm ~sqrt(d_v), which would
             # swamp psi and, divided by tau, start the router nearly one-hot
             router_in = torch.cat([psi, F.normalize(image_summary, dim=-1)], dim=-1)
-        logits = torch.einsum("bi,kei->bke", router_in, self.router) / self.config.temperature  # (B, K, k)
+        return torch.einsum("bi,kei->bke", router_in, self.router) / self.config.temperature  # (B, K, k)
+
+    def gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """The expert weights of the prompts from router logits: softmax (+ noise when training), top-1 masked."""
         if self.training and self.config.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.config.noise_std
         scores = logits.softmax(dim=-1)
@@ -112,22 +130,29 @@ class MoPE(nn.Module):
             scores = scores * keep  # the winner keeps its (differentiable) score, the others get 0
         return scores
 
+    def route(self, psi: torch.Tensor, image_summary: torch.Tensor | None = None) -> torch.Tensor:
+        """The gates (B, K, k) that weight the experts: softmax over experts of W_r psi / tau (+ noise when
+        training), top-1 masked in top-1 mode."""
+        return self.gates(self.router_logits(psi, image_summary))
+
     def forward(self, psi: torch.Tensor, image_summary: torch.Tensor | None = None) -> MoPEOutput:
-        """Prompts (B, K, 2l + l_m, d_v) for every sample, and the routing scores that made them."""
+        """Prompts (B, K, 2l + l_m, d_v) for every sample, the gates that made them and the noise-free softmax."""
         batch = psi.shape[0]
-        routing = self.route(psi, image_summary)  # (B, K, k)
+        logits = self.router_logits(psi, image_summary)  # (B, K, k)
+        routing = self.gates(logits)
         dynamic = torch.einsum("bke,keld->bkld", routing, self.experts)  # (B, K, l, d)
         static = self.static.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, K, l, d)
         parts = [static, dynamic]
         if self.mapper is not None:
             parts.append(self.mapper(psi).view(batch, self.depth, self.config.mapped_len, self.width))
-        return MoPEOutput(prompts=torch.cat(parts, dim=2), routing=routing)
+        return MoPEOutput(prompts=torch.cat(parts, dim=2), routing=routing, probs=logits.softmax(dim=-1))
 
 
 def importance_loss(routing: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
-    """Squared coefficient of variation of per-expert summed routing scores, averaged over layers.
+    """Squared coefficient of variation of per-expert summed routing scores, averaged over layers (eq. 5-6).
 
-    routing: (B, K, k). Layers whose CV^2 is at or below `threshold` contribute 0 and no gradient.
+    routing: (B, K, k), the router's noise-free softmax (MoPEOutput.probs) in every routing mode. Layers whose CV^2
+    is at or below `threshold` contribute 0 and no gradient.
     """
     importance = routing.sum(dim=0)  # (K, k): each expert's summed score per layer
     mean = importance.mean(dim=-1)
@@ -136,7 +161,8 @@ def importance_loss(routing: torch.Tensor, threshold: float = 0.05) -> torch.Ten
 
 
 def routing_entropy(routing: torch.Tensor) -> float:
-    """Mean entropy (nats) of the per-sample routing distributions: log k = uniform, 0 = one expert."""
+    """Mean entropy (nats) of per-sample routing distributions (pass MoPEOutput.probs): log k = uniform, 0 = one
+    expert."""
     p = routing.detach().clamp_min(1e-12)
     return float(-(p * p.log()).sum(dim=-1).mean())
 

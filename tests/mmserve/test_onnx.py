@@ -356,3 +356,26 @@ def test_registry_load_opens_every_session_or_refuses(onnx_dir: Path, registry_d
     monkeypatch.setitem(runtime_module.RUNTIMES, "onnx", lambda bb: _runtime(bb, empty, "fp32"))
     with pytest.raises(RegistryError, match="runtime onnx: no fp32 ONNX graph"):
         InferenceEngine(tiny_backbone, registry_dir, "onnx")
+
+
+def test_fusion_graph_of_the_paper_head_matches_torch(tiny_backbone, tmp_path: Path) -> None:
+    """head_input 'image' (the head reads no psi): the exported graph and the fallback path still match torch."""
+    from mmserve.onnx.export import export_fusion_graph
+
+    torch.manual_seed(1)
+    cfg = MoPEConfig.from_dict({**MOPE, "head_input": "image"})
+    entry = TaskEntry(name="paper", kind="fuse", classes=["x", "y", "z"], prompt_config=cfg.to_dict(),
+                      trainable_params=0, head="multiclass", complementary={"kind": "clip_text"},
+                      psi_dim=tiny_backbone.embed_dim)
+    model = fusion_module(entry, tiny_backbone).eval()
+    assert model.head.in_features == tiny_backbone.embed_dim
+    export_fusion_graph(tiny_backbone, tmp_path, "paper", model, ExportOptions(optimize=False))
+    runtime = _runtime(tiny_backbone, tmp_path)
+    images = _images(3, 7)
+    psi = ClipTextComplement(tiny_backbone).encode(["a red one", "two dogs", "fish"])
+    with torch.no_grad():
+        reference = model(PromptedImageEncoder(tiny_backbone), images, psi)
+    assert runtime.fusion_graph("paper", model) is not None
+    logits, routing = runtime.fuse("paper", model, images, psi)
+    assert (logits - reference.logits).abs().max().item() <= TOL
+    assert (routing - reference.routing).abs().max().item() <= TOL

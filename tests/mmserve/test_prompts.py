@@ -150,3 +150,68 @@ def test_fusion_model_heads():
             assert torch.allclose(probs, out.logits.sigmoid())  # independent labels: not a softmax
     with pytest.raises(PromptConfigError, match="fusion head"):
         FusionModel(cfg, 64, 2, 32, 8, 3, head="softmax")
+
+
+def _hand_router(routing: str) -> MoPE:
+    """One layer, two experts, tau 1: psi = e_1 gives router logits (ln 3, 0), i.e. softmax (0.75, 0.25)."""
+    cfg = MoPEConfig(prompt_len=1, n_experts=2, mapped_len=0, temperature=1.0, noise_std=1.0, routing=routing,
+                     importance_threshold=0.05)
+    mope = MoPE(cfg, vision_width=4, vision_layers=1, psi_dim=2)
+    with torch.no_grad():
+        mope.router.copy_(torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]]))
+    return mope
+
+
+@pytest.mark.parametrize("routing", ["dense", "top1"])
+def test_routing_statistics_and_importance_read_the_noise_free_softmax(routing: str):
+    """Eq. 5-6 by hand: r = (0.75, 0.25) for both samples, in either mode, noise or not.
+
+    entropy = -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.5623; importance = (1.5, 0.5), mean 1, variance 0.25: CV^2 = 0.25;
+    shares (0.75, 0.25). The top-1 gate keeps (0.75, 0) for the prompts only: read from the gates, top-1 entropy
+    would be 0.2158 and CV^2 1.0.
+    """
+    mope = _hand_router(routing).eval()
+    psi = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = mope(psi)
+    assert torch.allclose(out.probs, torch.tensor([0.75, 0.25]).expand(2, 1, 2))
+    gates = torch.tensor([0.75, 0.0] if routing == "top1" else [0.75, 0.25]).expand(2, 1, 2)
+    assert torch.allclose(out.routing, gates)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert routing_entropy(out.probs) == pytest.approx(entropy, abs=1e-6) == pytest.approx(0.5623, abs=1e-4)
+    assert importance_loss(out.probs, 0.05).item() == pytest.approx(0.25, abs=1e-6)
+    assert expert_importance(out.probs) == [pytest.approx([0.75, 0.25], abs=1e-6)]
+    mope.train()  # router noise (std 1) moves the gates, never the statistics nor the importance loss
+    torch.manual_seed(0)
+    noisy = [mope(psi) for _ in range(3)]
+    assert any(not torch.allclose(o.routing, gates) for o in noisy)
+    for o in noisy:
+        assert torch.allclose(o.probs, out.probs)
+        assert importance_loss(o.probs, 0.05).item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_fusion_head_reads_the_image_feature_alone_or_with_psi():
+    from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
+    from mmserve.encoders import PromptedImageEncoder
+
+    backbone = load_backbone(BackboneSpec(TINY_MODEL))
+    enc = PromptedImageEncoder(backbone)
+    images, psi = torch.randn(2, 3, 32, 32), torch.randn(2, 8)
+    feats = torch.nn.functional.normalize(torch.randn(2, backbone.embed_dim), dim=-1)
+    for head_input, width in (("image", backbone.embed_dim), ("image+psi", backbone.embed_dim + 8)):
+        cfg = MoPEConfig(prompt_len=2, n_experts=4, mapper_hidden=16, head_input=head_input)
+        model = FusionModel(cfg, 64, 2, backbone.embed_dim, 8, n_classes=3).eval()
+        assert model.head.in_features == width and model.head_uses_psi == (head_input == "image+psi")
+        other = model.logits(feats, -psi)
+        assert torch.equal(model.logits(feats, psi), other) == (head_input == "image")  # psi only via the prompts
+        out = model(enc, images, psi)
+        assert out.logits.shape == (2, 3) and out.probs.shape == out.routing.shape == (2, 2, 4)
+    with pytest.raises(PromptConfigError, match="head_input"):
+        FusionModel(MoPEConfig(head_input="psi"), 64, 2, 32, 8, 3)
+
+
+def test_a_config_without_head_input_is_the_head_it_was_trained_with():
+    legacy = MoPEConfig(prompt_len=2, n_experts=4).to_dict()
+    del legacy["head_input"]  # every registry written before the field
+    assert MoPEConfig.from_dict(legacy).head_input == "image+psi"
+    assert FusionModel(MoPEConfig.from_dict(legacy), 64, 2, 32, 8, 3).head.in_features == 32 + 8
+    assert MoPEConfig.from_dict({**legacy, "head_input": "image"}).head_input == "image"
