@@ -4,6 +4,8 @@ Layout:
     <root>/manifest.json                      schema, backbone fingerprint, groups, tasks
     <root>/groups/<group>-<sha12>.safetensors group-shared prompt weights, once per group
     <root>/tasks/<task>-<sha12>.safetensors   task-specific prompt weights (fusion: MoPE + head)
+    <root>/grouping/<group>-<sha12>.safetensors  optional grouping record of a group (GroupingRef): the global
+                                              shared prompt of the grouping run and its tasks' averaged gradients
 
 Weight files are content-addressed and written before the manifest, which is replaced last with an atomic
 rename: a reader sees either the old registry or the new one, never a half-written entry.
@@ -29,6 +31,7 @@ from mmserve.strict import from_dict
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("classify", "fuse")
+GROUPING = "grouping"  # the folder of groups' grouping records
 DEFAULT_TEMPLATE = "a photo of a {}."  # the class-prompt template a task gets when none is chosen
 
 
@@ -42,6 +45,23 @@ class BackboneRef:
 
 
 @dataclass
+class GroupingRef:
+    """A group's grouping record (what a new task needs to choose its group without retraining the others): the
+    weights file holding the global shared prompt of the grouping run ("prompt.*") and each of the group's tasks'
+    averaged gradient on it ("gradient.<task>"), and how those gradients were taken."""
+
+    prompt_config: dict  # the global shared prompt's module config
+    similarity: str  # "dot" or "cosine": how gradients are compared
+    center: bool  # scores centred by the mean off-diagonal similarity (training.grouping.center_offset)
+    batch_size: int  # per gradient batch
+    batches: int  # gradient batches averaged per task
+    template: str  # class-prompt template of the gradient passes
+    seed: int = 0  # of the gradient batches
+    weights: str = ""
+    sha256: str = ""
+
+
+@dataclass
 class GroupEntry:
     """A group-shared prompt: one weights file serving every task of the group."""
 
@@ -51,6 +71,7 @@ class GroupEntry:
     trainable_params: int
     weights: str = ""
     sha256: str = ""
+    grouping: dict | None = None  # a GroupingRef's fields (optional: registries before it still load)
 
 
 @dataclass
@@ -167,22 +188,32 @@ def _manifest_version(manifest: Manifest) -> str:
 
 
 def save_registry(root: str | Path, manifest: Manifest, group_weights: dict[str, dict[str, torch.Tensor]],
-                  task_weights: dict[str, dict[str, torch.Tensor]]) -> Registry:
-    """Write weights then atomically replace manifest.json; unreferenced old weight files are removed after."""
+                  task_weights: dict[str, dict[str, torch.Tensor]],
+                  grouping_weights: Mapping[str, dict[str, torch.Tensor]] | None = None) -> Registry:
+    """Write weights then atomically replace manifest.json; unreferenced old weight files are removed after.
+
+    A group whose `grouping` names a record takes its tensors from `grouping_weights` (by group name)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     check_manifest_names(manifest, root / MANIFEST)
     for g in manifest.groups:
         if g.name not in group_weights:
             raise RegistryError(f"{root / MANIFEST}: groups[{g.name}]: no tensors given to save")
+        if g.grouping is not None and g.name not in (grouping_weights or {}):
+            raise RegistryError(f"{root / MANIFEST}: groups[{g.name}].grouping: no tensors given to save")
+    for g in manifest.groups:
         g.weights, g.sha256 = _write_tensors(root, "groups", g.name, group_weights[g.name])
+        if g.grouping is not None:
+            rel, digest = _write_tensors(root, GROUPING, g.name, grouping_weights[g.name])  # type: ignore[index]
+            g.grouping = {**g.grouping, "weights": rel, "sha256": digest}
     for t in manifest.tasks:
         if t.name not in task_weights:
             raise RegistryError(f"{root / MANIFEST}: tasks[{t.name}]: no tensors given to save")
         t.weights, t.sha256 = _write_tensors(root, "tasks", t.name, task_weights[t.name])
     atomic_write_bytes(root / MANIFEST, seal_manifest(manifest))
     referenced = {g.weights for g in manifest.groups} | {t.weights for t in manifest.tasks}
-    for sub in ("groups", "tasks"):
+    referenced |= {g.grouping["weights"] for g in manifest.groups if g.grouping is not None}
+    for sub in ("groups", "tasks", GROUPING):
         for f in (root / sub).glob("*.safetensors"):
             if f"{sub}/{f.name}" not in referenced:
                 f.unlink(missing_ok=True)
@@ -216,9 +247,22 @@ def check_manifest_names(manifest: Manifest, path: Path) -> None:
         for name in g.tasks:
             if name not in seen:
                 raise RegistryError(f"{path}: groups[{g.name}].tasks: unknown task '{name}'")
+        if g.grouping is not None:
+            grouping_ref(g, path)
     for t in manifest.tasks:
         if not 0.0 <= t.threshold <= 1.0:  # also refuses NaN
             raise RegistryError(f"{path}: tasks[{t.name}].threshold: {t.threshold} is not a probability in [0, 1]")
+
+
+def grouping_ref(group: GroupEntry, path: str | Path) -> GroupingRef | None:
+    """A group's grouping record reference, read strictly (None when the group has none)."""
+    if group.grouping is None:
+        return None
+    ref = _build(GroupingRef, group.grouping, f"{path}: groups[{group.name}].grouping")
+    if ref.similarity not in ("dot", "cosine") or ref.batch_size < 1 or ref.batches < 1:
+        raise RegistryError(f"{path}: groups[{group.name}].grouping: similarity must be dot or cosine and "
+                            f"batch_size, batches at least 1, got {ref.similarity!r}, {ref.batch_size}, {ref.batches}")
+    return ref
 
 
 def read_manifest(root: str | Path) -> Manifest:

@@ -124,6 +124,10 @@ def add_tasks(store: Store, source: str | Path, names: Sequence[str] | None = No
         if task.group is not None:
             group = src_manifest.group(task.group)
             blobs[group.sha256] = src.weights_bytes(group.weights, group.sha256, f"groups[{group.name}]")
+            if group.grouping is not None:  # the group's grouping record travels with it
+                rec = group.grouping
+                blobs[rec["sha256"]] = src.weights_bytes(rec["weights"], rec["sha256"],
+                                                         f"groups[{group.name}].grouping")
     for sha, data in blobs.items():
         if store.put_blob(data) != sha:
             raise RegistryError(f"{src.url}: a weights file changed while it was copied; try again")
@@ -150,15 +154,25 @@ def add_tasks(store: Store, source: str | Path, names: Sequence[str] | None = No
     return _retrying(store, expected, make, check)
 
 
+def _grouping_in_store(group: GroupEntry) -> dict | None:
+    """A source group's grouping record as the store names it (its blob), or None."""
+    if group.grouping is None:
+        return None
+    return {**copy.deepcopy(group.grouping), "weights": blob_name(group.grouping["sha256"])}
+
+
 def _place_group(manifest: Manifest, group: GroupEntry) -> GroupEntry:
-    """The store's group for a source group: the same prompt if there, else a new entry with a free name."""
+    """The store's group for a source group: the same prompt if there (taking the source's grouping record when it
+    has one: the same group with one more task's gradient), else a new entry with a free name."""
     for g in manifest.groups:
         if g.sha256 == group.sha256 and g.prompt_config == group.prompt_config:
+            if group.grouping is not None:
+                g.grouping = _grouping_in_store(group)  # g is this version's own copy (_copy), never the base's
             return g
     taken = {g.name for g in manifest.groups}
     name = group.name if group.name not in taken else f"{group.name}-{group.sha256[:8]}"
     entry = GroupEntry(name, [], copy.deepcopy(group.prompt_config), group.trainable_params,
-                       blob_name(group.sha256), group.sha256)
+                       blob_name(group.sha256), group.sha256, _grouping_in_store(group))
     manifest.groups.append(entry)
     return entry
 
@@ -251,6 +265,8 @@ def verify(store: Store) -> list[str]:
             problems.append(str(exc))
             continue
         entries = [(g.weights, g.sha256, f"groups[{g.name}]") for g in manifest.groups]
+        entries += [(g.grouping["weights"], g.grouping["sha256"], f"groups[{g.name}].grouping")
+                    for g in manifest.groups if g.grouping is not None]
         entries += [(t.weights, t.sha256, f"tasks[{t.name}]") for t in manifest.tasks]
         for rel, sha, where in entries:
             if (rel, sha) in checked:
@@ -277,6 +293,7 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
     for version in kept:
         manifest = store.get_version(version)
         used |= {g.sha256 for g in manifest.groups} | {t.sha256 for t in manifest.tasks}
+        used |= {g.grouping["sha256"] for g in manifest.groups if g.grouping is not None}
         entries |= set((store.entry_shas(version) or {}).values())
     removed_versions = [n.removesuffix(".json") for n in store.list_names("versions")
                         if n.removesuffix(".json") not in kept]

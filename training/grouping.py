@@ -167,6 +167,7 @@ class Affinity:
     cosine: list[list[float]]
     snapshots: int
     losses: list[float]
+    prompt: dict[str, torch.Tensor] | None = None  # the global shared prompt as trained (state dict, CPU)
 
 
 def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: GroupingConfig, lr: float,
@@ -218,8 +219,102 @@ def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: Gro
         losses.append(loss)  # mean task loss
         bar.update(loss, correct / counts, counts)
     bar.close()
+    state = {k: v.detach().cpu().clone() for k, v in shared.state_dict().items()}
     return Affinity([t.name for t in tasks], (gram / snapshots).tolist(), (cos / snapshots).tolist(), snapshots,
-                    losses)
+                    losses, state)
+
+
+RECORD_BATCHES = 4  # gradient batches averaged per task for the grouping record (and for a newcomer)
+
+
+def task_gradients(towers: Towers, tasks: list[TaskData], prompt_config, prompt: dict[str, torch.Tensor],
+                   batches: int, batch_size: int, template: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each task's gradient on a fixed global shared prompt (`prompt`, a state dict), averaged over `batches`
+    seeded batches of `batch_size`: flat float64 vectors by task name. The same for the grouping record's tasks
+    and for a task that joins later, so their similarities are alike."""
+    bb = towers.backbone
+    shared = build_prompt(prompt_config, bb.text_width, bb.vision_width, bb.text_layers, bb.vision_layers)
+    shared.load_state_dict(prompt)
+    shared = shared.to(towers.device)
+    params = [p for p in shared.parameters() if p.requires_grad]
+    out = {}
+    for task in tasks:
+        batcher = Batcher([len(task.train)], batch_size, seed + 2_000_000)
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+        for _ in range(batches):
+            step = multitask_step(towers, [task], [shared()], batcher.next(), template)
+            g = torch.autograd.grad(step.losses[0], params)
+            total += torch.cat([x.reshape(-1) for x in g]).double().cpu()
+        out[task.name] = total / batches
+    return out
+
+
+@dataclass
+class GroupingRecord:
+    """What a grouping run keeps for tasks that join later: its global shared prompt and each task's averaged
+    gradient on it (training.grouping.task_gradients), with how the gradients were taken and compared."""
+
+    prompt_config: dict
+    prompt: dict[str, torch.Tensor]
+    gradients: dict[str, torch.Tensor]  # task -> flat float64 gradient
+    similarity: str = "dot"
+    center: bool = True
+    batch_size: int = 16
+    batches: int = RECORD_BATCHES
+    template: str = ""
+    seed: int = 0
+
+    def ref(self) -> dict:
+        """The GroupingRef fields of the manifest (weights and sha256 are filled in when written)."""
+        return {"prompt_config": dict(self.prompt_config), "similarity": self.similarity, "center": self.center,
+                "batch_size": self.batch_size, "batches": self.batches, "template": self.template,
+                "seed": self.seed}
+
+    def tensors(self, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The record's weights file: "prompt.<name>" and "gradient.<task>" (of `tasks`, default all)."""
+        names = self.gradients if tasks is None else tasks
+        return {**{f"prompt.{k}": v for k, v in self.prompt.items()},
+                **{f"gradient.{t}": self.gradients[t] for t in names}}
+
+    @classmethod
+    def from_tensors(cls, ref, tensors: dict[str, torch.Tensor]) -> GroupingRecord:
+        """A record from a GroupingRef and its weights file."""
+        prompt = {k.removeprefix("prompt."): v for k, v in tensors.items() if k.startswith("prompt.")}
+        grads = {k.removeprefix("gradient."): v for k, v in tensors.items() if k.startswith("gradient.")}
+        return cls(dict(ref.prompt_config), prompt, grads, ref.similarity, ref.center, ref.batch_size, ref.batches,
+                   ref.template, ref.seed)
+
+    def same_prompt(self, other: GroupingRecord) -> bool:
+        """True when both records hold the same global shared prompt (the same grouping run)."""
+        return (self.prompt_config == other.prompt_config and self.prompt.keys() == other.prompt.keys()
+                and all(torch.equal(v, other.prompt[k]) for k, v in self.prompt.items()))
+
+
+def similarity_matrix(gradients: list[torch.Tensor], kind: str) -> list[list[float]]:
+    """S_ij of averaged gradients: dot products, or cosines."""
+    g = torch.stack([x.double() for x in gradients])
+    if kind == "cosine":
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-20)
+    return (g @ g.T).tolist()
+
+
+def join_gains(record: GroupingRecord, groups: dict[str, list[str]], name: str, gradient: torch.Tensor
+               ) -> dict[str, float]:
+    """What task `name` (its averaged gradient on the record's prompt) adds to the score the joint grouping
+    maximises (the centred partition score over every task, itself included) by joining each group, versus a
+    group of its own (gain 0)."""
+    members = [t for g in groups.values() for t in g]
+    sim = similarity_matrix([record.gradients[t] for t in members] + [gradient], record.similarity)
+    scored = centered(sim, center_offset(sim) if record.center else 0.0)
+    index = {t: i for i, t in enumerate(members)}
+    parts = [[index[t] for t in g] for g in groups.values()]
+    me = len(members)
+    alone = partition_score(scored, [*parts, [me]])
+    gains = {}
+    for i, group in enumerate(groups):
+        joined = [p + [me] if j == i else p for j, p in enumerate(parts)]
+        gains[group] = partition_score(scored, joined) - alone
+    return gains
 
 
 def read_groups_file(path: str | Path, names: list[str]) -> list[list[str]]:

@@ -31,7 +31,15 @@ from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, 
 from training.classify import Towers
 from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles, discover_image_tasks
-from training.grouping import GroupingConfig, choose_groups, task_affinity
+from training.grouping import (
+    RECORD_BATCHES,
+    Affinity,
+    GroupingConfig,
+    GroupingRecord,
+    choose_groups,
+    task_affinity,
+    task_gradients,
+)
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.multitask import TaskData, evaluate_task, multitask_step
 from training.options import comma_list, option
@@ -168,9 +176,11 @@ def task_data(towers: Towers, split: Split, root: str, bad: BadFiles, cache_dir:
     return out
 
 
-def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData]) -> tuple[list[list[str]] | None, dict]:
+def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData]
+            ) -> tuple[list[list[str]] | None, dict, GroupingRecord | None]:
+    """The run's groups, how they were chosen, and (grouping 'auto') the grouping record kept in the registry."""
     if cfg.prompt.sharing == "task":
-        return None, {}
+        return None, {}, None
     names = [t.name for t in tasks]
     affinity = None
     if cfg.grouping.mode == "auto" and len(tasks) > 1:
@@ -178,10 +188,21 @@ def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData]) -> tupl
                                  cfg.grouping.lr or cfg.optim.lr, cfg.grouping.batch_size or cfg.optim.batch_size,
                                  cfg.template, cfg.seed, cfg.progress)
     if cfg.grouping.mode == "auto" and len(tasks) == 1:
-        return [names], {"mode": "auto", "groups": [names], "note": "one task"}
+        return [names], {"mode": "auto", "groups": [names], "note": "one task"}, None
     groups, info = choose_groups(cfg.grouping, names, affinity, cfg.seed)
     log(f"groups: {groups}")
-    return groups, info
+    return groups, info, None if affinity is None else grouping_record(cfg, towers, tasks, affinity)
+
+
+def grouping_record(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData], affinity: Affinity
+                    ) -> GroupingRecord:
+    """The grouping record of an 'auto' grouping: its global shared prompt and every task's averaged gradient."""
+    config = cfg.prompt.module_config().to_dict()
+    batch_size = cfg.grouping.batch_size or cfg.optim.batch_size
+    assert affinity.prompt is not None
+    grads = task_gradients(towers, tasks, config, affinity.prompt, RECORD_BATCHES, batch_size, cfg.template, cfg.seed)
+    return GroupingRecord(config, affinity.prompt, grads, cfg.grouping.similarity, cfg.grouping.center, batch_size,
+                          RECORD_BATCHES, cfg.template, cfg.seed)
 
 
 def _evaluate(towers: Towers, bank: PromptBank, tasks: list[TaskData], template: str
@@ -195,10 +216,14 @@ def _evaluate(towers: Towers, bank: PromptBank, tasks: list[TaskData], template:
     return accs, preds
 
 
-def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData], final: dict):
+def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData], final: dict,
+                   record: GroupingRecord | None = None):
     cfg_dict = bank.config.to_dict()
-    groups = [GroupEntry(name, list(members), cfg_dict, count_params(module))
+    keep = record is not None and bool(bank.task_modules)  # a group-only registry stores no groups
+    groups = [GroupEntry(name, list(members), cfg_dict, count_params(module),
+                         grouping=record.ref() if keep and record is not None else None)
               for name, members, module in zip(bank.group_names, bank.groups, bank.group_modules, strict=True)]
+    records = {e.name: record.tensors(e.tasks) for e in groups} if keep and record is not None else None
     group_weights = {}
     if bank.task_modules:
         group_weights = {e.name: m.state_dict() for e, m in zip(groups, bank.group_modules, strict=True)}
@@ -215,7 +240,7 @@ def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[
                                  metrics=metrics))
         weights[t.name] = own.state_dict()
     manifest = Manifest(backbone_ref(towers.backbone), groups if bank.task_modules else [], entries)
-    return save_registry(run_dir / "registry", manifest, group_weights, weights)
+    return save_registry(run_dir / "registry", manifest, group_weights, weights, records)
 
 
 def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> RunResult:
@@ -229,15 +254,17 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
     state = load_checkpoint(run_dir, config) if cfg.resume else None
     if state is not None:
         groups, grouping = state["groups"], state["grouping"]
+        record = state.get("record")  # checkpoints before the grouping record have none
     else:
-        groups, grouping = _groups(cfg, towers, tasks)
+        groups, grouping, record = _groups(cfg, towers, tasks)
     if grouping:
         write_json(run_dir / "grouping.json", grouping)
     torch.manual_seed(cfg.seed)
     bank = PromptBank([t.name for t in tasks], groups, cfg.prompt, backbone).to(backbone.device)
     loop = EpochLoop([p for p in bank.parameters() if p.requires_grad], cfg.optim, [len(t.train) for t in tasks],
                      cfg.seed, checkpoint=Checkpoint(run_dir, config, {"bank": bank},
-                                                     {"groups": groups, "grouping": grouping}),
+                                                     {"groups": groups, "grouping": grouping,
+                                                      "record": record}),
                      stop_after_epoch=cfg.stop_after_epoch, eval_each_epoch=cfg.eval_each_epoch,
                      progress=cfg.progress)
     if state is not None:
@@ -275,11 +302,12 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
     history = loop.history
     if stopped is not None:
         return RunResult.stopped(run_dir, stopped, history, count_params(bank), groups, bad.seen)
-    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, run.split.config)
+    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, run.split.config, record)
 
 
 def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData],
-            zero: dict[str, float], history: list[dict], groups, bad: BadFiles, drawn: SplitConfig) -> RunResult:
+            zero: dict[str, float], history: list[dict], groups, bad: BadFiles, drawn: SplitConfig,
+            record: GroupingRecord | None = None) -> RunResult:
     accs, preds = _evaluate(towers, bank, tasks, cfg.template)
     final: dict = {"template": cfg.template}
     for i, t in enumerate(tasks):
@@ -290,7 +318,7 @@ def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBan
     total = count_params(bank)
     summary = {"accuracy_mean": sum(accs.values()) / len(accs),
                "zero_shot_accuracy_mean": sum(zero.values()) / len(zero), "trainable_params": total, "groups": groups}
-    _save_registry(run_dir, towers, bank, tasks, final)
+    _save_registry(run_dir, towers, bank, tasks, final, record)
     names = {t.name: [t.class_names[k] for k in preds[t.name]] for t in tasks}
     write_json(run_dir / "predictions.json", {
         t.name: [{"image": it.image, "label": it.label, "label_name": t.class_names[t.classes.index(it.label)],
