@@ -1,10 +1,11 @@
-"""`mmserve-train`: prepare data, pretrain, draw splits, group tasks, train MmAP / MoPE prompts, evaluate.
+"""`mmserve-train`: prepare data, pretrain, draw splits, group tasks, train MmAP / MoPE prompts, add a task, evaluate.
 
 Examples:
   mmserve-train split --root data/tasks/images --out split.json --shots 16
   mmserve-train classify --root data/tasks/images --split split.json --run-dir runs/mmap \\
       --model mmserve-vit-p12-96 --pretrained models/backbone/mmserve-vit-p12-96.safetensors
   mmserve-train classify ... --prompt text --sharing task        (CoOp-style text-only ablation)
+  mmserve-train add-task --registry runs/mmap/registry --root data/tasks/images --task newstyle --shots 16
   mmserve-train fuse --train fusion/train.jsonl --test fusion/test.jsonl --run-dir runs/mope
   mmserve-train eval --registry runs/mmap/registry --split split.json
   mmserve-train compare runs/mmap runs/text-only runs/vision-only
@@ -25,6 +26,7 @@ from mmserve.errors import MmserveError
 from mmserve.fileio import atomic_write_bytes
 from mmserve.prompts.mope import MoPEConfig
 from mmserve.registry import DEFAULT_TEMPLATE
+from training.add_task import AddTaskConfig
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.grouping import GroupingConfig
 from training.mmap_trainer import MultiTaskConfig, PromptSpec
@@ -138,6 +140,22 @@ def cmd_group(a: argparse.Namespace) -> int:
     groups, info = choose_groups(cfg.grouping, [t.name for t in tasks], affinity, cfg.seed)
     write_json(Path(cfg.run_dir) / "grouping.json", info)
     print(f"groups: {groups}\nwritten to {Path(cfg.run_dir) / 'grouping.json'}")
+    return 0
+
+
+def cmd_add_task(a: argparse.Namespace) -> int:
+    """Add one classification task to a trained registry (directory or store) as a new version."""
+    from training.add_task import AddTaskConfig, add_task
+
+    cfg = from_args(AddTaskConfig, a, backbone=BackboneConfig(a.model or "", a.pretrained, a.device),
+                    split=from_args(SplitConfig, a), optim=from_args(OptimConfig, a))
+    result = add_task(cfg)
+    for group, gain in (result.gains or {}).items():
+        print(f"gain {group}: {gain:+.6g}")
+    joined = result.metrics["joined"]
+    print(f"{cfg.task}: joined {'new group ' if result.new_group else ''}{result.group} ({joined['choice']}); "
+          f"test accuracy {result.metrics['accuracy']:.4f} (zero-shot {result.metrics['zero_shot_accuracy']:.4f})")
+    print(f"{cfg.registry}: version {result.version}; run written to {result.run_dir}")
     return 0
 
 
@@ -267,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(p.add_argument_group("grouping"), GroupingConfig)
         _add_training(p, MultiTaskConfig(run_dir=f"runs/{name}"))
         p.set_defaults(func=func)
+
+    p = sub.add_parser("add-task", help="add one classification task to a trained registry (its group chosen by "
+                                        "gradient agreement; only its own prompt trains)")
+    add_options(p, AddTaskConfig, only=("registry", "root", "task", "group", "replace", "split_file",
+                                        "class_names_file", "template", "zero_shot_template"))
+    g = p.add_argument_group("backbone")
+    g.add_argument("--model", default=None, help="open_clip model name (default: the registry's)")
+    g.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path (default: the registry's)")
+    add_options(g, BackboneConfig, only=("device",))
+    _add_threads(g)
+    _add_split(p, SplitConfig())
+    add_options(p.add_argument_group("optimisation"), OptimConfig)
+    add_options(p.add_argument_group("run"), AddTaskConfig,
+                only=("run_dir", "cache_dir", "progress", "eval_each_epoch"))
+    p.set_defaults(func=cmd_add_task)
 
     p = sub.add_parser("fuse", help="train a MoPE image+text fusion task")
     add_options(p, FuseConfig,
