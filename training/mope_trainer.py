@@ -1,16 +1,22 @@
 """MoPE fusion training: per-sample image-tower prompts conditioned on the text, plus a linear head.
 
 Loss: cross-entropy (multi-class) or binary cross-entropy (multi-label) + importance_weight x importance loss
-(MoPEConfig; squared CV of per-expert routing mass, zero below gamma). AdamW, lr 4e-4 (the paper's vision-side
-rate) by default. Every epoch records train/test scores, the mean routing entropy and each expert's share of the
-routing mass per layer (the paper's figures 5 and 6). The complementary encoder is frozen, so psi is computed
-once per sample and cached for the run.
+(MoPEConfig; squared CV of per-expert routing mass, zero below gamma). The routing statistics and the importance
+loss read the router's noise-free softmax in every routing mode (eq. 5-6); noise and the top-1 gate shape the
+prompts only. The head reads the prompted image feature (`--head image`, the paper's) or it and psi
+(`--head image+psi`, the default: what the shipped registry was trained with). Optimisation: a named recipe
+(training.config.FUSE_RECIPES: `adamw-cosine-10` by default, `mope-paper` = 12 epochs, step decay after epochs 2
+and 5, RandAug) or the optimiser options. Every epoch records train/test scores, the mean routing entropy and each
+expert's share of the routing mass per layer (the paper's figures 5 and 6). The complementary encoder is frozen,
+so psi is computed once per sample and cached for the run.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +25,19 @@ from mmserve.backbone import Backbone
 from mmserve.complementary import build_complementary
 from mmserve.fusion import FusionModel
 from mmserve.prompts import count_params
-from mmserve.prompts.mope import MoPEConfig, importance_loss
+from mmserve.prompts.mope import HEAD_INPUTS, MoPEConfig, importance_loss
 from mmserve.registry import DEFAULT_TEMPLATE, Manifest, TaskEntry, save_registry
+from training.augment import TensorRandAugment
 from training.classify import Towers
-from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig, mope_optim
+from training.config import (
+    DEFAULT_FUSE_RECIPE,
+    RUN,
+    BackboneConfig,
+    OptimConfig,
+    SplitConfig,
+    fuse_recipe,
+    recipe_optim,
+)
 from training.data import BadFiles, read_fusion_jsonl
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.metrics import accuracy, f1_scores
@@ -32,6 +47,16 @@ from training.runs import RunResult, backbone_ref, load_checkpoint, start_run, w
 from training.splits import Split, SplitTask, fusion_split, reuse_or_draw
 from training.tensors import PartTensors, part_tensors
 from training.zeroshot import zero_shot_metrics
+
+HEAD_KINDS = ("multiclass", "multilabel")
+
+
+class HeadChoice(argparse.Action):
+    """`--head` (repeatable): multiclass / multilabel set the head's kind, image / image+psi what it reads."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, "head_input" if values in HEAD_INPUTS else self.dest, values)
 
 
 @dataclass
@@ -48,15 +73,22 @@ class FuseConfig:
     # reused when it exists, else the drawn split is also written there
     split_file: str | None = option(None, RUN["split_file"])
     run_dir: str = option("runs/fuse", RUN["run_dir"])
-    # None = multilabel iff any label is a list
-    head: str | None = option(None, choices=("multiclass", "multilabel"))
+    # None = multilabel iff any label is a list; --head image / image+psi set mope.head_input (the MoPE options)
+    head: str | None = option(None, choices=HEAD_KINDS + HEAD_INPUTS, action=HeadChoice,
+                              help="multiclass | multilabel (default: multilabel iff a label is a list); image "
+                                   "(the paper's head: prompted image feature only) | image+psi (default: "
+                                   "[image feature ; psi]); repeatable, e.g. --head multilabel --head image")
     classes: list[str] | None = None  # None = the labels found; set it to report unknown labels
     # "clip" (frozen CLIP text tower), "minilm", or a sentence-encoder folder
     complementary: str = option("clip", help="'clip' (text tower), 'minilm', or an encoder folder")
     mope: MoPEConfig = field(default_factory=MoPEConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(shots=None, test_fraction=0.2))
-    optim: OptimConfig = field(default_factory=mope_optim)
+    optim: OptimConfig = field(default_factory=lambda: recipe_optim(DEFAULT_FUSE_RECIPE))
+    # a named recipe (training.config.FUSE_RECIPES) replaces `optim` and `randaug` with its own; not an option of
+    # `mmserve-train fuse` until its parser lists them (training/cli.py), so set through the API, ship and results
+    recipe: str | None = None
+    randaug: bool = False  # RandAugment on every training image, each epoch (training.augment)
     head_lr: float | None = option(None)  # lr of the linear head (None = optim.lr)
     # on sigmoid probabilities
     threshold: float = option(0.5, help="multi-label decision threshold")
@@ -69,11 +101,23 @@ class FuseConfig:
     stop_after_epoch: int | None = option(None, RUN["stop_after_epoch"])
     eval_each_epoch: bool = option(True, RUN["eval_each_epoch"])
 
+    def __post_init__(self) -> None:
+        """A named recipe sets the optimiser and RandAug (so config.json records what ran); an unknown or renamed
+        one is refused here, before any work."""
+        if self.head is not None and self.head not in HEAD_KINDS:
+            raise ValueError(f"fusion head must be one of {HEAD_KINDS}, got {self.head!r} (what the head reads is "
+                             f"mope.head_input: {HEAD_INPUTS})")
+        if self.recipe is not None:
+            self.randaug = fuse_recipe(self.recipe).randaug
+            self.optim = recipe_optim(self.recipe)
+
 
 # the options of the MoPE config (mmserve.prompts.mope, which knows nothing of command lines), in --help order
 MOPE_OPTIONS = {"prompt_len": Opt(help="l"), "n_experts": Opt("--experts", help="k"), "mapped_len": Opt(),
                 "mapper_hidden": Opt(), "temperature": Opt(), "routing": Opt(choices=("dense", "top1")),
-                "router_uses_image": Opt(), "importance_weight": Opt(), "importance_threshold": Opt(), "depth": Opt()}
+                "router_uses_image": Opt(), "importance_weight": Opt(), "importance_threshold": Opt(), "depth": Opt(),
+                # also `--head image|image+psi` (FuseConfig.head's action writes this field's attribute)
+                "head_input": Opt(choices=HEAD_INPUTS, help="what the linear head reads (as --head image|image+psi)")}
 
 
 def complementary_spec(name: str) -> dict:
@@ -113,7 +157,8 @@ class FusionEval:
 
 
 class RoutingStats:
-    """Accumulates routing scores (B, K, k) into mean entropy and per-layer expert shares."""
+    """Accumulates the router's noise-free softmax (B, K, k; FusionOutput.probs, in every routing mode) into the
+    mean entropy and per-layer expert shares."""
 
     def __init__(self) -> None:
         self.mass: torch.Tensor | None = None
@@ -153,7 +198,7 @@ def evaluate_fusion(model: FusionModel, towers: Towers, part: PartTensors, psi: 
         out = model(towers.image, part.images[i:i + batch_size].to(towers.device), psi[i:i + batch_size].to(
             towers.device))
         logits.append(out.logits.float().cpu())
-        stats.add(out.routing)
+        stats.add(out.probs)
     model.train(was_training)
     logits = torch.cat(logits)
     metrics = scores(logits, part.targets, model.multilabel, threshold) | stats.summary()
@@ -167,7 +212,7 @@ def evaluate_fusion(model: FusionModel, towers: Towers, part: PartTensors, psi: 
 def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     task = (F.binary_cross_entropy_with_logits(out.logits, target) if model.multilabel
             else F.cross_entropy(out.logits, target))
-    return task, importance_loss(out.routing, mope.importance_threshold)
+    return task, importance_loss(out.probs, mope.importance_threshold)  # eq. 5-6: noise-free, dense
 
 
 def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
@@ -189,6 +234,7 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
                         len(task.classes), task.head).to(backbone.device)
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("head.")]},
               {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.optim.lr}]
+    augment = TensorRandAugment(backbone.preprocess) if cfg.randaug else None
     loop = EpochLoop(groups, cfg.optim, [len(train)], cfg.seed,
                      checkpoint=Checkpoint(run_dir, config, {"model": model}), stop_after_epoch=cfg.stop_after_epoch,
                      eval_each_epoch=cfg.eval_each_epoch, progress=cfg.progress,
@@ -203,7 +249,8 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
         seen, stats, logits_all, idx_all = 0, RoutingStats(), [], []
         for batch in epoch.batches():
             idx = batch[0]
-            out = model(towers.image, train.images[idx].to(backbone.device), psi_train[idx].to(backbone.device))
+            images = train.images[idx] if augment is None else augment(train.images[idx])
+            out = model(towers.image, images.to(backbone.device), psi_train[idx].to(backbone.device))
             target = train.targets[idx].to(backbone.device)
             task_loss, imp = _loss(model, out, target, cfg.mope)
             loss = task_loss + cfg.mope.importance_weight * imp
@@ -212,7 +259,7 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
             for key, value in (("loss", loss), ("task_loss", task_loss), ("importance_loss", imp)):
                 sums[key] += float(value.detach()) * n
             seen += n
-            stats.add(out.routing)
+            stats.add(out.probs)
             logits_all.append(out.logits.detach().float().cpu())
             idx_all.append(idx)
             step_score = scores(logits_all[-1], train.targets[idx], multilabel, cfg.threshold)

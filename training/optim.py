@@ -20,17 +20,23 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: `warmup_epochs` at warmup_lr, then cosine decay to 0 (or constant) over the rest."""
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    """Per-step schedule: `warmup_epochs` at warmup_lr, then cosine decay to 0, constant, or step decay (x
+    decay_factor after each epoch of decay_epochs, counted from 1 and from the start, warm-up included)."""
+    if cfg.schedule not in ("cosine", "constant", "step"):
+        raise ValueError(f"schedule must be 'cosine', 'constant' or 'step', got {cfg.schedule!r}")
+    if cfg.schedule == "step" and not cfg.decay_epochs:
+        raise ValueError("schedule 'step' needs decay_epochs (--decay-epochs E [E ...])")
     warm = cfg.warmup_epochs * steps_per_epoch
     total = max(1, cfg.epochs * steps_per_epoch - warm)
+    bounds = sorted(e * steps_per_epoch for e in cfg.decay_epochs)
 
     def factor(step: int) -> float:
         if step < warm:
             return cfg.warmup_lr / cfg.lr
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "step":
+            return cfg.decay_factor ** sum(step >= b for b in bounds)
         return 0.5 * (1 + math.cos(math.pi * min(step - warm, total) / total))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -13,6 +13,7 @@ import torch
 from mmserve.backbone import TINY_MODEL
 from mmserve.builders import load_fusion, load_registry
 from mmserve.complementary import build_complementary
+from mmserve.fusion import FusionModel
 from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig
 from training.classify import Towers
@@ -139,3 +140,63 @@ def test_sentence_encoder_as_complementary_modality(folder, tiny_backbone):
     run = train_mope(cfg, tiny_backbone)
     entry = load_registry(run.registry_dir, tiny_backbone).manifest.task("single")
     assert entry.complementary == {"kind": "sentence", "model": "minilm"} and entry.psi_dim == 384
+
+
+def test_top1_routing_reports_the_same_statistics_as_dense(runs, tiny_backbone):
+    """Same weights, top-1 vs dense: the prompts differ, the noise-free routing statistics cannot (eq. 5-6)."""
+    run = runs["single"]
+    registry = load_registry(run.registry_dir, tiny_backbone)
+    dense = load_fusion(registry, "single", tiny_backbone)
+    top1 = FusionModel(replace(dense.mope.config, routing="top1"), tiny_backbone.vision_width,
+                       tiny_backbone.vision_layers, tiny_backbone.embed_dim, dense.psi_dim, dense.n_classes).eval()
+    top1.load_state_dict(dense.state_dict())
+    split = read_split(run.run_dir / "split.json")
+    task = split.tasks["single"]
+    part = part_tensors(split.root, task.test, task.classes, tiny_backbone.preprocess, BadFiles("stop"))
+    psi = encode_texts(build_complementary({"kind": "clip_text"}, tiny_backbone), part.texts)
+    towers = Towers.of(tiny_backbone)
+    got = {name: evaluate_fusion(m, towers, part, psi, task.classes, 0.5).metrics for name, m in
+           (("dense", dense), ("top1", top1))}
+    assert got["top1"]["routing_entropy"] == pytest.approx(got["dense"]["routing_entropy"], abs=1e-6)
+    assert got["dense"]["routing_entropy"] > 0.5  # k = 4 experts, far from one-hot: a masked top-1 would read ~0
+    assert torch.allclose(torch.tensor(got["top1"]["expert_importance"]),
+                          torch.tensor(got["dense"]["expert_importance"]), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def paper_head(folder: Path, tiny_backbone):
+    """A multi-class run with the paper's head (prompted image feature only)."""
+    return train_mope(_config(folder, "single", "paper-head", mope=replace(MOPE, head_input="image"),
+                              optim=OptimConfig("adamw", 0.03, weight_decay=0.0, epochs=3, batch_size=12,
+                                                schedule="constant")), tiny_backbone)
+
+
+@pytest.mark.parametrize("head_input", ["image", "image+psi"])
+def test_both_heads_are_stored_and_served_as_trained(head_input, runs, paper_head, tiny_backbone):
+    from mmserve.engine import InferenceEngine
+
+    run = paper_head if head_input == "image" else runs["single"]
+    manifest = json.loads((run.registry_dir / "manifest.json").read_text())
+    (entry,) = [t for t in manifest["tasks"] if t["name"] == "single"]
+    assert entry["prompt_config"]["head_input"] == head_input
+    model = load_fusion(load_registry(run.registry_dir, tiny_backbone), "single", tiny_backbone)
+    width = tiny_backbone.embed_dim + (32 if head_input == "image+psi" else 0)
+    assert model.head.in_features == width and count_params(model.requires_grad_(True)) == run.trainable_params
+    split = read_split(run.run_dir / "split.json")
+    task = split.tasks["single"]
+    part = part_tensors(split.root, task.test, task.classes, tiny_backbone.preprocess, BadFiles("stop"))
+    served = InferenceEngine(tiny_backbone, run.registry_dir).fuse(part.images, part.texts, "single")
+    assert [r.scores[0].label for r in served] == run.predictions["single"]
+
+
+def test_head_option_sets_the_kind_or_what_the_head_reads():
+    from training.cli import build_parser
+    from training.mope_trainer import MOPE_OPTIONS
+    from training.options import from_args
+
+    a = build_parser().parse_args(["fuse", "--head", "image", "--head", "multilabel"])
+    assert a.head == "multilabel" and from_args(MoPEConfig, a, table=MOPE_OPTIONS).head_input == "image"
+    a = build_parser().parse_args(["fuse"])
+    assert a.head is None and from_args(MoPEConfig, a, table=MOPE_OPTIONS).head_input == "image+psi"
+    with pytest.raises(ValueError, match="head_input"):
+        FuseConfig(head="image")  # the API keeps the two apart: FuseConfig.head is the kind
