@@ -26,7 +26,8 @@ class ComplementaryEncoder(Protocol):
 
 
 class ClipTextComplement:
-    """psi = the frozen CLIP text tower's normalised feature of the raw text (the paper's default)."""
+    """psi = the frozen CLIP text tower's normalised feature of the raw text (mmserve's default; the paper
+    prompt-tunes a BERT text encoder, and a frozen one is among its ablations)."""
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
