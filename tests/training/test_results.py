@@ -225,3 +225,28 @@ def test_a_published_table_restores_into_a_fresh_runs_dir_only_when_settings_and
     argv4[argv4.index(str(tmp_path / "fresh"))] = str(tmp_path / "fresh3")
     assert main(argv4) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_the_paper_head_row_under_the_paper_recipe(toy_cache: Path, tmp_path: Path):
+    """--fuse-recipe mope-paper trains the MoPE rows with it (12 epochs, step decay, RandAug), keyed apart from the
+    default recipe's runs; the `-image` rows train the paper's head and say so."""
+    out = tmp_path / "results"
+    argv = ["results", "--cache", str(toy_cache), "--out", str(out), "--methods", "mope-k16-clip-image",
+            "--fuse-recipe", "mope-paper", *TINY]
+    assert main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["settings"]["fuse_recipe"] == "mope-paper"
+    (run,) = next(c for c in report["cells"] if c["method"] == "mope-k16-clip-image")["runs"].values()
+    assert (run["head_input"], run["recipe"]) == ("image", "mope-paper")
+    config = json.loads((Path(run["run_dir"]) / "config.json").read_text())
+    assert config["recipe"] == "mope-paper" and config["randaug"] is True and config["mope"]["head_input"] == "image"
+    assert (config["optim"]["epochs"], config["optim"]["schedule"], config["optim"]["decay_epochs"]) == (12, "step",
+                                                                                                       [2, 5])
+    md = out.with_suffix(".md").read_text()
+    assert "recipe `mope-paper`" in md and "| MoPE k=16, CLIP text, paper's head (image only) |" in md
+    default = tmp_path / "default"
+    assert main(["results", "--cache", str(toy_cache), "--out", str(default), "--methods", "fusion-zero-shot",
+                 *TINY]) == 0
+    settings = json.loads(default.with_suffix(".json").read_text())["settings"]
+    assert "fuse_recipe" not in settings  # the default recipe keeps the published tables' settings (and runs dirs)
+    assert report["runs_dir"] != json.loads(default.with_suffix(".json").read_text())["runs_dir"]

@@ -16,7 +16,7 @@ from mmserve.complementary import build_complementary
 from mmserve.prompts import count_params
 from mmserve.prompts.mope import MoPEConfig
 from training.classify import Towers, class_scores, image_features
-from training.config import BackboneConfig, OptimConfig, SplitConfig, mope_optim
+from training.config import DEFAULT_FUSE_RECIPE, BackboneConfig, OptimConfig, SplitConfig, recipe_optim
 from training.data import BadFiles
 from training.grouping import GroupingConfig, choose_groups, task_affinity
 from training.loop import Epoch, EpochLoop
@@ -208,16 +208,27 @@ def run_classify(ctx: Context, method: str, shots: int, seed: int) -> dict:
                    n_train={s: tasks[s]["n_train"] for s in tasks}, n_test={s: tasks[s]["n_test"] for s in tasks})
 
 
+def _named_recipe(rc: ResultsConfig) -> str | None:
+    """The recipe a MoPE cell names in its config: None for the default one (its runs predate recipe names)."""
+    return None if rc.fuse_recipe == DEFAULT_FUSE_RECIPE else rc.fuse_recipe
+
+
+def fusion_optim(rc: ResultsConfig) -> OptimConfig:
+    """The optimiser of the fusion rows: the default recipe with --fuse-epochs, or another recipe as it is."""
+    return recipe_optim(rc.fuse_recipe, rc.fuse_epochs if rc.fuse_recipe == DEFAULT_FUSE_RECIPE else None)
+
+
 def run_mope(ctx: Context, method: str, shots: int, seed: int) -> dict:
-    """One MoPE cell (k experts, CLIP-text or MiniLM psi): accuracy overall and per style, routing entropy."""
-    _, k, encoder = method.split("-")
+    """One MoPE cell (k experts, CLIP-text or MiniLM psi, head on [image ; psi] or, `-image`, the image only):
+    accuracy overall and per style, routing entropy (noise-free softmax)."""
+    _, k, encoder, *head = method.split("-")  # mope-k16-minilm[-image]
     run_dir = cell_dir(ctx.runs, method, shots, seed)
-    mope = MoPEConfig(**(ctx.rc.mope | {"n_experts": int(k[1:])}))
+    mope = MoPEConfig(**(ctx.rc.mope | {"n_experts": int(k[1:]), "head_input": head[0] if head else "image+psi"}))
     cfg = FuseConfig(split_file=str(ctx.fusion_split(shots, seed)), run_dir=str(run_dir), head="multiclass",
                      complementary=encoder, mope=mope, backbone=ctx.backbone_cfg(),
-                     split=SplitConfig(shots, 0.0, None, "file", seed), optim=mope_optim(ctx.rc.fuse_epochs),
-                     zero_shot_template=ctx.rc.template, seed=seed, cache_dir=ctx.tensor_cache,
-                     progress=ctx.rc.progress, resume=True, eval_each_epoch=False)
+                     split=SplitConfig(shots, 0.0, None, "file", seed), optim=fusion_optim(ctx.rc),
+                     recipe=_named_recipe(ctx.rc), zero_shot_template=ctx.rc.template, seed=seed,
+                     cache_dir=ctx.tensor_cache, progress=ctx.rc.progress, resume=True, eval_each_epoch=False)
     t0 = time.time()
     result = train_mope(cfg, ctx.backbone)
     if "tasks" not in result.final:
@@ -228,6 +239,7 @@ def run_mope(ctx: Context, method: str, shots: int, seed: int) -> dict:
                    scores=per_style_accuracy(rows), mean=final["accuracy"], trainable_params=result.trainable_params,
                    routing_entropy=final["routing_entropy"], max_entropy=float(torch.log(torch.tensor(float(
                        mope.n_experts)))), expert_importance=final["expert_importance"], complementary=encoder,
+                   head_input=mope.head_input, recipe=ctx.rc.fuse_recipe,
                    n_train=final["n_train"], n_test=final["n_test"])
 
 
@@ -253,7 +265,7 @@ def run_linear(ctx: Context, method: str, shots: int, seed: int) -> dict:
         source = method.rsplit("-", 1)[1]
         encoder = build_complementary(complementary_spec(source), ctx.backbone)
         feats = [encode_texts(encoder, p.texts) for p in (train, test)]
-    optim = mope_optim(ctx.rc.fuse_epochs)
+    optim = fusion_optim(ctx.rc)
     write_json(run_dir / "config.json", {"method": method, "feature": source, "optim": optim, "seed": seed,
                                          "split_file": str(ctx.fusion_split(shots, seed)),
                                          "backbone_fingerprint": ctx.backbone.fingerprint})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from training.config import DEFAULT_FUSE_RECIPE, FUSE_RECIPES
+
 from .methods import ZERO_SHOT
 from .rundir import describe_machine
 
@@ -14,8 +16,17 @@ def _shipped_label(rows: dict, family: str) -> str:
         b, m, n = r["mmap_shape"]
         return (f"**shipped registry**: MmAP full, validation-chosen recipe ({r['optimizer']} lr {r['lr']}, "
                 f"{r['epochs']} epochs, b = {b}, {m} x {n} source)")
-    return (f"**shipped registry**: MoPE k={r['experts']}, {r['complementary']}, head lr {r['fuse_head_lr']} "
-            "(validation-chosen)")
+    head = "[image ; psi]" if r.get("head_input", "image+psi") == "image+psi" else "the image only"
+    return (f"**shipped registry**: MoPE k={r['experts']}, {r['complementary']}, head on {head}, head lr "
+            f"{r['fuse_head_lr']} (validation-chosen)")
+
+
+def _fusion_recipe(settings: dict) -> str:
+    """The fusion rows' recipe, by name (a table without the key used the default one)."""
+    name = settings.get("fuse_recipe", DEFAULT_FUSE_RECIPE)
+    if name == DEFAULT_FUSE_RECIPE:
+        return f"recipe `{name}`: {settings['fuse_epochs']} epochs, AdamW lr 4e-4, cosine, no RandAug, batch 32"
+    return f"recipe `{name}`: {FUSE_RECIPES[name].summary}, AdamW lr 4e-4, batch 32"
 
 
 def _template_note(report: dict) -> str:
@@ -61,8 +72,8 @@ def markdown(report: dict) -> str:
              f"- Backbone: `{s['model']}`, weights fingerprint `{s['backbone_fingerprint']}`",
              f"- Settings: classification {s['epochs']} epochs (SGD lr {s.get('lr', 0.0035)}, batch 16 per task), "
              "grouping "
-             f"{s['group_steps']} steps (snapshot every {s['group_every']}); fusion {s['fuse_epochs']} epochs "
-             "(AdamW lr 4e-4, batch 32); template `" + s["template"] + "`" + _template_note(report),
+             f"{s['group_steps']} steps (snapshot every {s['group_every']}); fusion " + _fusion_recipe(s)
+             + "; template `" + s["template"] + "`" + _template_note(report),
              f"- Machine(s): {'; '.join(report['machines']) or describe_machine(sess['machine'])}",
              f"- Wall time: {_dur(report['runs_wall_s'])} over all runs in this table; this invocation "
              f"{_dur(sess['wall_s'])} on {describe_machine(sess['machine'])} (ran {len(sess['ran'])}, "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.prompts import methods
-from training.config import DEVICE, MODEL, PRETRAINED, RUN
+from training.config import DEFAULT_FUSE_RECIPE, DEVICE, FUSE_RECIPES, MODEL, PRETRAINED, RUN
 from training.grouping import GROUP_EVERY, GROUP_STEPS
 from training.options import Opt, option
 from training.templates import AUTO, AUTO_TEMPLATE
@@ -18,6 +18,10 @@ RESULT = "result.json"
 # options `results` and `ship` share
 CACHE = Opt(help="prepared data (default $MMSERVE_CACHE, ~/.cache/mmserve)")
 STYLES = Opt("--styles", help="subset of the styles (default: all prepared)")
+
+
+HEAD_PSI = "a linear head on [prompted image feature ; psi] (`--head image+psi`, mmserve's first head)"
+HEAD_IMAGE = "a linear head on the prompted image feature only (`--head image`, the paper's)"
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,18 @@ FUSION_METHODS = (
            "a linear softmax head on psi = the frozen CLIP text tower's feature of the CLDR name"),
     Method("text-only-minilm", "fusion", "text-only (linear head on psi, MiniLM)",
            "a linear softmax head on psi = all-MiniLM-L6-v2's feature of the CLDR name"),
-    Method("mope-k4-clip", "fusion", "MoPE k=4, CLIP text", "MoPE (l = 6, 4 experts) + head, psi from CLIP text"),
-    Method("mope-k16-clip", "fusion", "MoPE k=16, CLIP text", "MoPE (l = 6, 16 experts) + head, psi from CLIP text"),
-    Method("mope-k4-minilm", "fusion", "MoPE k=4, MiniLM", "MoPE (l = 6, 4 experts) + head, psi from MiniLM"),
-    Method("mope-k16-minilm", "fusion", "MoPE k=16, MiniLM", "MoPE (l = 6, 16 experts) + head, psi from MiniLM"),
+    Method("mope-k4-clip", "fusion", "MoPE k=4, CLIP text, head on [image ; psi]",
+           f"MoPE (l = 6, 4 experts) + {HEAD_PSI}, psi from CLIP text"),
+    Method("mope-k16-clip", "fusion", "MoPE k=16, CLIP text, head on [image ; psi]",
+           f"MoPE (l = 6, 16 experts) + {HEAD_PSI}, psi from CLIP text"),
+    Method("mope-k4-minilm", "fusion", "MoPE k=4, MiniLM, head on [image ; psi]",
+           f"MoPE (l = 6, 4 experts) + {HEAD_PSI}, psi from MiniLM"),
+    Method("mope-k16-minilm", "fusion", "MoPE k=16, MiniLM, head on [image ; psi]",
+           f"MoPE (l = 6, 16 experts) + {HEAD_PSI}, psi from MiniLM"),
+    Method("mope-k16-clip-image", "fusion", "MoPE k=16, CLIP text, paper's head (image only)",
+           f"MoPE (l = 6, 16 experts) + {HEAD_IMAGE}, psi from CLIP text"),
+    Method("mope-k16-minilm-image", "fusion", "MoPE k=16, MiniLM, paper's head (image only)",
+           f"MoPE (l = 6, 16 experts) + {HEAD_IMAGE}, psi from MiniLM"),
 )
 METHODS = {m.key: m for m in CLASSIFY_METHODS + FUSION_METHODS}
 ZERO_SHOT = ("zero-shot", "fusion-zero-shot")
@@ -93,7 +105,12 @@ class ResultsConfig:
     tasks: list[str] | None = option(None, STYLES)  # None = classes.json's tasks
     epochs: int = option(5, help="classification epochs (MmAP: 5)")
     lr: float = option(0.0035, help="classification SGD lr (MmAP: 0.0035)")
-    fuse_epochs: int = option(10, help="fusion epochs (MoPE trainer default: 10)")
+    fuse_epochs: int = option(10, help="fusion epochs of the adamw-cosine-10 recipe (default 10; a --fuse-recipe "
+                                           "other than that one sets its own)")
+    fuse_recipe: str = option(DEFAULT_FUSE_RECIPE, choices=tuple(FUSE_RECIPES),
+                              help=f"fusion recipe of the MoPE and linear rows (default {DEFAULT_FUSE_RECIPE}: what "
+                                   "the published table used; mope-paper = 12 epochs, step decay after 2 and 5, "
+                                   "RandAug)")
     group_steps: int = option(50, GROUP_STEPS)
     group_every: int = option(5, GROUP_EVERY)
     mope: dict = field(default_factory=dict)  # MoPEConfig overrides besides n_experts (tests: smaller)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mmserve.backbone import Backbone
+from training.config import DEFAULT_FUSE_RECIPE
 from training.grouping import GroupingConfig
 from training.progress import log
 from training.runs import to_jsonable, write_json
@@ -51,7 +52,9 @@ def settings_of(rc: ResultsConfig, backbone: Backbone, styles: list[str]) -> dic
     """The settings that make two runs comparable (and key the default runs dir)."""
     return {"model": rc.model, "backbone_fingerprint": backbone.fingerprint, "epochs": rc.epochs, "lr": rc.lr,
             "fuse_epochs": rc.fuse_epochs, "group_steps": rc.group_steps, "group_every": rc.group_every,
-            "mope": dict(sorted(rc.mope.items())), "template": rc.template, "styles": styles}
+            "mope": dict(sorted(rc.mope.items())), "template": rc.template, "styles": styles,
+            # only when not the default: the published tables' settings (and runs dirs) predate the option
+            **({"fuse_recipe": rc.fuse_recipe} if rc.fuse_recipe != DEFAULT_FUSE_RECIPE else {})}
 
 
 def resolve_runs_dir(runs_dir: str | None, cache: str, settings: dict, root: str = "results") -> Path:
