@@ -367,11 +367,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a subcommand; a bad input (the message names the file or option) is one `error:` line and exit 2."""
+    from training.distributed import leave
+
     try:
         return func(args)
     except (MmserveError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"mmserve-train {command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        leave()  # a torchrun rank leaves its process group
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from mmserve.cli_args import positive_int
 from mmserve.prompts import build_prompt
 from training.classify import Towers
+from training.distributed import World
 from training.multitask import Batcher, TaskData, multitask_step
 from training.options import Opt, option
 from training.progress import EpochBar
@@ -170,9 +171,24 @@ class Affinity:
     prompt: dict[str, torch.Tensor] | None = None  # the global shared prompt as trained (state dict, CPU)
 
 
+def _task_grad(towers: Towers, task: TaskData, shared, params: list, idx: torch.Tensor, template: str,
+               world: World) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One task's gradient on the shared prompt for index batch `idx` (this rank's shard of it, summed over the
+    ranks: the whole batch's), its loss, and this rank's correct and seen counts."""
+    local = world.shard(idx)
+    out = multitask_step(towers, [task], [shared()], [local], template)
+    loss = world.share(out.losses[0], len(local), len(idx))
+    g = torch.autograd.grad(loss, params)
+    flat = world.all_reduce(torch.cat([x.reshape(-1) for x in g]))
+    return flat, world.all_reduce(loss.detach().clone()), out.correct[0], out.counts[0]
+
+
 def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: GroupingConfig, lr: float,
-                  batch_size: int, template: str, seed: int = 0, progress: bool = True) -> Affinity:
-    """Train one global shared prompt on all tasks and average the tasks' gradient Gram matrices."""
+                  batch_size: int, template: str, seed: int = 0, progress: bool = True,
+                  world: World | None = None) -> Affinity:
+    """Train one global shared prompt on all tasks and average the tasks' gradient Gram matrices (across
+    processes: every task's batch sharded over the ranks, its gradients summed before they are compared)."""
+    world = world or World()
     for flag, value in (("--group-steps", cfg.steps), ("--group-every", cfg.every)):
         if value < 1:  # no snapshot would be taken: the similarity would be 0/0 = NaN
             raise ValueError(f"grouping {flag} must be >= 1, got {value}")
@@ -192,11 +208,10 @@ def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: Gro
         if step % cfg.every == 0:  # snapshot: each task alone, so each backward pass sees one task's graph
             grads, losses_t, correct, counts = [], [], 0, 0
             for task, batch in zip(tasks, batches, strict=True):
-                out = multitask_step(towers, [task], [shared()], [batch], template)
-                g = torch.autograd.grad(out.losses[0], params)
-                grads.append(torch.cat([x.reshape(-1) for x in g]))
-                losses_t.append(float(out.losses[0].detach()))
-                correct, counts = correct + out.correct[0], counts + out.counts[0]
+                g, task_loss, ok, seen = _task_grad(towers, task, shared, params, batch, template, world)
+                grads.append(g)
+                losses_t.append(float(task_loss))
+                correct, counts = correct + ok, counts + seen
             g = torch.stack(grads).double().cpu()
             gram += g @ g.T
             unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-20)
@@ -210,10 +225,14 @@ def task_affinity(towers: Towers, tasks: list[TaskData], prompt_config, cfg: Gro
             loss = sum(losses_t) / len(losses_t)
         else:  # an ordinary step: every task in one batched pass, summed losses
             prompts = shared()
-            out = multitask_step(towers, tasks, [prompts] * len(tasks), batches, template)
-            total_loss = torch.stack(out.losses).sum()
+            local = [world.shard(b) for b in batches]
+            out = multitask_step(towers, tasks, [prompts] * len(tasks), local, template)
+            total_loss = torch.stack([world.share(x, len(lo), len(b))
+                                      for x, lo, b in zip(out.losses, local, batches, strict=True)]).sum()
             total_loss.backward()
-            loss, correct, counts = float(total_loss.detach()) / len(tasks), sum(out.correct), sum(out.counts)
+            world.all_reduce_grads(params)
+            loss = float(world.all_reduce(total_loss.detach().clone())) / len(tasks)
+            correct, counts = sum(out.correct), sum(out.counts)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)  # mean task loss
@@ -228,7 +247,8 @@ RECORD_BATCHES = 4  # gradient batches averaged per task for the grouping record
 
 
 def task_gradients(towers: Towers, tasks: list[TaskData], prompt_config, prompt: dict[str, torch.Tensor],
-                   batches: int, batch_size: int, template: str, seed: int = 0) -> dict[str, torch.Tensor]:
+                   batches: int, batch_size: int, template: str, seed: int = 0, world: World | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Each task's gradient on a fixed global shared prompt (`prompt`, a state dict), averaged over `batches`
     seeded batches of `batch_size`: flat float64 vectors by task name. The same for the grouping record's tasks
     and for a task that joins later, so their similarities are alike."""
@@ -242,9 +262,8 @@ def task_gradients(towers: Towers, tasks: list[TaskData], prompt_config, prompt:
         batcher = Batcher([len(task.train)], batch_size, seed + 2_000_000)
         total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
         for _ in range(batches):
-            step = multitask_step(towers, [task], [shared()], batcher.next(), template)
-            g = torch.autograd.grad(step.losses[0], params)
-            total += torch.cat([x.reshape(-1) for x in g]).double().cpu()
+            g, _, _, _ = _task_grad(towers, task, shared, params, batcher.next()[0], template, world or World())
+            total += g.double().cpu()
         out[task.name] = total / batches
     return out
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from training.config import OptimConfig
+from training.distributed import World
 from training.multitask import Batcher
 from training.optim import make_optimizer, make_scheduler
 from training.progress import EpochBar, log
@@ -44,6 +45,7 @@ class Epoch:
     bar: EpochBar
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    world: World = field(default_factory=World)  # across processes: gradients summed over the ranks
 
     def batches(self) -> Iterator[list[torch.Tensor]]:
         """The epoch's steps, each one index batch per task."""
@@ -51,9 +53,10 @@ class Epoch:
             yield self.batcher.next()
 
     def optimise(self, loss: torch.Tensor) -> None:
-        """One optimiser step on `loss`, then one schedule step."""
+        """One optimiser step on `loss` (its gradients summed over the ranks), then one schedule step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.world.all_reduce_grads([p for g in self.optimizer.param_groups for p in g["params"]])
         self.optimizer.step()
         self.scheduler.step()
 
@@ -67,7 +70,9 @@ class EpochLoop:
 
     def __init__(self, params: list, optim: OptimConfig, sizes: list[int], seed: int, *,
                  checkpoint: Checkpoint | None = None, stop_after_epoch: int | None = None,
-                 eval_each_epoch: bool = True, progress: bool = True, metric: str = "acc"):
+                 eval_each_epoch: bool = True, progress: bool = True, metric: str = "acc",
+                 world: World | None = None):
+        self.world = world or World()
         self.optim = optim
         self.sizes = sizes
         self.seed = seed
@@ -106,7 +111,7 @@ class EpochLoop:
             epoch = Epoch(number, self.optimizer.param_groups[0]["lr"],
                           Batcher(self.sizes, self.optim.batch_size, epoch_seed(self.seed, number)),
                           EpochBar(range(self.steps), number, epochs, self.progress, self.metric),
-                          self.optimizer, self.scheduler)
+                          self.optimizer, self.scheduler, self.world)
             record = train_epoch(epoch)
             epoch.bar.close(quiet=describe is not None)  # off a terminal: the one line per epoch is describe's
             if evaluate is not None and (self.eval_each_epoch or number == epochs):
@@ -123,6 +128,8 @@ class EpochLoop:
         return None
 
     def _save(self, number: int) -> None:
+        if not self.world.is_main:  # rank 0 writes the run
+            return
         ck = self.checkpoint
         write_json(ck.run_dir / "metrics.json", {"epochs": self.history, "final": None})
         save_checkpoint(ck.run_dir, {"epoch": number, "config": ck.config,

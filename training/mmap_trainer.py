@@ -18,7 +18,7 @@ Ablations (PromptSpec):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, 
 from training.classify import Towers
 from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles, discover_image_tasks
+from training.distributed import World, world_from_env
 from training.grouping import (
     RECORD_BATCHES,
     Affinity,
@@ -176,7 +177,7 @@ def task_data(towers: Towers, split: Split, root: str, bad: BadFiles, cache_dir:
     return out
 
 
-def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData]
+def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData], world: World | None = None
             ) -> tuple[list[list[str]] | None, dict, GroupingRecord | None]:
     """The run's groups, how they were chosen, and (grouping 'auto') the grouping record kept in the registry."""
     if cfg.prompt.sharing == "task":
@@ -186,21 +187,22 @@ def _groups(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData]
     if cfg.grouping.mode == "auto" and len(tasks) > 1:
         affinity = task_affinity(towers, tasks, cfg.prompt.module_config(), cfg.grouping,
                                  cfg.grouping.lr or cfg.optim.lr, cfg.grouping.batch_size or cfg.optim.batch_size,
-                                 cfg.template, cfg.seed, cfg.progress)
+                                 cfg.template, cfg.seed, cfg.progress and (world or World()).is_main, world)
     if cfg.grouping.mode == "auto" and len(tasks) == 1:
         return [names], {"mode": "auto", "groups": [names], "note": "one task"}, None
     groups, info = choose_groups(cfg.grouping, names, affinity, cfg.seed)
     log(f"groups: {groups}")
-    return groups, info, None if affinity is None else grouping_record(cfg, towers, tasks, affinity)
+    return groups, info, None if affinity is None else grouping_record(cfg, towers, tasks, affinity, world)
 
 
-def grouping_record(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData], affinity: Affinity
-                    ) -> GroupingRecord:
+def grouping_record(cfg: MultiTaskConfig, towers: Towers, tasks: list[TaskData], affinity: Affinity,
+                    world: World | None = None) -> GroupingRecord:
     """The grouping record of an 'auto' grouping: its global shared prompt and every task's averaged gradient."""
     config = cfg.prompt.module_config().to_dict()
     batch_size = cfg.grouping.batch_size or cfg.optim.batch_size
     assert affinity.prompt is not None
-    grads = task_gradients(towers, tasks, config, affinity.prompt, RECORD_BATCHES, batch_size, cfg.template, cfg.seed)
+    grads = task_gradients(towers, tasks, config, affinity.prompt, RECORD_BATCHES, batch_size, cfg.template, cfg.seed,
+                           world)
     return GroupingRecord(config, affinity.prompt, grads, cfg.grouping.similarity, cfg.grouping.center, batch_size,
                           RECORD_BATCHES, cfg.template, cfg.seed)
 
@@ -244,11 +246,23 @@ def _save_registry(run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[
 
 
 def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> RunResult:
-    """Train (or resume) a multi-task classification run; write config, metrics, split, grouping and registry."""
-    run = start_run(cfg, backbone, load_or_draw_split)
-    run.write_config(data_root=run.root)
+    """Train (or resume) a multi-task classification run; write config, metrics, split, grouping and registry.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each batch (training.distributed) and
+    only rank 0 writes."""
+    world, device = world_from_env(cfg.backbone.device)
+    if device != cfg.backbone.device:
+        cfg = replace(cfg, backbone=replace(cfg.backbone, device=device))
+    run = start_run(cfg, backbone, load_or_draw_split, write=world.is_main)
+    if world.is_main:
+        run.write_config(data_root=run.root, **({"world_size": world.size} if world.size > 1 else {}))
     run_dir, config, bad, backbone, towers = run.run_dir, run.config, run.bad, run.backbone, run.towers
     tasks = task_data(towers, run.split, run.root, bad, cfg.cache_dir)
+    world.check_same("data", {"split": {n: (t.classes, [i.to_dict() for i in t.train], [i.to_dict() for i in t.test])
+                                        for n, t in run.split.tasks.items()},
+                              "config": {k: v for k, v in config.items() if k not in ("backbone", "progress")}})
+    world.check_batch(min([cfg.optim.batch_size, cfg.grouping.batch_size or cfg.optim.batch_size]
+                          + [len(t.train) for t in tasks]))
     zero = {t.name: zero_shot_metrics(towers, t.test, t.class_names, "multiclass", cfg.zero_shot_template)["accuracy"]
             for t in tasks}
     state = load_checkpoint(run_dir, config) if cfg.resume else None
@@ -256,8 +270,8 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
         groups, grouping = state["groups"], state["grouping"]
         record = state.get("record")  # checkpoints before the grouping record have none
     else:
-        groups, grouping, record = _groups(cfg, towers, tasks)
-    if grouping:
+        groups, grouping, record = _groups(cfg, towers, tasks, world)
+    if grouping and world.is_main:
         write_json(run_dir / "grouping.json", grouping)
     torch.manual_seed(cfg.seed)
     bank = PromptBank([t.name for t in tasks], groups, cfg.prompt, backbone).to(backbone.device)
@@ -266,7 +280,7 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
                                                      {"groups": groups, "grouping": grouping,
                                                       "record": record}),
                      stop_after_epoch=cfg.stop_after_epoch, eval_each_epoch=cfg.eval_each_epoch,
-                     progress=cfg.progress)
+                     progress=cfg.progress and world.is_main, world=world)
     if state is not None:
         loop.resume(state)
 
@@ -275,14 +289,20 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
         correct = [0] * len(tasks)
         seen = [0] * len(tasks)
         for batch in epoch.batches():
-            out = multitask_step(towers, tasks, bank.all_prompts(), batch, cfg.template)
-            loss = torch.stack(out.losses).sum()
+            local = [world.shard(b) for b in batch]
+            out = multitask_step(towers, tasks, bank.all_prompts(), local, cfg.template)
+            loss = torch.stack([world.share(x, len(lo), len(b))
+                                for x, lo, b in zip(out.losses, local, batch, strict=True)]).sum()
             epoch.optimise(loss)
             for i in range(len(tasks)):
                 loss_sum[i] += float(out.losses[i].detach()) * out.counts[i]
                 correct[i] += out.correct[i]
                 seen[i] += out.counts[i]
             epoch.show(float(loss.detach()) / len(tasks), sum(out.correct) / sum(out.counts), sum(out.counts))
+        if world.size > 1:  # the whole batches' statistics, every rank's shard counted
+            n = len(tasks)
+            summed = world.sum(loss_sum + correct + seen)
+            loss_sum, correct, seen = summed[:n], summed[n:2 * n], summed[2 * n:]
         return {"epoch": epoch.number, "lr": epoch.lr, "train_loss": sum(loss_sum) / sum(seen),
                 "train_accuracy": sum(correct) / sum(seen),
                 "tasks": {t.name: {"train_loss": loss_sum[i] / seen[i], "train_accuracy": correct[i] / seen[i]}
@@ -302,12 +322,13 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
     history = loop.history
     if stopped is not None:
         return RunResult.stopped(run_dir, stopped, history, count_params(bank), groups, bad.seen)
-    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, run.split.config, record)
+    return _finish(cfg, run_dir, towers, bank, tasks, zero, history, groups, bad, run.split.config, record,
+                   world.is_main)
 
 
 def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBank, tasks: list[TaskData],
             zero: dict[str, float], history: list[dict], groups, bad: BadFiles, drawn: SplitConfig,
-            record: GroupingRecord | None = None) -> RunResult:
+            record: GroupingRecord | None = None, write: bool = True) -> RunResult:
     accs, preds = _evaluate(towers, bank, tasks, cfg.template)
     final: dict = {"template": cfg.template}
     for i, t in enumerate(tasks):
@@ -318,13 +339,16 @@ def _finish(cfg: MultiTaskConfig, run_dir: Path, towers: Towers, bank: PromptBan
     total = count_params(bank)
     summary = {"accuracy_mean": sum(accs.values()) / len(accs),
                "zero_shot_accuracy_mean": sum(zero.values()) / len(zero), "trainable_params": total, "groups": groups}
-    _save_registry(run_dir, towers, bank, tasks, final, record)
     names = {t.name: [t.class_names[k] for k in preds[t.name]] for t in tasks}
+    tasks_final = {k: v for k, v in final.items() if k != "template"}
+    if not write:  # another rank than 0 of a torchrun world: rank 0 writes the run
+        return RunResult(run_dir, run_dir / "registry", {"tasks": tasks_final, **summary}, history, total, groups,
+                         names, bad.seen)
+    _save_registry(run_dir, towers, bank, tasks, final, record)
     write_json(run_dir / "predictions.json", {
         t.name: [{"image": it.image, "label": it.label, "label_name": t.class_names[t.classes.index(it.label)],
                   "predicted": p} for it, p in zip(t.test.items, names[t.name], strict=True)]
         for t in tasks})
-    tasks_final = {k: v for k, v in final.items() if k != "template"}
     write_json(run_dir / "metrics.json", {"epochs": history, "final": {"tasks": tasks_final, **summary},
                                           "skipped_files": bad.seen})
     log(f"done: mean test accuracy {summary['accuracy_mean']:.4f} (zero-shot {summary['zero_shot_accuracy_mean']:.4f}),"

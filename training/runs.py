@@ -105,17 +105,20 @@ class RunStart:
                                                                 **extra})
 
 
-def start_run(cfg: Any, backbone: Backbone | None, load_split: Callable[[Any, BadFiles], tuple[Split, str]]
-              ) -> RunStart:
-    """Make cfg.run_dir, load (or reuse) the backbone, read or draw the split (`load_split`) into split.json."""
+def start_run(cfg: Any, backbone: Backbone | None, load_split: Callable[[Any, BadFiles], tuple[Split, str]],
+              write: bool = True) -> RunStart:
+    """Make cfg.run_dir, load (or reuse) the backbone, read or draw the split (`load_split`) into split.json
+    (not `write`: nothing is written, as for ranks other than 0 of a torchrun world)."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
     config = to_jsonable(cfg)
     bad = BadFiles(cfg.on_bad_file)
     backbone = reuse_or_load(backbone, cfg.backbone)
     towers = Towers.of(backbone)
     split, root = load_split(cfg, bad)
-    write_split(run_dir / "split.json", split)
+    if write:
+        write_split(run_dir / "split.json", split)
     return RunStart(run_dir, config, bad, backbone, towers, split, root)
 
 

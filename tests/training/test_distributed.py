@@ -1,0 +1,87 @@
+"""torchrun: two CPU processes (gloo) train what one process trains, and ranks that see different data are refused."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmserve.backbone import TINY_MODEL
+from mmserve.registry import read_manifest
+from training.cli import main
+from training.synthetic import write_image_task
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node 2` on a free rendezvous port, 1 thread per rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *args]
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two tiny tasks and their split file."""
+    base = tmp_path_factory.mktemp("ddp")
+    for i, task in enumerate(("clipart", "sketch")):
+        write_image_task(base / "data", task, {"red": "red", "blue": "blue"}, 8, seed=i)
+    assert main(["split", "--root", str(base / "data"), "--out", str(base / "split.json"), "--shots", "4"]) == 0
+    return base
+
+
+def _classify(data: Path, run_dir: Path, split: str = "split.json") -> list[str]:
+    return ["classify", "--split", str(data / split), "--run-dir", str(run_dir), "--model", TINY_MODEL,
+            "--pretrained", "none", "--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--group-steps", "4",
+            "--group-every", "2", "--no-progress"]
+
+
+def _tensors(registry: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(registry.rglob("*.safetensors")):
+        for key, value in load_file(path).items():
+            out[f"{path.parent.name}/{path.name.rsplit('-', 1)[0]}:{key}"] = value
+    return out
+
+
+def test_two_processes_train_what_one_does(data: Path):
+    assert main(_classify(data, data / "one")) == 0
+    done = _torchrun(["-m", "training.cli", *_classify(data, data / "two")], data)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _tensors(data / "one" / "registry"), _tensors(data / "two" / "registry")
+    assert one.keys() == two.keys() and any(k.startswith("grouping/") for k in one)  # the record too
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=0), (key, (one[key] - two[key]).abs().max())
+    assert [g.tasks for g in read_manifest(data / "one" / "registry").groups] == [
+        g.tasks for g in read_manifest(data / "two" / "registry").groups]
+    config = (data / "two" / "config.json").read_text()
+    assert '"world_size": 2' in config
+
+
+def test_ranks_that_see_different_data_are_refused(data: Path):
+    other = data / "split-1.json"
+    assert main(["split", "--root", str(data / "data"), "--out", str(other), "--shots", "3"]) == 0
+    launcher = data / "launch.py"
+    launcher.write_text(
+        "import os, sys\nfrom training.cli import main\n"
+        f"args = {_classify(data, data / 'bad')!r}\n"
+        "if os.environ['RANK'] == '1':\n    args[2] = args[2].replace('split.json', 'split-1.json')\n"
+        "sys.exit(main(args))\n")
+    done = _torchrun([str(launcher)], data)
+    assert done.returncode != 0
+    assert "see different data than rank 0" in done.stderr
+    assert not (data / "bad" / "registry").exists()
