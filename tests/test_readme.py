@@ -59,6 +59,10 @@ RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
     f"mmserve-train fuse --train ~/.cache/mmserve/fusion/train.jsonl --run-dir runs/mope --pretrained {WEIGHTS}":
         ("tests/training/test_eval.py::test_eval_of_a_fusion_registry",),
     "mmserve-train eval --registry runs/mmap/registry --split split.json": (EVAL_RUN,),
+    "mmserve-train add-task --registry runs/mmap/registry --root ~/.cache/mmserve/tasks/images --task noto --shots 16 "
+    "--replace": ("tests/training/test_add_task.py::test_cli_replace_and_one_line_errors",),
+    "torchrun --nproc-per-node 2 -m training.cli classify --split split.json --run-dir runs/mmap2 --pretrained "
+    f"{WEIGHTS}": ("tests/training/test_distributed.py::test_two_processes_train_what_one_does",),
     f"mmserve-train ship --cache ~/.cache/mmserve --checkpoint {CHECKPOINT} --out models":
         ("tests/training/test_ship.py::test_backbone_is_exported_fp16_weights_only",),
     f"MMSERVE_REGISTRY=runs/mmap/registry {SERVE}": (  # the session's server; the toy test serves a trained run
@@ -260,6 +264,16 @@ def _check_train_command(command: str, sources: str) -> None:
         build_parser().parse_args(argv[1:])  # the README's command line is one the CLI accepts
 
 
+def _check_torchrun_command(command: str, sources: str) -> None:
+    """`torchrun --nproc-per-node N -m training.cli SUB ...`: the test launches torch.distributed.run with
+    --nproc-per-node, and runs `mmserve-train SUB ...` there as _check_train_command asks."""
+    argv = shlex.split(command)
+    at = argv.index("-m")
+    assert argv[at + 1] == "training.cli" and "--nproc-per-node" in argv[:at], command
+    assert '"torch.distributed.run"' in sources and '"--nproc-per-node"' in sources, command
+    _check_train_command(shlex.join(["mmserve-train", *argv[at + 2:]]), sources)
+
+
 def _check_serve_command(command: str, sources: str) -> None:
     from mmserve.bench import bentoml_server
 
@@ -314,6 +328,8 @@ def test_mapped_commands_are_what_the_named_tests_run() -> None:
         sources = "\n".join(_test_source(t) for t in tests)
         if command.startswith("mmserve-train "):
             _check_train_command(command, sources)
+        elif command.startswith("torchrun "):
+            _check_torchrun_command(command, sources)
         elif command.startswith("curl "):
             _check_curl_command(command, sources)
         elif re.fullmatch(r"(\w+=\S+ )*bentoml serve \S+", command):
