@@ -254,6 +254,14 @@ def check_manifest_names(manifest: Manifest, path: Path) -> None:
             raise RegistryError(f"{path}: tasks[{t.name}].threshold: {t.threshold} is not a probability in [0, 1]")
 
 
+def load_grouping_weights(root: str | Path, group: GroupEntry) -> dict[str, torch.Tensor] | None:
+    """The tensors of a directory registry's grouping record of `group` (sha256 checked); None without one."""
+    ref = grouping_ref(group, Path(root) / MANIFEST)
+    if ref is None:
+        return None
+    return _load_weights(Path(root), ref.weights, ref.sha256, f"groups[{group.name}].grouping")
+
+
 def grouping_ref(group: GroupEntry, path: str | Path) -> GroupingRef | None:
     """A group's grouping record reference, read strictly (None when the group has none)."""
     if group.grouping is None:

@@ -30,7 +30,7 @@ from mmserve.backbone import EMBEDDED_MODEL, Backbone, BackboneSpec, load_backbo
 from mmserve.builders import load_registry
 from mmserve.fileio import atomic_write, atomic_write_bytes, sha256_file
 from mmserve.prompts.mope import MoPEConfig
-from mmserve.registry import BackboneRef, Manifest, save_registry
+from mmserve.registry import BackboneRef, Manifest, load_grouping_weights, save_registry
 from training.classify import Towers
 from training.config import DEVICE, MODEL, RUN, BackboneConfig, OptimConfig, SplitConfig, mope_optim
 from training.evaluate import evaluate_registry
@@ -146,7 +146,7 @@ def export_backbone(checkpoint: Path, dest: Path, model: str) -> dict:
 
 def merge_registries(parts: list[Path], dest: Path, backbone: Backbone, pretrained_ref: str) -> Manifest:
     """One registry holding every group and task of `parts` (each checked against `backbone`)."""
-    groups, tasks, group_w, task_w = [], [], {}, {}
+    groups, tasks, group_w, task_w, records = [], [], {}, {}, {}
     for part in parts:
         reg = load_registry(part, backbone)
         for g in reg.manifest.groups:
@@ -154,11 +154,14 @@ def merge_registries(parts: list[Path], dest: Path, backbone: Backbone, pretrain
                 raise ValueError(f"{part}: group {g.name} already in the merged registry")
             groups.append(g)
             group_w[g.name] = reg.group_weights[g.name]
+            record = load_grouping_weights(part, g)  # the grouping record comes along (add-task needs it)
+            if record is not None:
+                records[g.name] = record
         for t in reg.manifest.tasks:
             tasks.append(t)
             task_w[t.name] = reg.task_weights[t.name]
     manifest = Manifest(BackboneRef(backbone.spec.model, backbone.fingerprint, pretrained_ref), groups, tasks)
-    save_registry(dest, manifest, group_w, task_w)
+    save_registry(dest, manifest, group_w, task_w, records)
     return manifest
 
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from mmserve.backbone import TINY_MODEL, BackboneSpec, load_backbone
 from mmserve.builders import load_registry
-from mmserve.registry import read_manifest
+from mmserve.registry import load_grouping_weights, read_manifest
 from training.cli import main
 from training.results import write_toy_cache
 
@@ -87,6 +87,8 @@ def test_registry_loads_with_the_exported_backbone(shipped):
                      "emoji_subgroup": ("fuse", "multiclass"), "emoji_tags": ("fuse", "multilabel")}
     assert registry.manifest.groups and {t for g in registry.manifest.groups for t in g.tasks} == {"noto",
                                                                                                     "fluent_mono"}
+    for group in registry.manifest.groups:  # the grouping run's record ships with its group (add-task reads it)
+        assert load_grouping_weights(out / "registry", group), group.name
     assert report["registry"]["served_equals_trainer"]  # the served path predicts what the trainers evaluated
     rows = report["registry"]["eval"].values()
     assert rows and all(r["trainer_score"] is not None and r["score"] == pytest.approx(r["trainer_score"])
