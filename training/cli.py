@@ -164,6 +164,11 @@ def cmd_fuse(a: argparse.Namespace) -> int:
     from training.mope_trainer import train_mope
 
     cfg = _trained(FuseConfig, a, mope=from_args(MoPEConfig, a, table=MOPE_OPTIONS))
+    if a.recipe is not None:  # the recipe's optimiser replaces the options': refuse options it would drop
+        given = {k: v for k, v in vars(from_args(OptimConfig, a)).items() if v != vars(FuseConfig().optim)[k]}
+        if given:
+            raise SystemExit(f"mmserve-train fuse: --recipe {a.recipe} sets the optimisation; drop "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))}")
     result = train_mope(cfg)
     print(f"run written to {result.run_dir}")
     return 0
@@ -303,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fuse", help="train a MoPE image+text fusion task")
     add_options(p, FuseConfig,
-                only=("train", "test", "name", "select", "split_file", "head", "complementary", "threshold", "head_lr"))
+                only=("train", "test", "name", "select", "split_file", "head", "complementary", "threshold", "head_lr",
+                      "recipe", "randaug"))
     add_options(p.add_argument_group("MoPE"), MoPEConfig, table=MOPE_OPTIONS)
     _add_training(p, FuseConfig())
     p.set_defaults(func=cmd_fuse)

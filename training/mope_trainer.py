@@ -31,6 +31,7 @@ from training.augment import TensorRandAugment
 from training.classify import Towers
 from training.config import (
     DEFAULT_FUSE_RECIPE,
+    FUSE_RECIPES,
     RUN,
     BackboneConfig,
     OptimConfig,
@@ -85,10 +86,11 @@ class FuseConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(shots=None, test_fraction=0.2))
     optim: OptimConfig = field(default_factory=lambda: recipe_optim(DEFAULT_FUSE_RECIPE))
-    # a named recipe (training.config.FUSE_RECIPES) replaces `optim` and `randaug` with its own; not an option of
-    # `mmserve-train fuse` until its parser lists them (training/cli.py), so set through the API, ship and results
-    recipe: str | None = None
-    randaug: bool = False  # RandAugment on every training image, each epoch (training.augment)
+    # a named recipe (training.config.FUSE_RECIPES) replaces `optim` with its own and turns on its RandAug
+    recipe: str | None = option(None, choices=tuple(FUSE_RECIPES),
+                                help="a named recipe: its optimiser and schedule, and RandAug if it has it "
+                                     "(the optimisation options cannot be given with it)")
+    randaug: bool = option(False, help="RandAugment on every training image, each epoch")
     head_lr: float | None = option(None)  # lr of the linear head (None = optim.lr)
     # on sigmoid probabilities
     threshold: float = option(0.5, help="multi-label decision threshold")
@@ -108,7 +110,7 @@ class FuseConfig:
             raise ValueError(f"fusion head must be one of {HEAD_KINDS}, got {self.head!r} (what the head reads is "
                              f"mope.head_input: {HEAD_INPUTS})")
         if self.recipe is not None:
-            self.randaug = fuse_recipe(self.recipe).randaug
+            self.randaug = self.randaug or fuse_recipe(self.recipe).randaug
             self.optim = recipe_optim(self.recipe)
 
 

@@ -120,3 +120,16 @@ def test_options_set_their_fields():
 def test_methods_help_lists_every_row():
     methods = next(a for a in _sub("results")._actions if a.dest == "methods")
     assert methods.help.endswith(": " + " ".join(METHODS))
+
+
+def test_fuse_takes_a_named_recipe_and_refuses_optimiser_options_beside_it(tmp_path: Path, monkeypatch):
+    seen: list[FuseConfig] = []
+    monkeypatch.setattr("training.mope_trainer.train_mope", lambda cfg: seen.append(cfg) or types.SimpleNamespace(
+        run_dir=tmp_path))
+    base = ["fuse", "--train", str(tmp_path / "t.jsonl"), "--model", TINY_MODEL, "--pretrained", "none"]
+    assert main(base + ["--recipe", "mope-paper"]) == 0
+    (cfg,) = seen
+    assert cfg.recipe == "mope-paper" and cfg.randaug and cfg.optim.epochs == 12 and cfg.optim.schedule == "step"
+    assert main(base + ["--randaug"]) == 0 and seen[-1].randaug and seen[-1].recipe is None
+    with pytest.raises(SystemExit, match="--recipe mope-paper sets the optimisation; drop --epochs"):
+        main(base + ["--recipe", "mope-paper", "--epochs", "3"])
