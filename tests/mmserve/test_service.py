@@ -171,7 +171,7 @@ def test_the_front_checks_task_names_with_the_engines_own_check() -> None:
     from mmserve.snapshot import Snapshot, TaskInfo
 
     infos = (TaskInfo("colors", "classify", None, (), {}), TaskInfo("pet", "fuse", None, (), {}))
-    snapshot = Snapshot("v1", ROOT, "", infos, {}, {}, {})
+    snapshot = Snapshot("v1", ROOT, "", infos, {}, {})
     view = EngineView("v1", {t.name: t.kind for t in infos}, {})
     for name, kind, status in (("nope", "classify", 404), ("pet", "classify", 400), ("colors", "fuse", 400),
                                ("nope", "fuse", 404)):
