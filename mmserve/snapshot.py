@@ -30,7 +30,7 @@ from mmserve.fusion import FusionModel
 from mmserve.prompts import TowerPrompts
 from mmserve.registry import MANIFEST, Registry, TaskEntry, now_iso
 from mmserve.runtime import ImageRuntime
-from mmserve.store import HEAD, Store
+from mmserve.store import HEAD, Store, paused_gc
 
 
 @dataclass(frozen=True)
@@ -322,6 +322,10 @@ class SnapshotBuilder:
     def build(self, path: str | Path, version: str | None = None) -> Snapshot:
         """Load, validate and build a version (default: the current one) of a store or registry directory
         without serving it; raises RegistryError, and then what the previous build made stays as it was."""
+        with paused_gc():
+            return self._build(path, version)
+
+    def _build(self, path: str | Path, version: str | None) -> Snapshot:
         store = Store.open(path)
         if version is None:
             head = store.head()
@@ -395,10 +399,13 @@ class SnapshotBuilder:
 
 
 BuildKey = tuple  # what a served task is built from (build_key): equal keys, equal tensors
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def frozen(value: Any) -> Hashable:
     """A JSON value as a hashable value with the same equality (dict keys sorted)."""
+    if type(value) is dict and all(type(v) in _SCALARS for v in value.values()):  # a prompt config: flat
+        return tuple(sorted(value.items()))
     if isinstance(value, dict):
         return tuple(sorted((k, frozen(v)) for k, v in value.items()))
     if isinstance(value, list):

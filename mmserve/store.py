@@ -14,6 +14,7 @@ layout (manifest.json beside groups/ and tasks/) is read as a store with one ver
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -29,14 +30,25 @@ from mmserve.errors import RegistryError
 from mmserve.fileio import atomic_write_bytes
 from mmserve.registry import MANIFEST, Manifest, now_iso, parse_manifest
 from mmserve.strict import from_dict
-from mmserve.version_index import entry_name, is_index, parse_index, seal_index
+from mmserve.version_index import entry_name, is_index, pack_name, parse_index, seal_index, unpack
 
 HEAD = "HEAD.json"
 HEAD_FORMAT = "mmserve-store-1"
 HISTORY_KEPT = 1000  # history entries HEAD keeps (the versions they name stay until `gc`)
 PARSED_KEPT = 4  # parsed versions kept in memory: a change reads its base and its result, a follower both
-# (store url, version) -> (manifest, entry sha256 by task name, or None for a version holding a whole manifest)
-_PARSED: OrderedDict[tuple[str, str], tuple[Manifest, dict[str, str] | None]] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A version as this process keeps it parsed (see Store.parsed)."""
+
+    manifest: Manifest
+    shas: dict[str, str] | None = None  # entry sha256 by task name; None for a version holding a whole manifest
+    packs: tuple[str, ...] = ()
+    packed: frozenset[str] = frozenset()
+
+
+_PARSED: OrderedDict[tuple[str, str], Parsed] = OrderedDict()  # by (store url, version)
 
 
 class StaleVersionError(RegistryError):
@@ -110,6 +122,7 @@ class Store:
     fs: Any = field(repr=False)
     root: str  # the store's path on `fs`
     legacy: bool = False
+    durable: bool = True  # False: local writes skip fsync (throwaway benchmark stores; a crash may tear a file)
 
     # ---- opening -----------------------------------------------------------------------------------------
 
@@ -177,8 +190,15 @@ class Store:
 
     def write(self, name: str, data: bytes) -> None:
         """Write a whole file (atomically: a reader sees none of it or all of it)."""
-        if self.is_local:
+        if self.is_local and self.durable:
             atomic_write_bytes(self.path_of(name), data)
+            return
+        if self.is_local:
+            path = Path(self.path_of(name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temp.write_bytes(data)
+            temp.replace(path)  # still all or nothing for a reader, only not synced to disk
             return
         try:
             self.fs.pipe_file(self.path_of(name), data)
@@ -204,22 +224,23 @@ class Store:
         return data
 
     def put_version(self, manifest: Manifest, base: str | None = None) -> str:
-        """Write a manifest whose weights are written as an immutable version (its new entries, then its index;
-        mmserve.version_index) and stamp its id on it; entries taken over from version `base` unchanged (the same
-        objects, as mmserve.versions copies them) are not written again. The manifest is kept as the version's
-        parse in this process: the writer must not change it after."""
-        known: dict[int, str] = {}
+        """Write a manifest whose weights are written as an immutable version (its new entries or a pack, then
+        its index; mmserve.version_index) and stamp its id on it; entries taken over from version `base`
+        unchanged (the same objects, as mmserve.versions copies them) are not written again. The manifest is
+        kept as the version's parse in this process: the writer must not change it after."""
         cached = _PARSED.get((self.url, base)) if base else None
-        if cached is not None and cached[1] is not None:
-            known = {id(t): cached[1][t.name] for t in cached[0].tasks}
-        index, fresh, shas = seal_index(manifest, known)
-        for sha, data in fresh.items():  # entries, then the index naming them: never an index naming a gap
-            if not self._exists(entry_name(sha)):
-                self.write(entry_name(sha), data)
+        if cached is not None and cached.shas is not None:
+            sealed = seal_index(manifest, {id(t): cached.shas[t.name] for t in cached.manifest.tasks},
+                                cached.packs, cached.packed)
+        else:
+            sealed = seal_index(manifest, {})
+        for name, data in sealed.files.items():  # entries, then the index naming them: never an index naming a gap
+            if not self._exists(name):
+                self.write(name, data)
         name = version_name(manifest.version)
         if not self._exists(name):
-            self.write(name, index)
-        self._keep(manifest.version, manifest, shas)
+            self.write(name, sealed.index)
+        self._keep(manifest.version, Parsed(manifest, sealed.shas, sealed.packs, sealed.packed))
         return manifest.version
 
     def get_version(self, version: str, fresh: bool = False) -> Manifest:
@@ -229,29 +250,31 @@ class Store:
         cached = None if fresh or self.legacy else _PARSED.get((self.url, version))
         if cached is not None:
             _PARSED.move_to_end((self.url, version))
-            return cached[0]
-        manifest, shas = self._parse_version(version)
+            return cached.manifest
+        with paused_gc():
+            parsed = self._parse_version(version)
         if not self.legacy:
-            self._keep(version, manifest, shas)
-        return manifest
+            self._keep(version, parsed)
+        return parsed.manifest
 
-    def entry_shas(self, version: str) -> dict[str, str] | None:
-        """Each task's entry sha256 in `version` (None for a version holding a whole manifest)."""
+    def parsed(self, version: str) -> Parsed:
+        """`version` as this process keeps it: its manifest, each task's entry sha256 (None for a version holding
+        a whole manifest), the packs its index names and the entries they hold."""
         self.get_version(version)
-        return _PARSED[(self.url, version)][1]
+        return _PARSED[(self.url, version)]
 
-    def _keep(self, version: str, manifest: Manifest, shas: dict[str, str] | None) -> None:
-        _PARSED[(self.url, version)] = (manifest, shas)
+    def _keep(self, version: str, parsed: Parsed) -> None:
+        _PARSED[(self.url, version)] = parsed
         _PARSED.move_to_end((self.url, version))
         while len(_PARSED) > PARSED_KEPT:
             _PARSED.popitem(last=False)
 
-    def _parse_version(self, version: str) -> tuple[Manifest, dict[str, str] | None]:
+    def _parse_version(self, version: str) -> Parsed:
         if self.legacy:
             manifest = parse_manifest(self.read(MANIFEST), self.where(MANIFEST))
             if version != manifest.version:
                 raise RegistryError(f"{self.where(MANIFEST)}: version {version} is not this registry's")
-            return manifest, None
+            return Parsed(manifest)
         name = version_name(version)
         raw = self.read(name)
         try:
@@ -259,14 +282,32 @@ class Store:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RegistryError(f"{self.where(name)}: invalid JSON: {exc}") from None
         if not is_index(data):
-            return parse_manifest(raw, self.where(name)), None
-        known = {shas[t.name]: t for m, shas in _PARSED.values() if shas for t in m.tasks}
+            return Parsed(parse_manifest(raw, self.where(name)))
+        known = {p.shas[t.name]: t for p in _PARSED.values() if p.shas for t in p.manifest.tasks}
         tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
-        needed = [entry_name(item[1]) for item in tasks
-                  if isinstance(item, list) and len(item) == 2 and isinstance(item[1], str) and item[1] not in known]
-        blobs = self.read_many(needed)
-        return parse_index(data, self.where(name), lambda sha: blobs.get(entry_name(sha)) or self.read(
-            entry_name(sha)), known)
+        wanted = {item[1]: item[0] for item in tasks  # entry sha256 -> task name, for the entries to read
+                  if isinstance(item, list) and len(item) == 2 and isinstance(item[1], str) and item[1] not in known}
+        packs = tuple(p for p in data.get("packs", []) if isinstance(p, str)) if isinstance(
+            data.get("packs", []), list) else ()
+        lines: dict[str, bytes] = {}
+        packed: set[str] = set()
+        for pack in packs:  # one file for most entries, each line's hash checked
+            held = unpack(self.read(pack_name(pack)), pack, self.where(pack_name(pack)))
+            packed |= held.keys()
+            lines.update((sha, line) for sha, line in held.items() if sha in wanted)
+        loose = self.read_many([entry_name(sha) for sha in wanted if sha not in lines])
+
+        def read_entry(sha: str) -> bytes:
+            if sha in lines:
+                return lines[sha]
+            data = loose.get(entry_name(sha)) or self.read(entry_name(sha))
+            if sha256_bytes(data) != sha:
+                raise RegistryError(f"{self.where(entry_name(sha))}: tasks[{wanted.get(sha)}]: bytes do not match "
+                                    f"their sha256 (corrupt or replaced)")
+            return data
+
+        manifest, shas = parse_index(data, self.where(name), read_entry, known)
+        return Parsed(manifest, shas, packs, frozenset(packed))
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
         """Several files' bytes by name, those missing left out (one concurrent request batch on S3)."""
@@ -389,6 +430,20 @@ class Store:
             self.fs.rm_file(self.path_of(name))
         except FileNotFoundError:
             pass
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic collector off while a version is parsed or built: at 100,000 tasks its full collections,
+    triggered by the allocations themselves, cost more than the work (nothing built here is a cycle; refcounts
+    free it all the same). Nested pauses keep it off until the outermost ends."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def forget_parsed() -> None:

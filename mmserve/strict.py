@@ -39,16 +39,18 @@ def check_json_type(value: object, annotation: str, where: str, error: type[Exce
 class _Schema(NamedTuple):
     names: frozenset[str]
     required: frozenset[str]
-    annotations: tuple[tuple[str, str], ...]  # (field, annotation) for every field
+    # (field, annotation, JSON types admitted) for every field whose JSON type is checked here
+    checked: tuple[tuple[str, str, tuple[type, ...]], ...]
 
 
 @cache
 def _schema(cls: type) -> _Schema:
     """A dataclass's fields, read once (a manifest of thousands of tasks builds thousands of entries)."""
     fs = fields(cls)
+    checked = tuple((f.name, str(f.type), _JSON_TYPES[str(f.type).removesuffix(" | None")]) for f in fs
+                    if str(f.type).removesuffix(" | None") in _JSON_TYPES)
     return _Schema(frozenset(f.name for f in fs),
-                   frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING),
-                   tuple((f.name, str(f.type)) for f in fs))
+                   frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING), checked)
 
 
 def from_dict(cls: type[T], data: object, where: str, error: type[Exception] = MmserveError, *,
@@ -62,9 +64,13 @@ def from_dict(cls: type[T], data: object, where: str, error: type[Exception] = M
     if not schema.required.issubset(data):
         raise error(f"{where}: missing field(s) {sorted(schema.required - set(data))}")
     if check_types:
-        for name, annotation in schema.annotations:
-            if name in data:
-                check_json_type(data[name], annotation, where, error, name)
+        for name, annotation, types in schema.checked:
+            value = data.get(name)
+            # the common case decided here (a value of an admitted type, not a bool where a number is wanted,
+            # not a list, whose items need a look); everything else by check_json_type
+            if value is None or type(value) is bool or type(value) not in types or type(value) is list:
+                if name in data:
+                    check_json_type(value, annotation, where, error, name)
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:  # a __post_init__ that refuses a value

@@ -1,14 +1,18 @@
 """A store version as an index naming one content-addressed blob per task entry.
 
     <store>/entries/<sha256>.json     one task's manifest entry (compact JSON, keys sorted)
+    <store>/entries/pack-<sha256>.jsonl   many entries, one per line (each line an entry's exact bytes)
     <store>/versions/<version>.json   {"format", "schema_version", "version", "created", "backbone", "groups",
-                                       "tasks": [[name, entry sha256], ...]}
+                                       "packs": [pack sha256, ...], "tasks": [[name, entry sha256], ...]}
 
 A version is the index's content hash, and the index names each entry by the hash of its bytes, so a version is
 as immutable as the monolithic manifest it replaces, while a change writes one entry and an index of ~100 bytes a
 task: at 10,000 tasks of 55 classes the manifest was 21 MB, serialised at every change and parsed by every
-follower. A reader parses only the entries it has not parsed before (`known`, by sha256). A version file holding
-a whole manifest (the first store layout) is still read, through mmserve.registry.parse_manifest.
+follower. A reader parses only the entries it has not parsed before (`known`, by sha256). An entry is read from
+the version's packs when one holds it, else from its own file: a version that brings more than REPACK_SHARE of
+its entries (and at least REPACK_MIN) anew writes one pack of all of them, so a cold reader of 100,000 tasks opens
+one file, not 100,000 (on S3: one GET). A version file holding a whole manifest (the first store layout) is still
+read, through mmserve.registry.parse_manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmserve.errors import RegistryError
@@ -32,11 +37,29 @@ from mmserve.strict import from_dict
 
 INDEX_FORMAT = "mmserve-index-1"
 ENTRIES = "entries"
+REPACK_MIN, REPACK_SHARE = 256, 0.1  # a version writes a pack when it brings more new entries than both
 
 
 def entry_name(sha: str) -> str:
     """A task entry's blob inside a store."""
     return f"{ENTRIES}/{sha}.json"
+
+
+def pack_name(sha: str) -> str:
+    """A pack of entries inside a store."""
+    return f"{ENTRIES}/pack-{sha}.jsonl"
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What writing a version takes: its index, the files to write before it (name -> bytes), and what a reader
+    of it keeps: each task's entry sha256, the packs it names and the entries they hold."""
+
+    index: bytes
+    files: dict[str, bytes]
+    shas: dict[str, str]
+    packs: tuple[str, ...]
+    packed: frozenset[str]
 
 
 def encode_entry(task: TaskEntry) -> bytes:
@@ -48,15 +71,16 @@ def _content_version(content: Mapping[str, object]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
-def _content(manifest: Manifest, tasks: Sequence[tuple[str, str]]) -> dict:
+def _content(manifest: Manifest, tasks: Sequence[tuple[str, str]], packs: Sequence[str]) -> dict:
     return {"format": INDEX_FORMAT, "schema_version": SCHEMA_VERSION, "backbone": dict(vars(manifest.backbone)),
-            "groups": [dict(vars(g)) for g in manifest.groups], "tasks": [list(t) for t in tasks]}
+            "groups": [dict(vars(g)) for g in manifest.groups], "packs": list(packs),
+            "tasks": [list(t) for t in tasks]}
 
 
-def seal_index(manifest: Manifest, known: Mapping[int, str]) -> tuple[bytes, dict[str, bytes], dict[str, str]]:
-    """Stamp a manifest whose weights are written (times, schema, version); return its index bytes, the entry
-    blobs not in `known` (id of an entry object -> its sha256, for entries taken over from the base version)
-    by sha256, and every task's entry sha256 by name."""
+def seal_index(manifest: Manifest, known: Mapping[int, str], packs: Sequence[str] = (),
+               packed: frozenset[str] = frozenset()) -> Sealed:
+    """Stamp a manifest whose weights are written (times, schema, version) and make its files. `known`: id of an
+    entry object -> its sha256, for the entries taken over from the base version, whose `packs` hold `packed`."""
     fresh: dict[str, bytes] = {}
     shas: dict[str, str] = {}
     for task in manifest.tasks:
@@ -67,12 +91,29 @@ def seal_index(manifest: Manifest, known: Mapping[int, str]) -> tuple[bytes, dic
             sha = hashlib.sha256(data).hexdigest()
             fresh[sha] = data
         shas[task.name] = sha
+    loose = {sha for sha in shas.values() if sha not in packed}
+    files: dict[str, bytes]
+    if len(loose) > max(REPACK_MIN, REPACK_SHARE * len(shas)):  # one pack of every entry of this version
+        lines = [fresh.get(sha) or encode_entry(task) for task, sha in zip(manifest.tasks, shas.values(),
+                                                                             strict=True)]
+        pack = b"\n".join(lines) + b"\n"
+        pack_sha = hashlib.sha256(pack).hexdigest()
+        packs, packed, files = (pack_sha,), frozenset(shas.values()), {pack_name(pack_sha): pack}
+    else:
+        files = {entry_name(sha): data for sha, data in fresh.items() if sha not in packed}
     manifest.schema_version = SCHEMA_VERSION
-    content = _content(manifest, list(shas.items()))
+    content = _content(manifest, list(shas.items()), packs)
     manifest.version = _content_version(content)
     manifest.created = now_iso()
     index = {"version": manifest.version, "created": manifest.created, **content}
-    return json.dumps(index, separators=(",", ":")).encode() + b"\n", fresh, shas
+    return Sealed(json.dumps(index, separators=(",", ":")).encode() + b"\n", files, shas, tuple(packs), packed)
+
+
+def unpack(data: bytes, sha: str, where: str) -> dict[str, bytes]:
+    """A pack's entries by sha256, its bytes checked against `sha`."""
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise RegistryError(f"{where}: bytes do not match their sha256 (corrupt or replaced)")
+    return {hashlib.sha256(line).hexdigest(): line for line in data.split(b"\n") if line}
 
 
 def is_index(data: object) -> bool:
@@ -83,14 +124,17 @@ def is_index(data: object) -> bool:
 def parse_index(data: dict, where: str, read_entry: Callable[[str], bytes],
                 known: Mapping[str, TaskEntry]) -> tuple[Manifest, dict[str, str]]:
     """The manifest of a version index (parsed JSON) and its entries' sha256 by task name; entries in `known`
-    (by sha256) are taken over, the others read with `read_entry(sha)` and checked: bytes against their hash,
-    fields strictly, name against the index. Errors name `where` and the field."""
+    (by sha256) are taken over, the others read with `read_entry(sha)` (from a pack or their own file; bytes it
+    has checked against their hash) and checked: fields strictly, name against the index. Errors name `where` and
+    the field."""
     for key in ("version", "backbone", "groups", "tasks"):
         if key not in data:
             raise RegistryError(f"{where}: missing field '{key}'")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise RegistryError(f"{where}: schema_version: unsupported value {data.get('schema_version')!r}")
     content = {k: v for k, v in data.items() if k not in ("version", "created")}
+    if not isinstance(data.get("packs", []), list):
+        raise RegistryError(f"{where}: packs must be a list")
     if _content_version(content) != data["version"]:
         raise RegistryError(f"{where}: version: the content hash is {_content_version(content)}, the file says "
                             f"{data['version']!r} (edited by hand?)")
@@ -98,22 +142,29 @@ def parse_index(data: dict, where: str, read_entry: Callable[[str], bytes],
         raise RegistryError(f"{where}: groups and tasks must be lists")
     backbone = from_dict(BackboneRef, data["backbone"], f"{where}: backbone", RegistryError)
     groups = [from_dict(GroupEntry, g, f"{where}: groups[{i}]", RegistryError) for i, g in enumerate(data["groups"])]
-    tasks: list[TaskEntry] = []
-    shas: dict[str, str] = {}
-    for i, item in enumerate(data["tasks"]):
+    items = data["tasks"]
+    for i, item in enumerate(items):
         if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
             raise RegistryError(f"{where}: tasks[{i}]: expected [name, entry sha256], got {json.dumps(item)[:80]}")
-        name, sha = item
-        task = known.get(sha)
-        if task is None:
-            at = f"{where}: tasks[{name}] ({entry_name(sha)})"
-            raw = read_entry(sha)
-            if hashlib.sha256(raw).hexdigest() != sha:
-                raise RegistryError(f"{at}: bytes do not match their sha256 (corrupt or replaced)")
+    needed = list(dict.fromkeys(sha for _, sha in items if sha not in known))
+    raws = [read_entry(sha) for sha in needed]
+    try:  # one parse of every new entry (each alone only to name a bad one)
+        parsed = json.loads(b"[" + b",".join(raws) + b"]") if raws else []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = []
+        for sha, raw in zip(needed, raws, strict=True):
             try:
-                task = from_dict(TaskEntry, json.loads(raw), at, RegistryError)
+                parsed.append(json.loads(raw))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RegistryError(f"{at}: invalid JSON: {exc}") from None
+                raise RegistryError(f"{where}: {entry_name(sha)}: invalid JSON: {exc}") from None
+    by_sha = dict(known)
+    names = {sha: name for name, sha in items}
+    for sha, value in zip(needed, parsed, strict=True):
+        by_sha[sha] = from_dict(TaskEntry, value, f"{where}: tasks[{names[sha]}] ({entry_name(sha)})", RegistryError)
+    tasks: list[TaskEntry] = []
+    shas: dict[str, str] = {}
+    for i, (name, sha) in enumerate(items):
+        task = by_sha[sha]
         if task.name != name:
             raise RegistryError(f"{where}: tasks[{i}]: the index names {name!r}, its entry {task.name!r}")
         tasks.append(task)

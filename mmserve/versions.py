@@ -289,12 +289,13 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
         return {"kept_versions": [], "removed_versions": [], "removed_blobs": 0}
     kept = list(dict.fromkeys([h.version for h in head.history[-keep:]] + [head.version]))
     used: set[str] = set()
-    entries: set[str] = set()
+    entries: set[str] = set()  # entry files and packs (pack-<sha>) kept versions name
     for version in kept:
-        manifest = store.get_version(version)
+        parsed = store.parsed(version)
+        manifest = parsed.manifest
         used |= {g.sha256 for g in manifest.groups} | {t.sha256 for t in manifest.tasks}
         used |= {g.grouping["sha256"] for g in manifest.groups if g.grouping is not None}
-        entries |= set((store.entry_shas(version) or {}).values())
+        entries |= set((parsed.shas or {}).values()) | {f"pack-{p}" for p in parsed.packs}
     removed_versions = [n.removesuffix(".json") for n in store.list_names("versions")
                         if n.removesuffix(".json") not in kept]
     for version in removed_versions:
@@ -305,7 +306,7 @@ def gc(store: Store, keep: int = 10) -> dict[str, Any]:
             store.delete(f"blobs/{name}")
             removed += 1
     for name in store.list_names(ENTRIES):
-        if name.removesuffix(".json") not in entries:
+        if name.removesuffix(".jsonl").removesuffix(".json") not in entries:
             store.delete(f"{ENTRIES}/{name}")
     for fingerprint in store.list_names(FEATURES):
         for name in store.list_names(f"{FEATURES}/{fingerprint}"):

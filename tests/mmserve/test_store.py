@@ -170,13 +170,37 @@ def test_a_change_writes_one_entry_and_an_index_and_a_corrupt_entry_is_named(tmp
     good = fresh.read_bytes()
     fresh.write_bytes(good.replace(b'"colors"', b'"colour"'))
     forget_parsed()
-    with pytest.raises(RegistryError, match=rf"tasks\[colors\] \(entries/{fresh.stem}.json\): bytes do not match"):
+    with pytest.raises(RegistryError, match=rf"entries/{fresh.stem}.json: tasks\[colors\]: bytes do not match"):
         Store.open(tmp_path / "store").get_version(store.head().version)
     assert any(fresh.stem in p for p in verify(store))
     fresh.write_bytes(good)
     report = gc(store, keep=1)
     assert len(report["removed_versions"]) == 1 and fresh in set(entries.iterdir())  # kept: the current one uses it
     assert len(set(entries.iterdir())) == 5  # v1's colors entry went with the version that used it
+
+
+def test_many_new_entries_go_in_one_pack_and_a_few_beside_it(tmp_path: Path, demo_registries, monkeypatch) -> None:
+    monkeypatch.setattr("mmserve.version_index.REPACK_MIN", 2)  # 5 tasks stand for thousands
+    store = Store.open(tmp_path / "store")
+    add_tasks(store, demo_registries.v1)
+    entries = tmp_path / "store" / ENTRIES
+    (pack,) = entries.iterdir()
+    assert pack.name.startswith("pack-") and len(pack.read_bytes().splitlines()) == 5
+    add_tasks(store, demo_registries.v2, ["colors"])  # 1 new entry of 5: beside the pack, which the index keeps
+    (loose,) = set(entries.iterdir()) - {pack}
+    assert loose.suffix == ".json"
+    forget_parsed()
+    fresh = Store.open(tmp_path / "store").get_version(store.head().version)
+    assert [t.name for t in fresh.tasks] == ["colors", "warmth", "brightness", "tags", "pet"]
+    assert fresh.task("colors").sha256 == current(Store.open(demo_registries.v2)).task("colors").sha256
+    good = pack.read_bytes()
+    pack.write_bytes(good.replace(b'"warmth"', b'"w4rmth"'))
+    forget_parsed()
+    with pytest.raises(RegistryError, match=rf"{pack.name}: bytes do not match"):
+        Store.open(tmp_path / "store").get_version(store.head().version)
+    pack.write_bytes(good)
+    assert gc(store, keep=1)["removed_versions"] and set(entries.iterdir()) == {pack, loose}  # both still named
+    assert verify(store) == []
 
 
 def test_a_version_holding_a_whole_manifest_still_reads(tmp_path: Path, demo_registries) -> None:
