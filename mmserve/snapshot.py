@@ -254,6 +254,7 @@ class SnapshotBuilder:
         self._keys: frozenset[BuildKey] | None = None  # classify build keys of the last build (None before the first)
         self._shapes: dict[Hashable, tuple[int, int]] = {}
         self._parts: dict[int, tuple[object, tuple]] = {}  # build_key shares of the last build's entries
+        self._infos: dict[int, tuple[object, TaskInfo]] = {}  # listings of the last build's entries, by entry
         self.rebuilt = 0  # tasks the last build made anew (the others were taken over or load on first use)
 
     def _complement(self, spec: dict) -> ComplementaryEncoder:
@@ -339,7 +340,8 @@ class SnapshotBuilder:
         if not manifest.tasks:
             raise RegistryError(f"{where}: tasks: the registry has no task to serve")
         bounded = self.resident.capacity is not None
-        infos = {e.name: TaskInfo.from_entry(e) for e in manifest.tasks}
+        infos = {e.name: _part(self._infos, e, lambda e=e: TaskInfo.from_entry(e)) for e in manifest.tasks}
+        self._infos = {id(e): self._infos[id(e)] for e in manifest.tasks}  # the entries served from now on
         entries = {e.name: e for e in manifest.tasks}
         keys: dict[str, BuildKey] = {}
         held: dict[str, ClassifyTask] = {}
@@ -353,6 +355,9 @@ class SnapshotBuilder:
         for entry in manifest.tasks:
             info, key = infos[entry.name], build_key(registry, entry, self._parts)
             parts[id(entry)] = self._parts[id(entry)]
+            if entry.group is not None:
+                config = registry.manifest.group(entry.group).prompt_config
+                parts[id(config)] = self._parts[id(config)]
             if entry.kind == "fuse":
                 task = self._fusion.get(key)
                 if task is None:
@@ -373,8 +378,9 @@ class SnapshotBuilder:
                 loaded = self._guarded(where, entry.name, lambda e=entry, i=info, k=key: self._classify(
                     store, registry, e, i, k, groups))
                 fresh[key] = loaded
-            if not bounded:  # equal listings (the usual case): the task as it was, no copy
-                held[entry.name] = loaded if loaded.info == info else replace(loaded, info=info)
+            if not bounded:  # the same listing (the usual case): the task as it was, no copy
+                held[entry.name] = loaded if loaded.info is info or loaded.info == info else replace(loaded,
+                                                                                                     info=info)
         try:  # open the runtime's graphs now: the first request must not pay, a missing graph must refuse the load
             self.runtime.prepare(shapes, {n: (t.model, t.complement.dim) for n, t in fusion.items()})
         except MmserveError as exc:
@@ -422,11 +428,12 @@ def build_key(registry: Registry, entry: TaskEntry, parts: dict[int, tuple[objec
                                        entry.template, entry.head, frozen(entry.complementary), entry.psi_dim))
     if entry.group is None:
         return (*own, None)
-    group = registry.manifest.group(entry.group)
-    return (*own, _part(parts, group, lambda: (group.sha256, frozen(group.prompt_config))))
+    group = registry.manifest.group(entry.group)  # a new object in each version; its config dict is shared
+    return (*own, (group.sha256, _part(parts, group.prompt_config, lambda: frozen(group.prompt_config))))
 
 
-def _part(parts: dict[int, tuple[object, tuple]] | None, owner: object, make: Callable[[], tuple]) -> tuple:
+def _part(parts: dict[int, tuple[object, Any]] | None, owner: object, make: Callable[[], Any]) -> Any:
+    """What `make` makes of `owner`, kept in `parts` by the object (held there, so its id stays its own)."""
     cached = None if parts is None else parts.get(id(owner))
     if cached is not None and cached[0] is owner:
         return cached[1]

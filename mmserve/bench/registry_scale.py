@@ -134,7 +134,7 @@ def _resident(backbone: Backbone, registered: int, resident: int, work: Path, co
 
 
 def run_registry_scale(backbone: Backbone, scales: tuple[int, ...], resident: tuple[int, int] | None,
-                       workdir: Path | None = None, rounds: int = 9, cold_requests: int = 200,
+                       workdir: Path | None = None, rounds: int = 21, cold_requests: int = 200,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement of the section, and its targets judged."""
     work = Path(tempfile.mkdtemp(prefix="mmserve-scale-", dir=workdir))
