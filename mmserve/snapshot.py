@@ -371,7 +371,9 @@ class SnapshotBuilder:
                 fusion_built[key], fusion[entry.name] = task, task
                 continue
             keys[entry.name] = key
-            shapes.add(self._guarded(where, entry.name, lambda e=entry, k=key: self._prompt_shape(registry, e, k)))
+            shape = self._shapes.get((key[2], None if key[-1] is None else key[-1][1]))  # known configs: no call
+            shapes.add(shape if shape is not None else self._guarded(
+                where, entry.name, lambda e=entry, k=key: self._prompt_shape(registry, e, k)))
             loaded = fresh.get(key) or self.resident.peek(key)
             changed = self._keys is not None and key not in self._keys
             if loaded is None and (not bounded or changed):
