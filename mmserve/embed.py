@@ -19,13 +19,11 @@ import numpy as np
 import torch
 
 from mmserve.answers import Outcome
-from mmserve.encoders import PLACEHOLDER, PromptedTextEncoder
 from mmserve.engine import InferenceEngine
-from mmserve.errors import InvalidInputError, MissingInputError, PromptConfigError, RequestError
+from mmserve.errors import MissingInputError, RequestError
 from mmserve.snapshot import ClassifyTask, Snapshot
 
-__all__ = ["EmbedRequest", "check_image", "classify_entry", "embed_images", "embed_requests", "embed_texts",
-           "task_text_prompts", "tokenize_truncating"]
+__all__ = ["EmbedRequest", "classify_entry", "embed_requests", "embed_texts", "task_text_prompts"]
 
 
 @dataclass(frozen=True)
@@ -37,15 +35,6 @@ class EmbedRequest:
     task: str | None = None
 
 
-def check_image(image: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
-    """A preprocessed image as a float tensor (3, size, size); InvalidInputError otherwise."""
-    tensor = torch.as_tensor(image if isinstance(image, torch.Tensor) else np.asarray(image))
-    if tuple(tensor.shape) != (3, size, size) or not tensor.is_floating_point():
-        raise InvalidInputError(f"preprocessed image must be a float tensor (3, {size}, {size}), got "
-                                f"{tuple(tensor.shape)} {tensor.dtype}")
-    return tensor
-
-
 def task_text_prompts(entry: ClassifyTask | None) -> torch.Tensor | None:
     """A classification task's text-tower prompts (K, P_l, d_l), None without a task or without text prompts."""
     if entry is None:
@@ -54,48 +43,13 @@ def task_text_prompts(entry: ClassifyTask | None) -> torch.Tensor | None:
     return None if prompts is None or prompts.shape[-2] == 0 else prompts
 
 
-def tokenize_truncating(encoder: PromptedTextEncoder, texts: Sequence[str], n_prompt: int) -> torch.Tensor:
-    """Token ids (B, L) of "X .. X <text>" (`n_prompt` placeholders), texts too long truncated as open_clip does."""
-    prefix = " ".join([PLACEHOLDER] * n_prompt)
-    tokens = encoder.tokenizer([f"{prefix} {t}" if n_prompt else t for t in texts],
-                               context_length=encoder.context_length)
-    if n_prompt and not bool((tokens[:, 1:1 + n_prompt] == encoder.placeholder_id).all()):
-        raise PromptConfigError(f"placeholder '{PLACEHOLDER}' did not tokenize to {n_prompt} single tokens")
-    return tokens
-
-
 @torch.inference_mode()
 def embed_texts(engine: InferenceEngine, texts: Sequence[str], entry: ClassifyTask | None = None) -> torch.Tensor:
     """Normalised text features (N, E) of `texts`, through `entry`'s text prompts when given (one tower pass)."""
     prompts = task_text_prompts(entry)
     n_prompt = 0 if prompts is None else int(prompts.shape[-2])
-    tokens = tokenize_truncating(engine.text_encoder, texts, n_prompt).to(engine.backbone.device)
+    tokens = engine.text_encoder.tokenize(texts, n_prompt, truncate=True).to(engine.backbone.device)
     return engine.text_encoder(tokens, prompts)
-
-
-@torch.inference_mode()
-def embed_images(engine: InferenceEngine, images: torch.Tensor, entries: Sequence[ClassifyTask | None]
-                 ) -> torch.Tensor:
-    """Normalised image features (B, E) of images (B, 3, S, S), sample i through entries[i]'s visual prompts
-    (none for None); one image-tower pass per prompt shape in the batch."""
-    images = images.to(engine.backbone.device, torch.float32)
-    shapes = [(0, 0) if e is None else e.prompt_shape for e in entries]
-    out: torch.Tensor | None = None
-    for shape in dict.fromkeys(shapes):
-        rows = [i for i, s in enumerate(shapes) if s == shape]
-        whole = len(rows) == len(entries)
-        index = torch.tensor(rows, device=images.device)
-        sub = images if whole else images.index_select(0, index)
-        prompts = None if shape == (0, 0) else torch.stack(
-            [entries[i].vision_prompts for i in rows]).to(images.device)  # type: ignore[union-attr,misc]
-        feats = engine.runtime.encode(sub, prompts)
-        if whole:
-            return feats
-        if out is None:
-            out = feats.new_empty(len(entries), feats.shape[-1])
-        out[index] = feats
-    assert out is not None, "no images"
-    return out
 
 
 def classify_entry(snap: Snapshot, task: str | None) -> ClassifyTask | None:
@@ -122,7 +76,7 @@ def embed_requests(engine: InferenceEngine, requests: Sequence[EmbedRequest]) ->
             if req.text is not None and not req.text.strip():
                 raise MissingInputError("field 'text' must not be empty")
             if req.image is not None:
-                images[i] = check_image(req.image, engine.image_size)
+                images[i] = engine.check_image(req.image)
             if req.text is not None:
                 texts.setdefault(None if entry is None else req.task, []).append(i)
         except RequestError as exc:
@@ -131,7 +85,7 @@ def embed_requests(engine: InferenceEngine, requests: Sequence[EmbedRequest]) ->
     image_rows = [i for i in good if i in images]
     image_feats: dict[int, list[float]] = {}
     if image_rows:
-        feats = embed_images(engine, torch.stack([images[i] for i in image_rows]),
+        feats = engine.encode_images(torch.stack([images[i] for i in image_rows]),
                              [classify_entry(snap, requests[i].task) for i in image_rows]).float().cpu()
         image_feats = {i: feats[row].tolist() for row, i in enumerate(image_rows)}
     text_feats: dict[int, list[float]] = {}

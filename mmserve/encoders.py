@@ -7,6 +7,8 @@ shared by the whole batch. Layers past K keep the prompt tokens of the previous 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
@@ -126,15 +128,18 @@ class PromptedTextEncoder(_FrozenTower):
         )
         self.eval()
 
-    def tokenize(self, texts: list[str], n_prompt: int) -> torch.Tensor:
-        """Token ids (B, L) of "X X ... X <text>" with `n_prompt` placeholders right after SOT."""
+    def tokenize(self, texts: Sequence[str], n_prompt: int, truncate: bool = False) -> torch.Tensor:
+        """Token ids (B, L) of "X X ... X <text>" with `n_prompt` placeholders right after SOT; a text longer than
+        the context is PromptConfigError, or cut as open_clip's tokenizer cuts it with `truncate`."""
         prefix = " ".join([PLACEHOLDER] * n_prompt)
         # one slot more than the context: a text that fills the context exactly leaves it empty, a longer one
         # (which the tokenizer would truncate, writing EOT into the last slot either way) does not
-        tokens = self.tokenizer([f"{prefix} {t}" if n_prompt else t for t in texts],
-                                context_length=self.context_length + 1)
+        tokens = self.tokenizer([f"{prefix} {t}" if n_prompt else t for t in list(texts)],
+                                context_length=self.context_length + (0 if truncate else 1))
         if n_prompt and not bool((tokens[:, 1:1 + n_prompt] == self.placeholder_id).all()):
             raise PromptConfigError(f"placeholder '{PLACEHOLDER}' did not tokenize to {n_prompt} single tokens")
+        if truncate:
+            return tokens
         if bool((tokens[:, -1] != 0).any()):
             raise PromptConfigError(f"text longer than the context length {self.context_length} with {n_prompt} "
                                     f"prompt tokens: {texts[int((tokens[:, -1] != 0).nonzero()[0])]!r}")

@@ -186,24 +186,28 @@ class InferenceEngine:
 
     # ---- inference ---------------------------------------------------------------------------------------
 
-    def _encode_mixed(self, images: torch.Tensor, entries: Sequence[ClassifyTask]) -> torch.Tensor:
-        """Image features (B, E): one forward pass per distinct prompt shape in the batch (usually exactly one)."""
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor, entries: Sequence[ClassifyTask | None]) -> torch.Tensor:
+        """Normalised image features (B, E) of images (B, 3, S, S), sample i through entries[i]'s visual prompts
+        (none for None): one forward pass per distinct prompt shape in the batch (usually exactly one)."""
+        images = images.to(self.backbone.device, torch.float32)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, entry in enumerate(entries):
-            groups.setdefault(entry.prompt_shape, []).append(i)
+            groups.setdefault((0, 0) if entry is None else entry.prompt_shape, []).append(i)
         out: torch.Tensor | None = None
         for shape, rows in groups.items():
             whole = len(rows) == len(entries)
             index = torch.tensor(rows, device=images.device)
             sub = images if whole else images.index_select(0, index)
-            prompts = None if shape == (0, 0) else torch.stack([entries[i].vision_prompts for i in rows])
+            prompts = None if shape == (0, 0) else torch.stack(
+                [entries[i].vision_prompts for i in rows]).to(images.device)  # type: ignore[union-attr,misc]
             feats = self.runtime.encode(sub, prompts)
             if whole:
                 return feats
             if out is None:
                 out = feats.new_empty(len(entries), feats.shape[-1])
             out[index] = feats
-        assert out is not None
+        assert out is not None, "no images"
         return out
 
     @torch.inference_mode()
@@ -219,8 +223,7 @@ class InferenceEngine:
             return []
         ks = [top_k] * len(tasks) if isinstance(top_k, int) else list(top_k)
         entries = [snap.require(t, "classify") for t in tasks]
-        images = images.to(self.backbone.device, torch.float32)
-        feats = self._encode_mixed(images, entries)
+        feats = self.encode_images(images, entries)
         scale = self.backbone.logit_scale
         rows: dict[str, list[int]] = {}
         for i, t in enumerate(tasks):
@@ -262,7 +265,8 @@ class InferenceEngine:
 
     # ---- batches of independent requests (what the service's batchable APIs call) -------------------------
 
-    def _check_image(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def check_image(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A preprocessed image as a float tensor (3, S, S); InvalidInputError otherwise."""
         tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         expected = (3, self.image_size, self.image_size)
         if tuple(tensor.shape) != expected or not tensor.is_floating_point():
@@ -282,7 +286,7 @@ class InferenceEngine:
                     snap.require(req.task, "classify")  # a cold task loads here, before the batch's forward pass
                 except RegistryError as exc:
                     raise TaskUnavailableError(f"task {req.task!r} could not be loaded: {exc}") from None
-                images.append(self._check_image(req.image))
+                images.append(self.check_image(req.image))
                 good.append(i)
             except RequestError as exc:
                 outcomes[i] = Outcome.failure(exc)
@@ -303,7 +307,7 @@ class InferenceEngine:
                 snap.require(req.task, "fuse")
                 if not isinstance(req.text, str) or not req.text.strip():
                     raise InvalidInputError("text must be a non-empty string")
-                groups.setdefault(req.task, []).append((i, self._check_image(req.image)))
+                groups.setdefault(req.task, []).append((i, self.check_image(req.image)))
             except RequestError as exc:
                 outcomes[i] = Outcome.failure(exc)
         for task, members in groups.items():

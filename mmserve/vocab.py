@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmserve.answers import ClassifyResult, Outcome, Prediction
-from mmserve.embed import check_image, classify_entry, embed_images, embed_texts
+from mmserve.embed import classify_entry, embed_texts
 from mmserve.engine import InferenceEngine
 from mmserve.errors import InvalidInputError, MissingInputError, RequestError
 from mmserve.registry import DEFAULT_TEMPLATE
@@ -124,7 +124,7 @@ def rank_label_requests(engine: InferenceEngine, cache: LabelCache, requests: Se
             if len(req.labels) > MAX_LABELS or any(len(x) > MAX_LABEL_CHARS or not x.strip() for x in req.labels):
                 raise InvalidInputError(f"labels: 1 to {MAX_LABELS} non-blank labels of at most {MAX_LABEL_CHARS} "
                                         f"characters")
-            images.append(check_image(req.image, engine.image_size))
+            images.append(engine.check_image(req.image))
             good.append(i)
         except RequestError as exc:
             outcomes[i] = Outcome.failure(exc)
@@ -132,7 +132,7 @@ def rank_label_requests(engine: InferenceEngine, cache: LabelCache, requests: Se
         return outcomes  # type: ignore[return-value]
     with torch.inference_mode():
         entries = [classify_entry(snap, requests[i].task) for i in good]
-        feats = embed_images(engine, torch.stack(images), entries)
+        feats = engine.encode_images(torch.stack(images), entries)
         scale = engine.backbone.logit_scale
         for row, i in enumerate(good):
             req = requests[i]

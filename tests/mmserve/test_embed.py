@@ -8,7 +8,7 @@ import torch
 from _registry_fixture import Registries, color_image
 
 from mmserve.backbone import Backbone
-from mmserve.embed import EmbedRequest, classify_entry, embed_images, embed_requests, embed_texts
+from mmserve.embed import EmbedRequest, classify_entry, embed_requests, embed_texts
 from mmserve.engine import InferenceEngine
 from mmserve.errors import UnknownTaskError, WrongTaskKindError
 
@@ -30,7 +30,7 @@ def test_no_task_is_open_clips_own_encoders_normalised(engine: InferenceEngine, 
     with torch.inference_mode():
         want_image = torch.nn.functional.normalize(model.encode_image(pics), dim=-1)
         want_text = torch.nn.functional.normalize(model.encode_text(tiny_backbone.tokenizer(TEXTS)), dim=-1)
-    got_image = embed_images(engine, pics, [None] * 3)
+    got_image = engine.encode_images(pics, [None] * 3)
     got_text = embed_texts(engine, TEXTS)
     assert (got_image - want_image).abs().max() < 1e-5 and (got_text - want_text).abs().max() < 1e-5
     assert torch.allclose(got_image.norm(dim=-1), torch.ones(3)) and torch.allclose(got_text.norm(dim=-1),
@@ -46,9 +46,9 @@ def test_a_task_embeds_through_its_prompts(engine: InferenceEngine, tiny_backbon
     assert (embed_texts(engine, classes, entry) - entry.text_features).abs().max() < 1e-5
     assert (embed_texts(engine, classes) - entry.text_features).abs().max() > 1e-3  # the prompts matter
     pics = images(tiny_backbone, 3)
-    through = embed_images(engine, pics, [entry] * 3)
+    through = engine.encode_images(pics, [entry] * 3)
     assert (through - engine.runtime.encode(pics, entry.vision_prompts)).abs().max() < 1e-5
-    assert (through - embed_images(engine, pics, [None] * 3)).abs().max() > 1e-3
+    assert (through - engine.encode_images(pics, [None] * 3)).abs().max() > 1e-3
     labels = [r.label for r in engine.classify(pics, ["colors"] * 3)]
     assert [entry.info.classes[int(i)] for i in (through @ entry.text_features.T).argmax(-1)] == labels
 
