@@ -30,7 +30,7 @@ from mmserve.errors import RegistryError
 from mmserve.fileio import atomic_write_bytes
 from mmserve.registry import MANIFEST, Manifest, now_iso, parse_manifest
 from mmserve.strict import from_dict
-from mmserve.version_index import entry_name, is_index, pack_name, parse_index, seal_index, unpack
+from mmserve.version_index import check_index, entry_name, is_index, pack_name, parse_index, seal_index, unpack
 
 HEAD = "HEAD.json"
 HEAD_FORMAT = "mmserve-store-1"
@@ -283,12 +283,9 @@ class Store:
             raise RegistryError(f"{self.where(name)}: invalid JSON: {exc}") from None
         if not is_index(data):
             return Parsed(parse_manifest(raw, self.where(name)))
+        items, packs = check_index(data, self.where(name))
         known = {p.shas[t.name]: t for p in _PARSED.values() if p.shas for t in p.manifest.tasks}
-        tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
-        wanted = {item[1]: item[0] for item in tasks  # entry sha256 -> task name, for the entries to read
-                  if isinstance(item, list) and len(item) == 2 and isinstance(item[1], str) and item[1] not in known}
-        packs = tuple(p for p in data.get("packs", []) if isinstance(p, str)) if isinstance(
-            data.get("packs", []), list) else ()
+        wanted = {sha: task for task, sha in items if sha not in known}  # entry sha256 -> task name, to read
         lines: dict[str, bytes] = {}
         packed: set[str] = set()
         for pack in packs:  # one file for most entries, each line's hash checked
@@ -306,7 +303,7 @@ class Store:
                                     f"their sha256 (corrupt or replaced)")
             return data
 
-        manifest, shas = parse_index(data, self.where(name), read_entry, known)
+        manifest, shas = parse_index(data, self.where(name), items, read_entry, known)
         return Parsed(manifest, shas, packs, frozenset(packed))
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:

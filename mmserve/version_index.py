@@ -121,31 +121,36 @@ def is_index(data: object) -> bool:
     return isinstance(data, dict) and data.get("format") == INDEX_FORMAT
 
 
-def parse_index(data: dict, where: str, read_entry: Callable[[str], bytes],
-                known: Mapping[str, TaskEntry]) -> tuple[Manifest, dict[str, str]]:
-    """The manifest of a version index (parsed JSON) and its entries' sha256 by task name; entries in `known`
-    (by sha256) are taken over, the others read with `read_entry(sha)` (from a pack or their own file; bytes it
-    has checked against their hash) and checked: fields strictly, name against the index. Errors name `where` and
-    the field."""
+def check_index(data: dict, where: str) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """A version index's structure and content hash checked; its [name, entry sha256] items and its packs."""
     for key in ("version", "backbone", "groups", "tasks"):
         if key not in data:
             raise RegistryError(f"{where}: missing field '{key}'")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise RegistryError(f"{where}: schema_version: unsupported value {data.get('schema_version')!r}")
     content = {k: v for k, v in data.items() if k not in ("version", "created")}
-    if not isinstance(data.get("packs", []), list):
-        raise RegistryError(f"{where}: packs must be a list")
     if _content_version(content) != data["version"]:
         raise RegistryError(f"{where}: version: the content hash is {_content_version(content)}, the file says "
                             f"{data['version']!r} (edited by hand?)")
+    packs = data.get("packs", [])
+    if not isinstance(packs, list) or not all(isinstance(p, str) for p in packs):
+        raise RegistryError(f"{where}: packs: expected a list of sha256, got {json.dumps(packs)[:80]}")
     if not isinstance(data["groups"], list) or not isinstance(data["tasks"], list):
         raise RegistryError(f"{where}: groups and tasks must be lists")
-    backbone = from_dict(BackboneRef, data["backbone"], f"{where}: backbone", RegistryError)
-    groups = [from_dict(GroupEntry, g, f"{where}: groups[{i}]", RegistryError) for i, g in enumerate(data["groups"])]
-    items = data["tasks"]
-    for i, item in enumerate(items):
+    for i, item in enumerate(data["tasks"]):
         if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
             raise RegistryError(f"{where}: tasks[{i}]: expected [name, entry sha256], got {json.dumps(item)[:80]}")
+    return [(name, sha) for name, sha in data["tasks"]], tuple(packs)
+
+
+def parse_index(data: dict, where: str, items: list[tuple[str, str]], read_entry: Callable[[str], bytes],
+                known: Mapping[str, TaskEntry]) -> tuple[Manifest, dict[str, str]]:
+    """The manifest of a version index that check_index passed (its `items`) and its entries' sha256 by task
+    name; entries in `known` (by sha256) are taken over, the others read with `read_entry(sha)` (from a pack or
+    their own file; bytes it has checked against their hash) and checked: fields strictly, name against the
+    index. Errors name `where` and the field."""
+    backbone = from_dict(BackboneRef, data["backbone"], f"{where}: backbone", RegistryError)
+    groups = [from_dict(GroupEntry, g, f"{where}: groups[{i}]", RegistryError) for i, g in enumerate(data["groups"])]
     needed = list(dict.fromkeys(sha for _, sha in items if sha not in known))
     raws = [read_entry(sha) for sha in needed]
     try:  # one parse of every new entry (each alone only to name a bad one)
