@@ -300,16 +300,17 @@ class SnapshotBuilder:
         return FusionTask(info, model, complement)
 
     def _prompt_shape(self, registry: Registry, entry: TaskEntry, key: BuildKey) -> tuple[int, int]:
-        """(K, P) of a classify task's visual prompts, from its configs alone (tasks may not be loaded yet)."""
-        group = registry.manifest.group(entry.group) if entry.group is not None else None
-        configs = [entry.prompt_config] if group is None else [group.prompt_config, entry.prompt_config]
-        key = (key[2], None if key[-1] is None else key[-1][1])  # the frozen task and group configs
-        if key not in self._shapes:
-            parts = [self.prompt_maker.initial(c) for c in configs]
-            vision = [p.vision for p in parts if p.vision is not None]
-            self._shapes[key] = (0, 0) if not vision else (int(vision[0].shape[0]),
-                                                           sum(int(v.shape[1]) for v in vision))
-        return self._shapes[key]
+        """(K, P) of a classify task's visual prompts, from its configs alone (tasks may not be loaded yet): once
+        per distinct pair of frozen task and group configs, which its build key holds."""
+        configs_key = (key[2], None if key[-1] is None else key[-1][1])
+        shape = self._shapes.get(configs_key)
+        if shape is None:
+            group = registry.manifest.group(entry.group) if entry.group is not None else None
+            configs = [entry.prompt_config] if group is None else [group.prompt_config, entry.prompt_config]
+            vision = [p.vision for p in (self.prompt_maker.initial(c) for c in configs) if p.vision is not None]
+            shape = (0, 0) if not vision else (int(vision[0].shape[0]), sum(int(v.shape[1]) for v in vision))
+            self._shapes[configs_key] = shape
+        return shape
 
     def _guarded(self, where: str, name: str, work: Callable[[], Any]) -> Any:
         """Run one task's load; its errors as RegistryError naming the manifest and the task."""
@@ -371,9 +372,7 @@ class SnapshotBuilder:
                 fusion_built[key], fusion[entry.name] = task, task
                 continue
             keys[entry.name] = key
-            shape = self._shapes.get((key[2], None if key[-1] is None else key[-1][1]))  # known configs: no call
-            shapes.add(shape if shape is not None else self._guarded(
-                where, entry.name, lambda e=entry, k=key: self._prompt_shape(registry, e, k)))
+            shapes.add(self._guarded(where, entry.name, lambda e=entry, k=key: self._prompt_shape(registry, e, k)))
             loaded = fresh.get(key) or self.resident.peek(key)
             changed = self._keys is not None and key not in self._keys
             if loaded is None and (not bounded or changed):

@@ -32,7 +32,7 @@ def task_name(i: int) -> str:
 
 
 def write_random_store(url: str, backbone: Backbone, n_tasks: int, n_classes: int = 55, seed: int = 0,
-                       features: bool = True, stored_prompts: bool = True) -> Manifest:
+                       stored_prompts: bool = True) -> Manifest:
     """Write `n_tasks` random tasks (groups of TASKS_PER_GROUP) as one version of a new store; its manifest.
     `stored_prompts` False leaves the visual prompts out of the stored files (an engine computes them from the
     weights, as for files written before they were kept)."""
@@ -54,13 +54,12 @@ def write_random_store(url: str, backbone: Backbone, n_tasks: int, n_classes: in
     manifest = Manifest(BackboneRef(backbone.spec.model, backbone.fingerprint, backbone.spec.pretrained), groups,
                         tasks)
     store.put_version(manifest)
-    if features:  # what an engine stores for each task it loads: class text features (random here) and prompts
-        maker = PromptMaker(backbone)
-        groups: dict = {}
-        registry = open_version(store, manifest.version, backbone)
-        for task in manifest.tasks:
-            feats = F.normalize(torch.randn(n_classes, backbone.embed_dim, generator=gen), dim=-1)
-            vision = maker.classify(registry, task, store, groups).vision if stored_prompts else None
-            store_features(store, manifest, task, backbone.fingerprint, feats, vision)
+    maker = PromptMaker(backbone)  # what an engine stores for each task: class text features (random here), prompts
+    groups: dict = {}
+    registry = open_version(store, manifest.version, backbone)
+    for task in manifest.tasks:
+        feats = F.normalize(torch.randn(n_classes, backbone.embed_dim, generator=gen), dim=-1)
+        vision = maker.classify(registry, task, store, groups).vision if stored_prompts else None
+        store_features(store, manifest, task, backbone.fingerprint, feats, vision)
     store.move_head(None, manifest.version, f"bench: {n_tasks} random tasks")
     return manifest
