@@ -253,6 +253,24 @@ def cmd_ship(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base_to_new(a: argparse.Namespace) -> int:
+    """CoCoOp's base-to-new study on the emoji styles (training.studies.base_to_new)."""
+    from training.studies.base_to_new import main as study
+
+    return study(a.rest)
+
+
+def cmd_leave_one_out(a: argparse.Namespace) -> int:
+    """Each emoji style added alone to the other four against the joint run (training.studies.leave_one_out)."""
+    from training.studies.leave_one_out import main as study
+
+    return study(a.rest)
+
+
+DELEGATES = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "base-to-new": cmd_base_to_new,
+             "leave-one-out": cmd_leave_one_out}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand; a config's options come from its fields (training.options)."""
     parser = argparse.ArgumentParser(prog="mmserve-train", description=__doc__,
@@ -265,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain the embedded backbone (training.pretrain); arguments passed on")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_pretrain)
+    for name, helptext in (("base-to-new", "prompts trained on half the classes, scored on the other half "
+                                           "(training.studies.base_to_new)"),
+                           ("leave-one-out", "each emoji style added alone vs the joint run "
+                                             "(training.studies.leave_one_out)")):
+        p = sub.add_parser(name, help=helptext + "; arguments are passed on")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=DELEGATES[name])
 
     p = sub.add_parser("split", help="draw a train/test split file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -358,10 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mmserve-train`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("prepare", "pretrain"):
+    if argv and argv[0] in DELEGATES:
         # hand every remaining argument, options included (--help too), to the delegate's own parser
-        func = cmd_prepare if argv[0] == "prepare" else cmd_pretrain
-        return _run(argv[0], func, argparse.Namespace(rest=argv[1:]))
+        return _run(argv[0], DELEGATES[argv[0]], argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     args.argv = argv
     if getattr(args, "threads", None):

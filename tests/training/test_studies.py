@@ -1,0 +1,99 @@
+"""The two studies on a toy cache and the tiny backbone: base-to-new (issue 21) and leave-one-out (issue 20)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import training.studies.leave_one_out as loo
+from mmserve.backbone import TINY_MODEL
+from training.cli import main
+from training.results.tasks import emoji_split
+from training.results.toy import write_toy_cache
+from training.studies.base_to_new import base_and_new, restrict
+
+TINY = ["--pretrained", "none", "--model", TINY_MODEL, "--seeds", "0", "--shots", "2", "--epochs", "1",
+        "--no-progress", "--source-rows", "2", "--source-cols", "8"]
+COLOURS = {"red-thing": "red", "blue-thing": "blue", "green-thing": "green", "yellow-thing": "yellow",
+           "crimson-thing": "red"}
+
+
+def test_base_and_new_follow_cocoops_rule() -> None:
+    assert base_and_new(list("abcde")) == (list("abc"), list("de"))
+    assert base_and_new(list("abcd")) == (list("ab"), list("cd"))
+
+
+def test_restrict_keeps_only_the_classes_asked_for(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "cache", classes=COLOURS)
+    split = emoji_split(cache, 2, 0)
+    base = restrict(split, ["red-thing", "blue-thing"])
+    for task in base.tasks.values():
+        assert task.classes == ["red-thing", "blue-thing"] and task.class_names == ["red thing", "blue thing"]
+        assert {it.label for it in task.train + task.test} == {"red-thing", "blue-thing"}
+        assert len(task.train) == 4
+
+
+def test_base_to_new_scores_through_the_served_label_path(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "cache", classes=COLOURS)
+    out = tmp_path / "b2n"
+    assert main(["base-to-new", "--cache", str(cache), "--out", str(out), "--methods", "visual-only", "mmap-full",
+                 *TINY]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["settings"]["base"] == ["red-thing", "blue-thing", "green-thing"]
+    assert report["new"] == ["yellow-thing", "crimson-thing"]
+    for method in ("visual-only", "mmap-full"):
+        rec = report["rows"][method]["0"]
+        run = Path(report["runs_dir"]) / f"{method}-k2-s0"
+        final = json.loads((run / "metrics.json").read_text())["final"]["tasks"]
+        for style, acc in rec["base"].items():  # the served label path = the trainer's own test accuracy
+            assert acc == pytest.approx(final[style]["accuracy"], abs=1e-6)
+        b, n = rec["base_mean"], rec["new_mean"]
+        assert rec["h"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
+    md = out.with_suffix(".md").read_text()
+    assert "| MmAP full (computed grouping) |" in md and "yellow-thing, crimson-thing" in md
+
+
+def test_mates_are_the_other_tasks_of_its_group() -> None:
+    groups = [["a", "b"], ["c"]]
+    assert loo.mates(groups, "a") == ["b"] and loo.mates(groups, "c") == []
+
+
+def test_targets_say_met_or_missed() -> None:
+    cell = {"delta_points": -1.0, "agrees": True, "speedup": 12.0}
+    seeds = {"0": {"styles": {s: dict(cell) for s in "abcde"}}}
+    t = loo.targets(seeds)
+    assert t["accuracy"]["met"] and t["agreement"]["value"] == [5] and t["agreement"]["met"] and t["speedup"]["met"]
+    seeds["0"]["styles"]["a"] |= {"agrees": False, "delta_points": -20.0}
+    seeds["0"]["styles"]["b"] |= {"agrees": False, "speedup": 1.0}
+    t = loo.targets(seeds)
+    assert t["agreement"]["value"] == [3] and not t["agreement"]["met"]
+    assert t["accuracy"]["value"] == pytest.approx(-4.8) and not t["accuracy"]["met"]
+    assert t["speedup"]["value"] == pytest.approx(9.8) and not t["speedup"]["met"]
+
+
+def test_leave_one_out_adds_each_style_to_the_others_and_resumes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = write_toy_cache(tmp_path / "cache", styles=("noto", "twemoji", "fluent_mono"))
+    out = tmp_path / "loo"
+    assert main(["leave-one-out", "--cache", str(cache), "--out", str(out), *TINY]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    seed = report["seeds"]["0"]
+    runs = Path(report["runs_dir"])
+    for style, cell in seed["styles"].items():
+        four = json.loads((runs / f"joint-without-{style}-s0" / "result.json").read_text())
+        assert style not in {t for g in four["groups"] for t in g}
+        target = json.loads((runs / f"add-{style}-s0" / "target-registry" / "manifest.json").read_text())
+        assert sorted(t["name"] for t in target["tasks"]) == sorted(["noto", "twemoji", "fluent_mono"])
+        assert cell["agrees"] == (cell["added_mates"] == loo.mates(seed["joint_groups"], style))
+        assert cell["speedup"] == pytest.approx(seed["joint_wall_s"] / cell["add_wall_s"])
+    assert "| target | value | verdict |" in out.with_suffix(".md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(loo, "train_multitask", no_training)
+    monkeypatch.setattr(loo, "add_task", no_training)
+    assert main(["leave-one-out", "--cache", str(cache), "--out", str(out), *TINY]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["seeds"] == report["seeds"]
