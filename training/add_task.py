@@ -42,6 +42,7 @@ from mmserve.versions import add_tasks, current
 from training.classify import Towers
 from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
 from training.data import BadFiles, discover_image_tasks
+from training.distributed import World, world_from_env
 from training.grouping import GroupingRecord, join_gains, task_gradients
 from training.loop import Epoch, EpochLoop
 from training.mmap_trainer import task_data
@@ -88,8 +89,9 @@ class AddTaskResult:
     new_group: bool
     gains: dict[str, float] | None
     metrics: dict
-    version: str
+    version: str  # R's new version (a torchrun rank other than 0: the version it started from)
     history: list[dict] = field(default_factory=list)
+    written: bool = True  # False on a torchrun rank other than 0, which writes nothing
 
 
 @dataclass
@@ -232,21 +234,24 @@ def _choose(cfg: AddTaskConfig, gains: dict[str, float] | None, target: _Target)
     return best, "auto"
 
 
-def _train(cfg: AddTaskConfig, towers: Towers, data: TaskData, prompts: ClassifyPrompts, template: str
-           ) -> list[dict]:
-    """The newcomer's epochs: only its own prompt (and a new group's) trains."""
+def _train(cfg: AddTaskConfig, towers: Towers, data: TaskData, prompts: ClassifyPrompts, template: str,
+           world: World) -> list[dict]:
+    """The newcomer's epochs: only its own prompt (and a new group's) trains; under torchrun each rank takes its
+    shard of every batch and the gradients are summed (training.distributed)."""
     params = [p for p in prompts.parameters() if p.requires_grad]
     loop = EpochLoop(params, cfg.optim, [len(data.train)], cfg.seed, eval_each_epoch=cfg.eval_each_epoch,
-                     progress=cfg.progress)
+                     progress=cfg.progress and world.is_main, world=world)
 
     def train_epoch(epoch: Epoch) -> dict:
         loss_sum = correct = seen = 0.0
         for batch in epoch.batches():
-            out = multitask_step(towers, [data], [prompts()], batch, template)
-            epoch.optimise(out.losses[0])
+            local = world.shard(batch[0])
+            out = multitask_step(towers, [data], [prompts()], [local], template)
+            epoch.optimise(world.share(out.losses[0], len(local), len(batch[0])))
             loss_sum += float(out.losses[0].detach()) * out.counts[0]
             correct, seen = correct + out.correct[0], seen + out.counts[0]
             epoch.show(float(out.losses[0].detach()), out.correct[0] / out.counts[0], out.counts[0])
+        loss_sum, correct, seen = world.sum([loss_sum, correct, seen])  # every rank's shard counted
         return {"epoch": epoch.number, "lr": epoch.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
 
     def evaluate(record: dict) -> None:
@@ -283,6 +288,9 @@ def add_task(cfg: AddTaskConfig, backbone: Backbone | None = None) -> AddTaskRes
     forced = records.get(cfg.group) if cfg.group not in (AUTO, NEW) else None
     probe = common if common is not None else forced
 
+    world, device = world_from_env(cfg.backbone.device)
+    if device != cfg.backbone.device:
+        cfg = replace(cfg, backbone=replace(cfg.backbone, device=device))
     bb_cfg = _backbone_config(cfg, target)
     backbone = reuse_or_load(backbone, bb_cfg)
     _check_backbone(target, backbone)
@@ -298,20 +306,29 @@ def add_task(cfg: AddTaskConfig, backbone: Backbone | None = None) -> AddTaskRes
                          f"{sorted(split.tasks)}")
     towers = Towers.of(backbone)
     (data,) = task_data(towers, split, cfg.root or split.root, bad, cfg.cache_dir)
+    task_split = split.tasks[cfg.task]
+    world.check_same("data", {"split": (task_split.classes, [i.to_dict() for i in task_split.train],
+                                        [i.to_dict() for i in task_split.test]),
+                              "config": {k: v for k, v in to_jsonable(cfg).items()
+                                         if k not in ("backbone", "progress")},
+                              "registry": manifest.version})
+    world.check_batch(min(cfg.optim.batch_size, len(data.train)))
 
     gradient, gains = None, None
     if probe is not None:
         gradient = task_gradients(towers, [data], probe.prompt_config, probe.prompt, probe.batches,
-                                  probe.batch_size, probe.template, probe.seed)[data.name]
+                                  probe.batch_size, probe.template, probe.seed, world)[data.name]
     if common is not None and gradient is not None:
         gains = join_gains(common, groups, data.name, gradient)
         for g, gain in gains.items():
-            log(f"gain of joining {g} ({', '.join(groups[g])}): {gain:+.6g}")
+            if world.is_main:
+                log(f"gain of joining {g} ({', '.join(groups[g])}): {gain:+.6g}")
     chosen, how = _choose(cfg, gains, target)
     new_group = chosen is None
     group_entry = None if new_group else manifest.group(chosen)
     group_name = _free_group_name(manifest) if new_group else chosen
-    log(f"{cfg.task} joins {'a new group ' if new_group else ''}{group_name} ({how})")
+    if world.is_main:
+        log(f"{cfg.task} joins {'a new group ' if new_group else ''}{group_name} ({how})")
 
     config = _task_config(target, group_entry, probe)
     template = _template(cfg, target, group_entry, probe)
@@ -322,10 +339,8 @@ def add_task(cfg: AddTaskConfig, backbone: Backbone | None = None) -> AddTaskRes
                                                     f"groups[{group_name}]"))
         group_module.requires_grad_(False)
     prompts = ClassifyPrompts(classify_prompt_module(config, backbone), group_module).to(backbone.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_split(run_dir / "split.json", split)
     zero = zero_shot_metrics(towers, data.test, data.class_names, "multiclass", cfg.zero_shot_template)["accuracy"]
-    history = _train(cfg, towers, data, prompts, template)
+    history = _train(cfg, towers, data, prompts, template, world)
     prompts.eval()
     with torch.no_grad():
         accuracy, preds = evaluate_task(towers, data, prompts(), template)
@@ -336,6 +351,10 @@ def add_task(cfg: AddTaskConfig, backbone: Backbone | None = None) -> AddTaskRes
                "n_test": len(data.test), "shots": split.config.shots, "split_seed": split.config.seed,
                "prompt": config.get("type"), "sharing": "group+task", "params_used": count_params(prompts),
                "added_to": manifest.version, "joined": joined}
+    if not world.is_main:  # under torchrun rank 0 writes the run and R's new version
+        return AddTaskResult(run_dir, group_name, new_group, gains, metrics, manifest.version, history, False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_split(run_dir / "split.json", split)
     record = None
     if gradient is not None:  # the joined group's record gains the newcomer's gradient
         base = probe if new_group else (records.get(group_name) or probe)

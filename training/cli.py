@@ -150,6 +150,8 @@ def cmd_add_task(a: argparse.Namespace) -> int:
     cfg = from_args(AddTaskConfig, a, backbone=BackboneConfig(a.model or "", a.pretrained, a.device),
                     split=from_args(SplitConfig, a), optim=from_args(OptimConfig, a))
     result = add_task(cfg)
+    if not result.written:  # a torchrun rank other than 0
+        return 0
     for group, gain in (result.gains or {}).items():
         print(f"gain {group}: {gain:+.6g}")
     joined = result.metrics["joined"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,3 +86,28 @@ def test_ranks_that_see_different_data_are_refused(data: Path):
     assert done.returncode != 0
     assert "see different data than rank 0" in done.stderr
     assert not (data / "bad" / "registry").exists()
+
+
+def _add_task(data: Path, registry: Path, run_dir: Path, split: Path | None = None) -> list[str]:
+    return ["add-task", "--registry", str(registry), "--root", str(data / "newcomer"), "--task", "paint",
+            "--shots", "4", "--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--run-dir", str(run_dir),
+            "--no-progress", *(["--split", str(split)] if split else [])]
+
+
+def test_add_task_under_torchrun_equals_one_process(data: Path):
+    write_image_task(data / "newcomer", "paint", {"red": "red", "blue": "blue"}, 8, seed=7)
+    assert main(_classify(data, data / "joint")) == 0
+    one, two = data / "add-one-registry", data / "add-two-registry"
+    shutil.copytree(data / "joint" / "registry", one)
+    shutil.copytree(data / "joint" / "registry", two)
+    assert main(_add_task(data, one, data / "add-one")) == 0
+    done = _torchrun(["-m", "training.cli", *_add_task(data, two, data / "add-two", data / "add-one" / "split.json")],
+                     data)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("joined") == 1  # one rank reports (and writes)
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys() and any("paint" in k for k in a)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (key, (a[key] - b[key]).abs().max())
+    got = {t.name: t.group for t in read_manifest(two).tasks}
+    assert got == {t.name: t.group for t in read_manifest(one).tasks} and "paint" in got
