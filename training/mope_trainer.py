@@ -14,6 +14,7 @@ so psi is computed once per sample and cached for the run.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,10 @@ def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig) -> tu
 
 def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # refused before anything is read or written
+        raise ValueError("fuse does not run under torchrun: MoPE's importance loss is a statistic of the whole "
+                         "batch and its router noise is drawn per sample, so shards would not sum to one process's "
+                         "step; run `mmserve-train fuse` in one process (classify and add-task run under torchrun)")
     run = start_run(cfg, backbone, load_fusion_split)
     run_dir, config, bad, backbone, towers, root = run.run_dir, run.config, run.bad, run.backbone, run.towers, run.root
     name, task = next(iter(run.split.tasks.items()))

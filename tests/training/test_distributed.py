@@ -111,3 +111,13 @@ def test_add_task_under_torchrun_equals_one_process(data: Path):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (key, (a[key] - b[key]).abs().max())
     got = {t.name: t.group for t in read_manifest(two).tasks}
     assert got == {t.name: t.group for t in read_manifest(one).tasks} and "paint" in got
+
+
+def test_fuse_under_torchrun_is_refused_before_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train = tmp_path / "train.jsonl"
+    train.write_text("")
+    assert main(["fuse", "--train", str(train), "--run-dir", str(tmp_path / "run"), "--model", TINY_MODEL,
+                 "--pretrained", "none"]) == 2
+    assert "fuse does not run under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
