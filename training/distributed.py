@@ -68,6 +68,14 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, value: object) -> list:
+        """Every rank's `value`, in rank order (a one-item list for one process)."""
+        if self.size == 1:
+            return [value]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
     def check_same(self, what: str, value: object) -> None:
         """Refuse to go on unless every rank holds the same `value` (hashed): ranks must see the same data."""
         if self.size == 1:

@@ -14,8 +14,7 @@ so psi is computed once per sample and cached for the run.
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from mmserve.backbone import Backbone
 from mmserve.complementary import build_complementary
 from mmserve.fusion import FusionModel
 from mmserve.prompts import count_params
-from mmserve.prompts.mope import HEAD_INPUTS, MoPEConfig, importance_loss
+from mmserve.prompts.mope import HEAD_INPUTS, MoPEConfig, importance_loss, importance_of_mass
 from mmserve.registry import DEFAULT_TEMPLATE, Manifest, TaskEntry, save_registry
 from training.augment import TensorRandAugment
 from training.classify import Towers
@@ -41,6 +40,7 @@ from training.config import (
     recipe_optim,
 )
 from training.data import BadFiles, read_fusion_jsonl
+from training.distributed import World, world_from_env
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.metrics import accuracy, f1_scores
 from training.options import FieldValues, Opt, field_value, option
@@ -177,6 +177,14 @@ class RoutingStats:
         self.entropy += float(-(p * p.log()).sum(dim=-1).mean(dim=-1).sum())
         self.count += routing.shape[0]
 
+    def merged(self, world: World) -> RoutingStats:
+        """Every rank's statistics summed (torchrun)."""
+        out = RoutingStats()
+        flat = world.sum(self.mass.flatten().tolist() + [self.entropy, float(self.count)])
+        out.mass = torch.tensor(flat[:-2]).view_as(self.mass)
+        out.entropy, out.count = flat[-2], int(flat[-1])
+        return out
+
     def summary(self) -> dict:
         """Mean routing entropy (nats; log k = uniform) and each expert's share of the mass per layer."""
         shares = self.mass / self.mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -212,23 +220,38 @@ def evaluate_fusion(model: FusionModel, towers: Towers, part: PartTensors, psi: 
     return FusionEval(metrics, preds)
 
 
-def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig, world: World
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task loss of this rank's samples and the importance loss of the whole batch (eq. 5-6: noise-free,
+    dense; across processes from the all-reduced expert mass, which carries the gradient back to every shard)."""
     task = (F.binary_cross_entropy_with_logits(out.logits, target) if model.multilabel
             else F.cross_entropy(out.logits, target))
-    return task, importance_loss(out.probs, mope.importance_threshold)  # eq. 5-6: noise-free, dense
+    if world.size == 1:
+        return task, importance_loss(out.probs, mope.importance_threshold)
+    from torch.distributed.nn.functional import all_reduce
+
+    return task, importance_of_mass(all_reduce(out.probs.sum(dim=0)), mope.importance_threshold)
 
 
 def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # refused before anything is read or written
-        raise ValueError("fuse does not run under torchrun: MoPE's importance loss is a statistic of the whole "
-                         "batch and its router noise is drawn per sample, so shards would not sum to one process's "
-                         "step; run `mmserve-train fuse` in one process (classify and add-task run under torchrun)")
-    run = start_run(cfg, backbone, load_fusion_split)
+    """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry.
+
+    Under torchrun every rank takes its shard of each batch: RandAug and the router noise are drawn for the whole
+    batch on every rank (the same generator state) and each keeps its rows; the importance loss reads the
+    all-reduced expert mass, weighted 1/N per rank so the summed gradients are one process's. Only rank 0 writes."""
+    world, device = world_from_env(cfg.backbone.device)
+    if device != cfg.backbone.device:
+        cfg = replace(cfg, backbone=replace(cfg.backbone, device=device))
+    run = start_run(cfg, backbone, load_fusion_split, write=world.is_main)
     run_dir, config, bad, backbone, towers, root = run.run_dir, run.config, run.bad, run.backbone, run.towers, run.root
     name, task = next(iter(run.split.tasks.items()))
     multilabel = task.head == "multilabel"
-    run.write_config(task=name, head=task.head)
+    if world.is_main:
+        run.write_config(task=name, head=task.head, **({"world_size": world.size} if world.size > 1 else {}))
+    world.check_same("data", {"split": (task.classes, [i.to_dict() for i in task.train],
+                                        [i.to_dict() for i in task.test]),
+                              "config": {k: v for k, v in config.items() if k not in ("backbone", "progress")}})
     train = part_tensors(root, task.train, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     test = part_tensors(root, task.test, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     spec = complementary_spec(cfg.complementary)
@@ -242,10 +265,11 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("head.")]},
               {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.optim.lr}]
     augment = TensorRandAugment(backbone.preprocess) if cfg.randaug else None
+    world.check_batch(min(cfg.optim.batch_size, len(train)))
     loop = EpochLoop(groups, cfg.optim, [len(train)], cfg.seed,
                      checkpoint=Checkpoint(run_dir, config, {"model": model}), stop_after_epoch=cfg.stop_after_epoch,
-                     eval_each_epoch=cfg.eval_each_epoch, progress=cfg.progress,
-                     metric="f1" if multilabel else "acc")
+                     eval_each_epoch=cfg.eval_each_epoch, progress=cfg.progress and world.is_main,
+                     metric="f1" if multilabel else "acc", world=world)
     state = load_checkpoint(run_dir, config) if cfg.resume else None
     if state is not None:
         loop.resume(state)
@@ -255,15 +279,19 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
         sums = {"loss": 0.0, "task_loss": 0.0, "importance_loss": 0.0}
         seen, stats, logits_all, idx_all = 0, RoutingStats(), [], []
         for batch in epoch.batches():
-            idx = batch[0]
-            images = train.images[idx] if augment is None else augment(train.images[idx])
+            whole = batch[0]
+            idx = world.shard(whole)
+            lo = sum(len(p) for p in torch.tensor_split(whole, world.size)[:world.rank])
+            # the whole batch's RandAug draws on every rank (one generator state), this rank's rows kept
+            images = train.images[idx] if augment is None else augment(train.images[whole])[lo:lo + len(idx)]
+            model.mope.noise_rows = None if world.size == 1 else (lo, lo + len(idx), len(whole))
             out = model(towers.image, images.to(backbone.device), psi_train[idx].to(backbone.device))
             target = train.targets[idx].to(backbone.device)
-            task_loss, imp = _loss(model, out, target, cfg.mope)
-            loss = task_loss + cfg.mope.importance_weight * imp
+            task_loss, imp = _loss(model, out, target, cfg.mope, world)
+            loss = world.share(task_loss, len(idx), len(whole)) + cfg.mope.importance_weight * imp / world.size
             epoch.optimise(loss)
             n = len(idx)
-            for key, value in (("loss", loss), ("task_loss", task_loss), ("importance_loss", imp)):
+            for key, value in (("task_loss", task_loss), ("importance_loss", imp)):
                 sums[key] += float(value.detach()) * n
             seen += n
             stats.add(out.probs)
@@ -271,6 +299,14 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
             idx_all.append(idx)
             step_score = scores(logits_all[-1], train.targets[idx], multilabel, cfg.threshold)
             epoch.show(float(loss.detach()), next(iter(step_score.values())), n)
+        model.mope.noise_rows = None
+        if world.size > 1:  # every rank's shard counted
+            sums["task_loss"], sums["importance_loss"], seen = world.sum([sums["task_loss"],
+                                                                          sums["importance_loss"], seen])
+            stats = stats.merged(world)
+            gathered = world.gather((torch.cat(logits_all), torch.cat(idx_all)))
+            logits_all, idx_all = [g[0] for g in gathered], [g[1] for g in gathered]
+        sums["loss"] = sums["task_loss"] + cfg.mope.importance_weight * sums["importance_loss"]
         train_scores = scores(torch.cat(logits_all), train.targets[torch.cat(idx_all)], multilabel, cfg.threshold)
         return {"epoch": epoch.number, "lr": epoch.lr, **{f"train_{k}": v / seen for k, v in sums.items()},
                 **{f"train_{k}": v for k, v in train_scores.items()},
@@ -288,6 +324,8 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
     if stopped is not None:
         return RunResult.stopped(run_dir, stopped, history, count_params(model), None, bad.seen)
     ev = evaluate_fusion(model, towers, test, psi_test, task.classes, cfg.threshold)
+    if not world.is_main:  # rank 0 writes the run
+        return RunResult(run_dir, run_dir / "registry", {}, history, count_params(model), None, {}, bad.seen)
     return _finish(cfg, run_dir, towers, model, name, task, spec, encoder.dim, ev, zero, history, train, test, bad)
 
 

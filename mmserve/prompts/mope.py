@@ -103,6 +103,9 @@ class MoPE(nn.Module):
             nn.init.zeros_(self.mapper[2].bias)
         else:
             self.mapper = None
+        # training across processes: draw the whole batch's router noise (n rows) and keep this rank's rows lo:hi,
+        # so every sample gets the noise one process would give it (None: the batch is whole)
+        self.noise_rows: tuple[int, int, int] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -123,7 +126,12 @@ class MoPE(nn.Module):
     def gates(self, logits: torch.Tensor) -> torch.Tensor:
         """The expert weights of the prompts from router logits: softmax (+ noise when training), top-1 masked."""
         if self.training and self.config.noise_std > 0:
-            logits = logits + torch.randn_like(logits) * self.config.noise_std
+            if self.noise_rows is None:
+                noise = torch.randn_like(logits)
+            else:
+                lo, hi, n = self.noise_rows
+                noise = torch.randn((n, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)[lo:hi]
+            logits = logits + noise * self.config.noise_std
         scores = logits.softmax(dim=-1)
         if self.config.routing == "top1":
             keep = F.one_hot(scores.argmax(dim=-1), scores.shape[-1]).to(scores.dtype)
@@ -154,7 +162,12 @@ def importance_loss(routing: torch.Tensor, threshold: float = 0.05) -> torch.Ten
     routing: (B, K, k), the router's noise-free softmax (MoPEOutput.probs) in every routing mode. Layers whose CV^2
     is at or below `threshold` contribute 0 and no gradient.
     """
-    importance = routing.sum(dim=0)  # (K, k): each expert's summed score per layer
+    return importance_of_mass(routing.sum(dim=0), threshold)
+
+
+def importance_of_mass(importance: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """importance_loss from each expert's summed score per layer (K, k) (a batch split over processes: the sum of
+    every shard's)."""
     mean = importance.mean(dim=-1)
     cv2 = importance.var(dim=-1, unbiased=False) / (mean.pow(2) + 1e-10)  # (K,)
     return torch.where(cv2 > threshold, cv2, torch.zeros_like(cv2)).mean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from mmserve.backbone import TINY_MODEL
 from mmserve.registry import read_manifest
 from training.cli import main
-from training.synthetic import write_image_task
+from training.synthetic import write_fusion_jsonl, write_image_task
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,11 +114,25 @@ def test_add_task_under_torchrun_equals_one_process(data: Path):
     assert got == {t.name: t.group for t in read_manifest(one).tasks} and "paint" in got
 
 
-def test_fuse_under_torchrun_is_refused_before_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    train = tmp_path / "train.jsonl"
-    train.write_text("")
-    assert main(["fuse", "--train", str(train), "--run-dir", str(tmp_path / "run"), "--model", TINY_MODEL,
-                 "--pretrained", "none"]) == 2
-    assert "fuse does not run under torchrun" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+def _fuse(data: Path, run_dir: Path) -> list[str]:
+    return ["fuse", "--train", str(data / "fuse.jsonl"), "--test", str(data / "fuse_test.jsonl"), "--run-dir",
+            str(run_dir), "--model", TINY_MODEL, "--pretrained", "none", "--complementary", "clip", "--epochs", "2",
+            "--batch-size", "8", "--lr", "0.01", "--experts", "4", "--prompt-len", "2", "--randaug",
+            "--importance-weight", "1.0", "--no-progress"]
+
+
+def test_fuse_under_torchrun_equals_one_process(data: Path):
+    """Router noise, RandAug and the importance loss (a whole-batch statistic) included."""
+    write_fusion_jsonl(data / "fuse.jsonl", 16, seed=1)
+    write_fusion_jsonl(data / "fuse_test.jsonl", 8, seed=2)
+    assert main(_fuse(data, data / "fuse-one")) == 0
+    done = _torchrun(["-m", "training.cli", *_fuse(data, data / "fuse-two")], data)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _tensors(data / "fuse-one" / "registry"), _tensors(data / "fuse-two" / "registry")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (key, (a[key] - b[key]).abs().max())
+    one = json.loads((data / "fuse-one" / "metrics.json").read_text())["epochs"][-1]
+    two = json.loads((data / "fuse-two" / "metrics.json").read_text())["epochs"][-1]
+    for key in ("train_loss", "train_importance_loss", "train_accuracy", "train_routing_entropy"):
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
