@@ -269,8 +269,15 @@ def cmd_leave_one_out(a: argparse.Namespace) -> int:
     return study(a.rest)
 
 
+def cmd_method_grid(a: argparse.Namespace) -> int:
+    """Every classification method at its validated best recipe (training.results.grid)."""
+    from training.results.grid import main as grid
+
+    return grid(a.rest)
+
+
 DELEGATES = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "base-to-new": cmd_base_to_new,
-             "leave-one-out": cmd_leave_one_out}
+             "leave-one-out": cmd_leave_one_out, "method-grid": cmd_method_grid}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("base-to-new", "prompts trained on half the classes, scored on the other half "
                                            "(training.studies.base_to_new)"),
                            ("leave-one-out", "each emoji style added alone vs the joint run "
-                                             "(training.studies.leave_one_out)")):
+                                             "(training.studies.leave_one_out)"),
+                           ("method-grid", "every classification method at its validated best recipe "
+                                           "(training.results.grid)")):
         p = sub.add_parser(name, help=helptext + "; arguments are passed on")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=DELEGATES[name])

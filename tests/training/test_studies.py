@@ -97,3 +97,37 @@ def test_leave_one_out_adds_each_style_to_the_others_and_resumes(tmp_path: Path,
     monkeypatch.setattr(loo, "add_task", no_training)
     assert main(["leave-one-out", "--cache", str(cache), "--out", str(out), *TINY]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["seeds"] == report["seeds"]
+
+
+def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.results.grid as grid_module
+    from training.results.grid import GridConfig, Point, run_grid
+
+    cache = write_toy_cache(tmp_path / "cache", classes=COLOURS, per_class=8)
+    grid = (Point("sgd", 0.0035, 1, "small"), Point("adamw", 0.05, 1, "small"))
+    published = tmp_path / "results.json"
+    published.write_text(json.dumps({"cells": [{"method": "visual-only", "family": "classify", "shots": 2,
+                                                "complete": True, "mean": {"mean": 0.25}}]}))
+    cfg = GridConfig(str(cache), "none", TINY_MODEL, str(tmp_path / "methods"), methods=("visual-only", "mmap-all"),
+                     seeds=(0,), shots=(2,), grid=grid, paper=str(published), progress=False)
+    report = run_grid(cfg)
+    runs = Path(report["runs_dir"])
+    val = json.loads((runs / "splits" / "validation.json").read_text())
+    test = json.loads((runs / "splits" / "classify-k2-s0.json").read_text())
+    for task in val["tasks"]:  # the choice never reads a test image
+        seen = {it["image"] for it in val["tasks"][task]["train"] + val["tasks"][task]["test"]}
+        assert not seen & {it["image"] for it in test["tasks"][task]["test"]}
+    for method in ("visual-only", "mmap-all"):
+        c = report["chosen"][method]
+        assert c["complete"] and c["best"] == max(c["validation"], key=c["validation"].get)
+        rec = report["tested"][method]["2/0"]
+        assert Point(**rec["point"]).key == c["best"]
+    md = (tmp_path / "methods.md").read_text()
+    assert "| visual-only prompts (VPT-style) |" in md and "| 25.0 |" in md
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(grid_module, "train_multitask", no_training)
+    again = run_grid(cfg)  # resumed from the run dirs
+    assert again["chosen"] == report["chosen"] and again["tested"] == report["tested"]

@@ -1,0 +1,263 @@
+"""Every classification method at its validated best recipe (issue 22): one small fixed grid, chosen on validation.
+
+    mmserve-train method-grid --cache ~/.cache/mmserve --pretrained CKPT --out docs/methods \\
+        [--methods ...] [--seeds 0 1 2] [--shots 4 16] [--budget-minutes N] [--paper docs/results.json]
+
+1. Choose: every method trains at every grid point (GRID, the same points and so the same budget for every
+   method) on the validation split of (16 shots, seed 0): the results table's k-shot train draw with a quarter of
+   its identities held out (training.splits.validation_split). No test image is read.
+2. Test: each method's best point (mean validation accuracy over the styles) trains on the real split for every
+   (shots, seed), scored on the held-out test identities, as in the results table.
+3. `<out>.md` / `<out>.json`: per shots, each method's best-recipe row beside its paper-recipe row (read from
+   `--paper`, the published results table), then every grid point's validation accuracy.
+Resumable: one run dir per (phase, method, point[, shots, seed]); a run whose result.json exists is skipped, and
+`--budget-minutes` stops starting new runs (what is missing is listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mmserve.backbone import Backbone, load_backbone
+from mmserve.fileio import atomic_write_bytes
+from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.grouping import GroupingConfig
+from training.mmap_trainer import MultiTaskConfig, PromptSpec, train_multitask
+from training.progress import log
+from training.runs import write_json
+from training.splits import validation_split, write_split
+
+from .methods import CLASSIFY_METHODS, METHODS
+from .rundir import describe_machine, machine_info, resolve_runs_dir
+from .tasks import emoji_split, read_tasks
+
+CHOOSE_SHOTS, CHOOSE_SEED = 16, 0
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: optimiser and lr, epochs, and the prompt size (small = the papers', large = the shipped)."""
+
+    optimizer: str
+    lr: float
+    epochs: int
+    size: str  # "small": MmAP source 2 x 8, deep prompts b = 4; "large": MmAP 4 x 256, deep prompts b = 16
+
+    @property
+    def key(self) -> str:
+        """The point's run-dir name."""
+        return f"{self.optimizer}-lr{self.lr:g}-e{self.epochs}-{self.size}"
+
+    def prompt(self, method: str) -> PromptSpec:
+        """The method's prompts at this point's size."""
+        row = METHODS[method]
+        if row.prompt == "mmap":
+            rows, cols = (2, 8) if self.size == "small" else (4, 256)
+            return PromptSpec(row.prompt, row.sharing, n_tokens=4, source_rows=rows, source_cols=cols)
+        return PromptSpec(row.prompt, row.sharing, n_tokens=4 if self.size == "small" else 16)
+
+    def label(self) -> str:
+        """As the tables print it."""
+        return f"{self.optimizer} lr {self.lr:g}, {self.epochs} epochs, {self.size} prompts"
+
+
+# (optimiser, lr): the MmAP paper's SGD, and AdamW at two rates; 5 (the paper's) or 20 epochs; two prompt sizes
+GRID = tuple(Point(o, lr, e, s) for (o, lr), e, s in itertools.product(
+    (("sgd", 0.0035), ("adamw", 0.001), ("adamw", 0.01)), (5, 20), ("small", "large")))
+GRID_METHODS = tuple(m.key for m in CLASSIFY_METHODS if m.key != "zero-shot")
+
+
+def _grouping(method: str) -> GroupingConfig:
+    """Grouped methods compute their grouping on their own split (the random one draws 2 groups)."""
+    if method in ("mmap-full", "mmap-group"):
+        return GroupingConfig("auto")
+    return GroupingConfig("random", n_groups=2) if method == "mmap-random" else GroupingConfig("all")
+
+
+def train_point(backbone: Backbone, method: str, point: Point, split_file: Path, run_dir: Path, shots: int,
+                seed: int, template: str, pretrained: str, progress: bool) -> dict:
+    """One method at one grid point on one split (resumed from its result.json when finished)."""
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = MultiTaskConfig(split_file=str(split_file), run_dir=str(run_dir), template=template,
+                          zero_shot_template=template,
+                          backbone=BackboneConfig(backbone.spec.model, Path(pretrained).name, str(backbone.device)),
+                          split=SplitConfig(shots, 0.5, None, "stem", seed),
+                          optim=OptimConfig(point.optimizer, lr=point.lr, epochs=point.epochs,
+                                            weight_decay=0.0 if point.optimizer == "adamw" else 5e-4),
+                          prompt=point.prompt(method), grouping=_grouping(method), seed=seed,
+                          cache_dir=str(run_dir.parents[3] / "tensors"), progress=progress, resume=True,
+                          eval_each_epoch=False)
+    t0 = time.time()
+    result = train_multitask(cfg, backbone)
+    tasks = result.final["tasks"]
+    rec = {"method": method, "point": asdict(point), "shots": shots, "seed": seed,
+           "scores": {s: v["accuracy"] for s, v in tasks.items()}, "mean": result.final["accuracy_mean"],
+           "trainable_params": result.trainable_params, "groups": result.groups, "wall_s": round(time.time() - t0, 1)}
+    write_json(done, rec)
+    return rec
+
+
+@dataclass
+class GridConfig:
+    """What one invocation of `mmserve-train method-grid` builds."""
+
+    cache: str
+    pretrained: str
+    model: str = "mmserve-vit-p12-96"
+    out: str = "docs/methods"
+    runs_dir: str | None = None
+    methods: tuple[str, ...] = GRID_METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    shots: tuple[int, ...] = (4, 16)
+    template: str = "{}"
+    grid: tuple[Point, ...] = GRID
+    paper: str | None = None  # the published results table (docs/results.json): its paper-recipe rows
+    budget_minutes: float | None = None
+    device: str = "cpu"
+    progress: bool = True
+    command: str = ""
+
+
+def run_grid(cfg: GridConfig) -> dict:
+    """Choose each method's point on validation, test it over shots and seeds; write <out>.json and <out>.md."""
+    t_start = time.time()
+    backbone = load_backbone(BackboneConfig(cfg.model, cfg.pretrained, cfg.device).spec())
+    styles = list(read_tasks(cfg.cache)["tasks"])
+    settings = {"model": cfg.model, "backbone_fingerprint": backbone.fingerprint, "template": cfg.template,
+                "styles": styles, "grid": [asdict(p) for p in cfg.grid]}
+    runs = resolve_runs_dir(cfg.runs_dir, cfg.cache, settings, root="method-grid")
+    missing: list[str] = []
+
+    def over_budget() -> bool:
+        return cfg.budget_minutes is not None and time.time() - t_start > cfg.budget_minutes * 60
+
+    def split_file(name: str, make) -> Path:
+        path = runs / "splits" / f"{name}.json"
+        if not path.is_file():
+            write_split(path, make())
+        return path
+
+    val = split_file("validation", lambda: validation_split(emoji_split(cfg.cache, CHOOSE_SHOTS, CHOOSE_SEED, styles)))
+    chosen: dict[str, dict] = {}
+    for method in cfg.methods:
+        scores = {}
+        for point in cfg.grid:
+            where = runs / "choose" / method / point.key / "run"
+            if not (where / "result.json").is_file() and over_budget():
+                missing.append(f"choose {method} {point.key}")
+                continue
+            log(f"method-grid: choose {method} at {point.key}")
+            scores[point.key] = train_point(backbone, method, point, val, where, CHOOSE_SHOTS, CHOOSE_SEED,
+                                            cfg.template, cfg.pretrained, cfg.progress)["mean"]
+        complete = len(scores) == len(cfg.grid)
+        best = max(scores, key=scores.get) if complete else None
+        chosen[method] = {"validation": scores, "best": best, "complete": complete}
+    tested: dict[str, dict[str, dict]] = {}
+    points = {p.key: p for p in cfg.grid}
+    for method, c in chosen.items():
+        if c["best"] is None:
+            missing += [f"test {method} (its choice is incomplete)"]
+            continue
+        for shots, seed in itertools.product(cfg.shots, cfg.seeds):
+            where = runs / "test" / method / c["best"] / f"k{shots}-s{seed}"
+            if not (where / "result.json").is_file() and over_budget():
+                missing.append(f"test {method} k={shots} seed={seed}")
+                continue
+            log(f"method-grid: test {method} at {c['best']}, k={shots} seed={seed}")
+            split = split_file(f"classify-k{shots}-s{seed}", lambda s=shots, d=seed: emoji_split(cfg.cache, s, d,
+                                                                                              styles))
+            tested.setdefault(method, {})[f"{shots}/{seed}"] = train_point(
+                backbone, method, points[c["best"]], split, where, shots, seed, cfg.template, cfg.pretrained,
+                cfg.progress)
+    paper = json.loads(Path(cfg.paper).read_text()) if cfg.paper else None
+    report = {"command": cfg.command, "settings": settings, "runs_dir": str(runs), "chosen": chosen,
+              "tested": tested, "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds),
+              "machine": describe_machine(machine_info(cfg.device)), "paper": _paper_rows(paper),
+              "wall_s": round(time.time() - t_start, 1)}
+    out = Path(cfg.out)
+    write_json(out.with_suffix(".json"), report)
+    atomic_write_bytes(out.with_suffix(".md"), to_markdown(report).encode())
+    return report
+
+
+def _paper_rows(published: dict | None) -> dict[str, dict[str, float]]:
+    """{method: {shots: mean accuracy}} of the published table's complete classification cells (MmAP's paper
+    recipe)."""
+    rows: dict[str, dict[str, float]] = {}
+    for c in (published or {}).get("cells", []):
+        if c["family"] == "classify" and c.get("mean") and c.get("complete"):
+            rows.setdefault(c["method"], {})[str(c["shots"])] = c["mean"]["mean"]
+    return rows
+
+
+def _stat(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * m:.1f} ± {100 * sd:.1f}" if len(values) > 1 else f"{100 * m:.1f}"
+
+
+def to_markdown(report: dict) -> str:
+    """Per shots: best-recipe and paper-recipe rows of every method; then the validation grid."""
+    s = report["settings"]
+    lines = ["# Every method at its validated best recipe (issue 22)", "",
+             "Generated by `mmserve-train method-grid`; do not edit by hand.", "",
+             f"- Command: `{report['command']}`" if report["command"] else "- Command: (library call)",
+             f"- Backbone `{s['model']}`, fingerprint `{s['backbone_fingerprint']}`; template `{s['template']}`; "
+             f"machine: {report['machine']}",
+             f"- Grid, the same {len(s['grid'])} points for every method, chosen on the validation split of "
+             f"({CHOOSE_SHOTS} shots, seed {CHOOSE_SEED}): (sgd lr 0.0035 | adamw lr 0.001 | adamw lr 0.01) x "
+             "(5 | 20 epochs) x (small | large prompts: MmAP source 2 x 8 | 4 x 256, deep prompts b = 4 | 16)",
+             f"- Missing: {len(report['missing'])} run(s)" + (": " + "; ".join(report["missing"][:20])
+                                                               if report["missing"] else ""), ""]
+    for shots in report["shots"]:
+        lines += [f"## k = {shots} shots: mean top-1 (%) over the styles on held-out test identities", "",
+                  "| method | best recipe (validation) | best recipe: test | seeds | paper recipe: test |",
+                  "| --- | --- | ---: | --- | ---: |"]
+        for method, c in report["chosen"].items():
+            runs = [r for k, r in report["tested"].get(method, {}).items() if k.startswith(f"{shots}/")]
+            best = "—" if c["best"] is None else Point(**runs[0]["point"]).label() if runs else c["best"]
+            paper = report["paper"].get(method, {}).get(str(shots))
+            lines.append(f"| {METHODS[method].label} | {best} | "
+                         f"{_stat([r['mean'] for r in runs]) if runs else '—'} | {len(runs)} | "
+                         f"{'—' if paper is None else f'{100 * paper:.1f}'} |")
+        lines.append("")
+    keys = [Point(**p).key for p in s["grid"]]
+    lines += ["## Validation accuracy (%) of every grid point", "",
+              "| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for method, c in report["chosen"].items():
+        lines.append(f"| {METHODS[method].label} | " + " | ".join(
+            "—" if k not in c["validation"] else (f"**{100 * c['validation'][k]:.1f}**" if k == c["best"]
+                                                  else f"{100 * c['validation'][k]:.1f}") for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmserve-train method-grid`."""
+    p = argparse.ArgumentParser(prog="mmserve-train method-grid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="prepared data (mmserve-train prepare)")
+    p.add_argument("--pretrained", required=True, help="backbone checkpoint")
+    p.add_argument("--model", default=GridConfig.model)
+    p.add_argument("--out", default=GridConfig.out, help="writes <out>.json and <out>.md")
+    p.add_argument("--runs-dir", default=None)
+    p.add_argument("--methods", nargs="+", default=list(GRID_METHODS), choices=GRID_METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--shots", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--paper", default=None, help="the published results table (docs/results.json)")
+    p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    cfg = GridConfig(a.cache, a.pretrained, a.model, a.out, a.runs_dir, tuple(a.methods), tuple(a.seeds),
+                     tuple(a.shots), paper=a.paper, budget_minutes=a.budget_minutes, device=a.device,
+                     progress=not a.no_progress, command="mmserve-train method-grid " + " ".join(argv or []))
+    report = run_grid(cfg)
+    print(to_markdown(report))
+    return 0
