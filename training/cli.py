@@ -270,8 +270,8 @@ def cmd_leave_one_out(a: argparse.Namespace) -> int:
 
 
 def cmd_method_grid(a: argparse.Namespace) -> int:
-    """Every classification method at its validated best recipe (training.results.grid)."""
-    from training.results.grid import main as grid
+    """Every classification method at its validated best recipe (training.studies.method_grid)."""
+    from training.studies.method_grid import main as grid
 
     return grid(a.rest)
 
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("leave-one-out", "each emoji style added alone vs the joint run "
                                              "(training.studies.leave_one_out)"),
                            ("method-grid", "every classification method at its validated best recipe "
-                                           "(training.results.grid)")):
+                                           "(training.studies.method_grid)")):
         p = sub.add_parser(name, help=helptext + "; arguments are passed on")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=DELEGATES[name])

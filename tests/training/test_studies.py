@@ -101,8 +101,8 @@ def test_leave_one_out_adds_each_style_to_the_others_and_resumes(tmp_path: Path,
 
 def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.results.grid as grid_module
-    from training.results.grid import GridConfig, Point, run_grid
+    import training.studies.method_grid as grid_module
+    from training.studies.method_grid import GridConfig, Point, run_grid
 
     cache = write_toy_cache(tmp_path / "cache", classes=COLOURS, per_class=8)
     grid = (Point("sgd", 0.0035, 1, "small"), Point("adamw", 0.05, 1, "small"))
