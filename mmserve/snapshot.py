@@ -28,7 +28,7 @@ from mmserve.errors import MmserveError, PromptConfigError, RegistryError, requi
 from mmserve.features import load_features, store_features
 from mmserve.fusion import FusionModel
 from mmserve.prompts import TowerPrompts
-from mmserve.registry import MANIFEST, Registry, TaskEntry, now_iso
+from mmserve.registry import DEFAULT_TEMPLATE, MANIFEST, Registry, TaskEntry, now_iso
 from mmserve.runtime import ImageRuntime
 from mmserve.store import HEAD, Store, paused_gc
 
@@ -212,6 +212,13 @@ class Snapshot:
     def kinds(self) -> Mapping[str, str]:
         """Every task's kind, by name, in manifest order."""
         return MappingProxyType({t.name: t.kind for t in self.infos})
+
+    @cached_property
+    def zero_shot_template(self) -> str:
+        """The class template of zero-shot answers (no task): the one every classification task shares (a trained
+        registry's, chosen for its backbone), else DEFAULT_TEMPLATE."""
+        templates = {t.template or DEFAULT_TEMPLATE for t in self.infos if t.kind == "classify"}
+        return templates.pop() if len(templates) == 1 else DEFAULT_TEMPLATE
 
     def names(self, kind: str | None = None) -> list[str]:
         """Task names (of one kind, if given) in manifest order."""

@@ -2,7 +2,8 @@
 
 `/classify?labels=cat,dog` ranks the caller's labels instead of a task's fixed classes. With a task, each label is
 put into the task's template and run through its text prompts (its visual prompts see the image), exactly as the
-task's own class features were made; with no task it is plain zero-shot CLIP with the registry's default template.
+task's own class features were made; with no task it is plain zero-shot CLIP with the template every
+classification task of the registry shares (Snapshot.zero_shot_template; DEFAULT_TEMPLATE when they differ).
 Label text features are cached per (task build, label) in a bounded LRU, so a repeated label list costs no
 text-tower pass; a task build is the snapshot builder's build key (weights, prompt config, template, group), so a
 reload that changes a task's prompts never reuses the old features, and one that keeps them keeps the cache.
@@ -73,17 +74,19 @@ class LabelCache:
         self.computed = 0  # labels run through the text tower (misses)
 
     @staticmethod
-    def build_key(entry: ClassifyTask | None) -> str | None:
+    def build_key(entry: ClassifyTask | None, zero_template: str = DEFAULT_TEMPLATE) -> str | None:
         """What a task's label features depend on: its build key (weights, config, template, group; the snapshot
-        builder's), plus the template; zero-shot: the default template alone; None (never cached): no build key."""
+        builder's), plus the template; zero-shot: its template alone; None (never cached): no build key."""
         if entry is None:
-            return f"zero-shot|{DEFAULT_TEMPLATE}"
+            return f"zero-shot|{zero_template}"
         return f"{entry.key}|{entry.info.template or DEFAULT_TEMPLATE}" if entry.key else None
 
-    def features(self, engine: InferenceEngine, entry: ClassifyTask | None, labels: Sequence[str]) -> torch.Tensor:
-        """Normalised features (L, E) of `labels` for `entry` (None: zero-shot); misses in one text-tower pass."""
-        template = DEFAULT_TEMPLATE if entry is None else entry.info.template or DEFAULT_TEMPLATE
-        build = self.build_key(entry)
+    def features(self, engine: InferenceEngine, entry: ClassifyTask | None, labels: Sequence[str],
+                 zero_template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
+        """Normalised features (L, E) of `labels` for `entry` (None: zero-shot with `zero_template`); misses in one
+        text-tower pass."""
+        template = zero_template if entry is None else entry.info.template or DEFAULT_TEMPLATE
+        build = self.build_key(entry, zero_template)
         with self._lock:
             found = {label: None if build is None else self._features.get((build, label))
                      for label in dict.fromkeys(labels)}
@@ -136,7 +139,7 @@ def rank_label_requests(engine: InferenceEngine, cache: LabelCache, requests: Se
         scale = engine.backbone.logit_scale
         for row, i in enumerate(good):
             req = requests[i]
-            text = cache.features(engine, entries[row], req.labels).to(feats.device)
+            text = cache.features(engine, entries[row], req.labels, snap.zero_shot_template).to(feats.device)
             probs = (scale * feats[row] @ text.T).softmax(dim=-1).cpu()
             k = max(1, min(int(req.top_k), len(req.labels)))
             order = probs.argsort(descending=True)[:k].tolist()

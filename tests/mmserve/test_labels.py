@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from mmserve.backbone import Backbone
 from mmserve.engine import InferenceEngine
 from mmserve.errors import InvalidInputError, UnknownTaskError
 from mmserve.registry import DEFAULT_TEMPLATE
+from mmserve.snapshot import Snapshot, TaskInfo
 from mmserve.vocab import (
     LABELS_PATTERN,
     MAX_LABEL_CHARS,
@@ -62,14 +64,29 @@ def test_a_tasks_own_classes_as_labels_rank_as_classify_does(engine: InferenceEn
         assert np.allclose([p["score"] for p in got["top_k"]], [p.score for p in want.top_k], atol=1e-5)
 
 
-def test_zero_shot_uses_the_default_template_and_no_prompts(engine: InferenceEngine, tiny_backbone) -> None:
+def test_zero_shot_template_is_the_one_the_classify_tasks_share() -> None:
+    def snap(*templates: str | None) -> Snapshot:
+        infos = tuple(TaskInfo(f"t{i}", "classify", None, ("a",), {}, t) for i, t in enumerate(templates))
+        fuse = TaskInfo("f", "fuse", None, ("a",), {})
+        return Snapshot("v", Path("."), "", (*infos, fuse), {}, {})
+
+    assert snap("{}", "{}").zero_shot_template == "{}"
+    assert snap("{}", "a drawing of {}.").zero_shot_template == DEFAULT_TEMPLATE  # they differ
+    assert snap(None, DEFAULT_TEMPLATE).zero_shot_template == DEFAULT_TEMPLATE
+    assert snap().zero_shot_template == DEFAULT_TEMPLATE  # no classification task
+
+
+def test_zero_shot_uses_the_registrys_template_and_no_prompts(engine: InferenceEngine, tiny_backbone,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     pic = pictures(tiny_backbone, ["red"])[0]
     labels = ("red", "green", "a cat")
+    template = "{} drawn."
+    monkeypatch.setattr(type(engine.snapshot), "zero_shot_template", property(lambda self: template))
     (outcome,) = rank_label_requests(engine, LabelCache(), [LabelRequest(pic, labels, None, 3)])
     model = tiny_backbone.model
     with torch.inference_mode():
         image = torch.nn.functional.normalize(model.encode_image(pic[None]), dim=-1)
-        texts = tiny_backbone.tokenizer([DEFAULT_TEMPLATE.format(label) for label in labels])
+        texts = tiny_backbone.tokenizer([template.format(label) for label in labels])
         text = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
         probs = (tiny_backbone.logit_scale * image @ text.T).softmax(-1)[0]
     assert outcome.result["task"] is None
