@@ -131,3 +131,8 @@ def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: P
     monkeypatch.setattr(grid_module, "train_multitask", no_training)
     again = run_grid(cfg)  # resumed from the run dirs
     assert again["chosen"] == report["chosen"] and again["tested"] == report["tested"]
+
+
+def test_without_takes_a_task_out_of_a_partition() -> None:
+    assert loo.without([["a", "b"], ["c"]], "c") == [["a", "b"]]
+    assert loo.without([["b", "a"], ["c", "d"]], "a") == [["b"], ["c", "d"]]

@@ -57,6 +57,11 @@ def mates(groups: list[list[str]], task: str) -> list[str]:
     return sorted(t for g in groups if task in g for t in g if t != task)
 
 
+def without(groups: list[list[str]], task: str) -> list[list[str]]:
+    """`groups` with `task` taken out (and a group it leaves empty dropped), as a sorted partition."""
+    return sorted(sorted(t for t in g if t != task) for g in groups if any(t != task for t in g))
+
+
 def _optim(r: Recipe) -> OptimConfig:
     return OptimConfig(r.optimizer, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs)
 
@@ -137,6 +142,8 @@ def run_study(cfg: StudyConfig) -> dict:
                             "joint_mates": want, "added_mates": added["group_tasks"],
                             "agrees": added["group_tasks"] == want, "new_group": added["new_group"],
                             "gains": added["gains"], "groups_of_four": four["groups"],
+                            # why a style can disagree: the other four grouped otherwise without it
+                            "four_as_in_joint": without(four["groups"], s) == without(joint["groups"], s),
                             "add_wall_s": added["wall_s"], "four_wall_s": four["wall_s"],
                             "speedup": joint["wall_s"] / added["wall_s"]}
         seeds[str(seed)] = {"joint_wall_s": joint["wall_s"], "joint_groups": joint["groups"], "styles": per_style}
@@ -175,13 +182,14 @@ def to_markdown(report: dict) -> str:
              f"{r['source_rows']} x {r['source_cols']}",
              "- Accuracy: top-1 (%) on the style's held-out test identities. Mates: the tasks it shares a group with.",
              "", f"| seed | style | joint of {n} | added alone | Δ points | mates, joint of {n} | mates, added | "
-             f"agrees | add-task s | joint of {n} s | speed-up |",
-             "| ---: | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+             f"agrees | others grouped as in the joint of {n} | add-task s | joint of {n} s | speed-up |",
+             "| ---: | --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"]
     for seed, sd in report["seeds"].items():
         for style, c in sd["styles"].items():
             lines.append(f"| {seed} | {style} | {100 * c['joint_accuracy']:.1f} | {100 * c['added_accuracy']:.1f} | "
                          f"{c['delta_points']:+.1f} | {', '.join(c['joint_mates']) or '(alone)'} | "
                          f"{', '.join(c['added_mates']) or '(new group)'} | {'yes' if c['agrees'] else 'no'} | "
+                         f"{'yes' if c.get('four_as_in_joint') else 'no'} | "
                          f"{c['add_wall_s']:.0f} | {sd['joint_wall_s']:.0f} | {c['speedup']:.1f}x |")
     lines += ["", f"Groups of the joint runs of {n}: " + "; ".join(
         f"seed {seed}: " + " · ".join("{" + ", ".join(g) + "}" for g in sd["joint_groups"])
