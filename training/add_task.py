@@ -42,7 +42,7 @@ from mmserve.versions import add_tasks, current
 from training.classify import Towers
 from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig, reuse_or_load
 from training.data import BadFiles, discover_image_tasks
-from training.distributed import World, world_from_env
+from training.distributed import World, join_world
 from training.grouping import GroupingRecord, join_gains, task_gradients
 from training.loop import Epoch, EpochLoop
 from training.mmap_trainer import task_data
@@ -288,9 +288,7 @@ def add_task(cfg: AddTaskConfig, backbone: Backbone | None = None) -> AddTaskRes
     forced = records.get(cfg.group) if cfg.group not in (AUTO, NEW) else None
     probe = common if common is not None else forced
 
-    world, device = world_from_env(cfg.backbone.device)
-    if device != cfg.backbone.device:
-        cfg = replace(cfg, backbone=replace(cfg.backbone, device=device))
+    world, cfg = join_world(cfg)
     bb_cfg = _backbone_config(cfg, target)
     backbone = reuse_or_load(backbone, bb_cfg)
     _check_backbone(target, backbone)
@@ -306,12 +304,7 @@ def add_task(cfg: AddTaskConfig, backbone: Backbone | None = None) -> AddTaskRes
                          f"{sorted(split.tasks)}")
     towers = Towers.of(backbone)
     (data,) = task_data(towers, split, cfg.root or split.root, bad, cfg.cache_dir)
-    task_split = split.tasks[cfg.task]
-    world.check_same("data", {"split": (task_split.classes, [i.to_dict() for i in task_split.train],
-                                        [i.to_dict() for i in task_split.test]),
-                              "config": {k: v for k, v in to_jsonable(cfg).items()
-                                         if k not in ("backbone", "progress")},
-                              "registry": manifest.version})
+    world.check_run(split.tasks, to_jsonable(cfg), registry=manifest.version)
     world.check_batch(min(cfg.optim.batch_size, len(data.train)))
 
     gradient, gains = None, None

@@ -15,10 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from training.splits import SplitTask
+
+C = TypeVar("C", bound=Any)  # a run config with a `backbone` (a BackboneConfig)
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,18 @@ class World:
         """The rank that writes the run."""
         return self.rank == 0
 
+    def rows(self, n: int) -> slice:
+        """This rank's contiguous rows of a batch of `n` (torch.tensor_split's parts: the first n % size ranks
+        take one more)."""
+        if self.size == 1:
+            return slice(0, n)
+        base, extra = divmod(n, self.size)
+        lo = self.rank * base + min(self.rank, extra)
+        return slice(lo, lo + base + (self.rank < extra))
+
     def shard(self, idx: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous part of one task's index batch."""
-        return idx if self.size == 1 else torch.tensor_split(idx, self.size)[self.rank]
+        return idx[self.rows(len(idx))]
 
     def share(self, loss: torch.Tensor, n_local: int, n_global: int) -> torch.Tensor:
         """A shard's mean loss weighted so that the ranks' summed gradients are the whole batch's mean's."""
@@ -88,11 +104,26 @@ class World:
             raise ValueError(f"torchrun: rank(s) {differ} see different {what} than rank 0 (hashes {seen}); give every "
                              f"rank the same split file and options")
 
+    def check_run(self, tasks: Mapping[str, SplitTask], config: dict, **more: object) -> None:
+        """Refuse ranks whose split (every task's classes, train and test items) or run options differ (`more`:
+        anything else they must share)."""
+        self.check_same("data", {"split": {n: (t.classes, [i.to_dict() for i in t.train],
+                                               [i.to_dict() for i in t.test]) for n, t in tasks.items()},
+                                 "config": {k: v for k, v in config.items() if k not in ("backbone", "progress")},
+                                 **more})
+
     def check_batch(self, smallest: int) -> None:
         """Refuse a step whose smallest task batch cannot give every rank one sample."""
         if smallest < self.size:
             raise ValueError(f"torchrun: {self.size} ranks need at least {self.size} samples of every task per step "
                              f"(--batch-size and the smallest task give {smallest})")
+
+
+def join_world(cfg: C) -> tuple[World, C]:
+    """This process's World (world_from_env) and the run config `cfg` on the device it trains on."""
+    world, device = world_from_env(cfg.backbone.device)
+    return world, cfg if device == cfg.backbone.device else replace(cfg, backbone=replace(cfg.backbone,
+                                                                                        device=device))
 
 
 def world_from_env(device: str = "cpu") -> tuple[World, str]:

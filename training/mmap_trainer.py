@@ -18,7 +18,7 @@ Ablations (PromptSpec):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from mmserve.registry import DEFAULT_TEMPLATE, GroupEntry, Manifest, TaskEntry, 
 from training.classify import Towers
 from training.config import RUN, BackboneConfig, OptimConfig, SplitConfig
 from training.data import BadFiles, discover_image_tasks
-from training.distributed import World, world_from_env
+from training.distributed import World, join_world
 from training.grouping import (
     RECORD_BATCHES,
     Affinity,
@@ -250,17 +250,13 @@ def train_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None) -> R
 
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each batch (training.distributed) and
     only rank 0 writes."""
-    world, device = world_from_env(cfg.backbone.device)
-    if device != cfg.backbone.device:
-        cfg = replace(cfg, backbone=replace(cfg.backbone, device=device))
+    world, cfg = join_world(cfg)
     run = start_run(cfg, backbone, load_or_draw_split, write=world.is_main)
     if world.is_main:
         run.write_config(data_root=run.root, **({"world_size": world.size} if world.size > 1 else {}))
     run_dir, config, bad, backbone, towers = run.run_dir, run.config, run.bad, run.backbone, run.towers
     tasks = task_data(towers, run.split, run.root, bad, cfg.cache_dir)
-    world.check_same("data", {"split": {n: (t.classes, [i.to_dict() for i in t.train], [i.to_dict() for i in t.test])
-                                        for n, t in run.split.tasks.items()},
-                              "config": {k: v for k, v in config.items() if k not in ("backbone", "progress")}})
+    world.check_run(run.split.tasks, config)
     world.check_batch(min([cfg.optim.batch_size, cfg.grouping.batch_size or cfg.optim.batch_size]
                           + [len(t.train) for t in tasks]))
     zero = {t.name: zero_shot_metrics(towers, t.test, t.class_names, "multiclass", cfg.zero_shot_template)["accuracy"]

@@ -14,7 +14,7 @@ so psi is computed once per sample and cached for the run.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from training.config import (
     recipe_optim,
 )
 from training.data import BadFiles, read_fusion_jsonl
-from training.distributed import World, world_from_env
+from training.distributed import World, join_world
 from training.loop import Checkpoint, Epoch, EpochLoop
 from training.metrics import accuracy, f1_scores
 from training.options import FieldValues, Opt, field_value, option
@@ -234,24 +234,19 @@ def _loss(model: FusionModel, out, target: torch.Tensor, mope: MoPEConfig, world
 
 
 def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
-    """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry."""
     """Train (or resume) a MoPE fusion task; write config, metrics, split, predictions and a registry.
 
     Under torchrun every rank takes its shard of each batch: RandAug and the router noise are drawn for the whole
     batch on every rank (the same generator state) and each keeps its rows; the importance loss reads the
     all-reduced expert mass, weighted 1/N per rank so the summed gradients are one process's. Only rank 0 writes."""
-    world, device = world_from_env(cfg.backbone.device)
-    if device != cfg.backbone.device:
-        cfg = replace(cfg, backbone=replace(cfg.backbone, device=device))
+    world, cfg = join_world(cfg)
     run = start_run(cfg, backbone, load_fusion_split, write=world.is_main)
     run_dir, config, bad, backbone, towers, root = run.run_dir, run.config, run.bad, run.backbone, run.towers, run.root
     name, task = next(iter(run.split.tasks.items()))
     multilabel = task.head == "multilabel"
     if world.is_main:
         run.write_config(task=name, head=task.head, **({"world_size": world.size} if world.size > 1 else {}))
-    world.check_same("data", {"split": (task.classes, [i.to_dict() for i in task.train],
-                                        [i.to_dict() for i in task.test]),
-                              "config": {k: v for k, v in config.items() if k not in ("backbone", "progress")}})
+    world.check_run(run.split.tasks, config)
     train = part_tensors(root, task.train, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     test = part_tensors(root, task.test, task.classes, backbone.preprocess, bad, multilabel, cfg.cache_dir)
     spec = complementary_spec(cfg.complementary)
@@ -280,11 +275,11 @@ def train_mope(cfg: FuseConfig, backbone: Backbone | None = None) -> RunResult:
         seen, stats, logits_all, idx_all = 0, RoutingStats(), [], []
         for batch in epoch.batches():
             whole = batch[0]
-            idx = world.shard(whole)
-            lo = sum(len(p) for p in torch.tensor_split(whole, world.size)[:world.rank])
+            rows = world.rows(len(whole))
+            idx = whole[rows]
             # the whole batch's RandAug draws on every rank (one generator state), this rank's rows kept
-            images = train.images[idx] if augment is None else augment(train.images[whole])[lo:lo + len(idx)]
-            model.mope.noise_rows = None if world.size == 1 else (lo, lo + len(idx), len(whole))
+            images = train.images[idx] if augment is None else augment(train.images[whole])[rows]
+            model.mope.noise_rows = None if world.size == 1 else (rows.start, rows.stop, len(whole))
             out = model(towers.image, images.to(backbone.device), psi_train[idx].to(backbone.device))
             target = train.targets[idx].to(backbone.device)
             task_loss, imp = _loss(model, out, target, cfg.mope, world)

@@ -136,3 +136,13 @@ def test_fuse_under_torchrun_equals_one_process(data: Path):
     two = json.loads((data / "fuse-two" / "metrics.json").read_text())["epochs"][-1]
     for key in ("train_loss", "train_importance_loss", "train_accuracy", "train_routing_entropy"):
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
+
+
+def test_a_ranks_rows_are_its_tensor_split_part():
+    from training.distributed import World
+
+    for n in range(1, 12):
+        for size in (2, 3, 4):
+            parts = torch.tensor_split(torch.arange(n), size)
+            for rank in range(size):
+                assert torch.equal(torch.arange(n)[World(rank, size).rows(n)], parts[rank]), (n, size, rank)
