@@ -73,20 +73,13 @@ class LabelCache:
         self._lock = threading.Lock()
         self.computed = 0  # labels run through the text tower (misses)
 
-    @staticmethod
-    def build_key(entry: ClassifyTask | None, zero_template: str = DEFAULT_TEMPLATE) -> str | None:
-        """What a task's label features depend on: its build key (weights, config, template, group; the snapshot
-        builder's), plus the template; zero-shot: its template alone; None (never cached): no build key."""
-        if entry is None:
-            return f"zero-shot|{zero_template}"
-        return f"{entry.key}|{entry.info.template or DEFAULT_TEMPLATE}" if entry.key else None
-
     def features(self, engine: InferenceEngine, entry: ClassifyTask | None, labels: Sequence[str],
-                 zero_template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
-        """Normalised features (L, E) of `labels` for `entry` (None: zero-shot with `zero_template`); misses in one
-        text-tower pass."""
-        template = zero_template if entry is None else entry.info.template or DEFAULT_TEMPLATE
-        build = self.build_key(entry, zero_template)
+                 template: str) -> torch.Tensor:
+        """Normalised features (L, E) of `labels` put into `template`, through `entry`'s text prompts (None:
+        zero-shot); misses in one text-tower pass. Cached by what they depend on: the task's build key (weights,
+        config, template, group; the snapshot builder's) or zero-shot, and the template; a task without a build
+        key is never cached."""
+        build = f"zero-shot|{template}" if entry is None else f"{entry.key}|{template}" if entry.key else None
         with self._lock:
             found = {label: None if build is None else self._features.get((build, label))
                      for label in dict.fromkeys(labels)}
@@ -139,7 +132,9 @@ def rank_label_requests(engine: InferenceEngine, cache: LabelCache, requests: Se
         scale = engine.backbone.logit_scale
         for row, i in enumerate(good):
             req = requests[i]
-            text = cache.features(engine, entries[row], req.labels, snap.zero_shot_template).to(feats.device)
+            entry = entries[row]
+            template = snap.zero_shot_template if entry is None else entry.info.template or DEFAULT_TEMPLATE
+            text = cache.features(engine, entry, req.labels, template).to(feats.device)
             probs = (scale * feats[row] @ text.T).softmax(dim=-1).cpu()
             k = max(1, min(int(req.top_k), len(req.labels)))
             order = probs.argsort(descending=True)[:k].tolist()
