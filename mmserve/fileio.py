@@ -42,9 +42,10 @@ def fsync_path(path: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object], *,
-                 same: Callable[[Path, Path], bool] | None = None) -> bool:
+                 same: Callable[[Path, Path], bool] | None = None, durable: bool = True) -> bool:
     """Have `write` fill a unique temp file beside `path`, then fsync it and rename it over `path` (and fsync the
-    directory): readers never see half, and after a crash the file is the old one or the new one.
+    directory): readers never see half, and after a crash the file is the old one or the new one (`durable`
+    False: no fsync, so readers still never see half, but a crash may leave a torn file).
 
     The temp file (made by mkstemp, given FILE_MODE) is removed when `write` or anything after it fails. With
     `same`, an existing `path` for which same(path, temp) is true is left as it is (byte-stable re-exports).
@@ -58,21 +59,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *,
     try:
         write(tmp)
         os.chmod(tmp, FILE_MODE)  # after `write`: a writer that replaces the file would drop a mode set before
-        fsync_path(tmp)
+        if durable:
+            fsync_path(tmp)
         if same is not None and path.is_file() and same(path, tmp):
             tmp.unlink()
             return False
         os.replace(tmp, path)
-        fsync_path(path.parent)
+        if durable:
+            fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return True
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to `path` atomically (atomic_write)."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
 
 
 def atomic_write_json(path: str | Path, obj: object, *, indent: int | None = 1, **dumps: Any) -> None:

@@ -190,15 +190,8 @@ class Store:
 
     def write(self, name: str, data: bytes) -> None:
         """Write a whole file (atomically: a reader sees none of it or all of it)."""
-        if self.is_local and self.durable:
-            atomic_write_bytes(self.path_of(name), data)
-            return
         if self.is_local:
-            path = Path(self.path_of(name))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temp.write_bytes(data)
-            temp.replace(path)  # still all or nothing for a reader, only not synced to disk
+            atomic_write_bytes(self.path_of(name), data, durable=self.durable)
             return
         try:
             self.fs.pipe_file(self.path_of(name), data)

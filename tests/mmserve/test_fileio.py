@@ -58,3 +58,16 @@ def test_bytes_and_json_forms(tmp_path: Path):
     assert (tmp_path / "a.json").read_text() == json.dumps({"b": [1], "a": "é"}, indent=1) + "\n"
     atomic_write_json(tmp_path / "b.json", {"b": 1, "a": "é"}, indent=None, sort_keys=True, ensure_ascii=False)
     assert (tmp_path / "b.json").read_bytes() == '{"a": "é", "b": 1}\n'.encode()
+
+
+def test_a_write_that_need_not_be_durable_is_whole_and_never_synced(tmp_path, monkeypatch) -> None:
+    import mmserve.fileio as fileio
+
+    def no_sync(path) -> None:
+        raise AssertionError("fsync on a write that need not be durable")
+
+    monkeypatch.setattr(fileio, "fsync_path", no_sync)
+    target = tmp_path / "sub" / "f.bin"
+    fileio.atomic_write_bytes(target, b"one", durable=False)
+    fileio.atomic_write_bytes(target, b"two", durable=False)
+    assert target.read_bytes() == b"two" and [p.name for p in target.parent.iterdir()] == ["f.bin"]
