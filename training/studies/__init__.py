@@ -4,12 +4,16 @@ base-to-new classes (issue 21), a task added alone (issue 20), every method at i
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmserve.backbone import EMBEDDED_MODEL
 from mmserve.fileio import atomic_write_bytes
+from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.grouping import GroupingConfig
+from training.mmap_trainer import MultiTaskConfig, PromptSpec
 from training.runs import write_json
 
 
@@ -24,6 +28,15 @@ class Recipe:
     n_tokens: int = 4
     source_rows: int = 4
     source_cols: int = 256
+
+    def optim(self) -> OptimConfig:
+        """Its optimiser and schedule."""
+        return OptimConfig(self.optimizer, lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs)
+
+    def prompt(self, kind: str = "mmap", sharing: str = "group+task") -> PromptSpec:
+        """Prompts of a registered kind at its sizes."""
+        return PromptSpec(kind, sharing, n_tokens=self.n_tokens, source_rows=self.source_rows,
+                          source_cols=self.source_cols)
 
 
 @dataclass
@@ -47,6 +60,28 @@ class StudyOptions:
         return cls(cache=a.cache, pretrained=a.pretrained, model=a.model, out=a.out, runs_dir=a.runs_dir,
                    seeds=list(a.seeds), device=a.device, progress=not a.no_progress,
                    command=f"mmserve-train {name} " + " ".join(argv or []), **more)
+
+
+    def run_config(self, split_file: Path, run_dir: Path, shots: int, seed: int, optim: OptimConfig,
+                   prompt: PromptSpec, grouping: GroupingConfig, tensors: Path) -> MultiTaskConfig:
+        """One classification run of the study: resumable, evaluated once at the end, images cached in
+        `tensors`; the backbone recorded by its file name (the runs dir is keyed by its fingerprint)."""
+        return MultiTaskConfig(split_file=str(split_file), run_dir=str(run_dir), template=self.template,
+                               zero_shot_template=self.template,
+                               backbone=BackboneConfig(self.model, Path(self.pretrained).name, self.device),
+                               split=SplitConfig(shots, 0.5, None, "stem", seed), optim=optim, prompt=prompt,
+                               grouping=grouping, seed=seed, cache_dir=str(tensors), progress=self.progress,
+                               resume=True, eval_each_epoch=False)
+
+
+def resumed(run_dir: Path, make: Callable[[], dict]) -> dict:
+    """A finished run's `run_dir`/result.json, else what `make` returns, written there."""
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rec = make()
+    write_json(done, rec)
+    return rec
 
 
 def study_parser(name: str, doc: str | None, out: str, recipe: Recipe | None = None) -> argparse.ArgumentParser:

@@ -13,10 +13,10 @@ Resumable: a run whose result.json exists is skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,17 +25,16 @@ from mmserve.backbone import Backbone, load_backbone
 from mmserve.engine import InferenceEngine
 from mmserve.vocab import LabelCache, LabelRequest, rank_label_requests
 from training.classify import Towers, class_scores
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig
 from training.data import BadFiles
 from training.grouping import GroupingConfig
-from training.mmap_trainer import MultiTaskConfig, PromptSpec, train_multitask
+from training.mmap_trainer import train_multitask
 from training.progress import log
 from training.results.methods import METHODS
 from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
-from training.runs import write_json
 from training.splits import Split, SplitTask, write_split
-from training.studies import Recipe, StudyOptions, header, mean_std, recipe_of, study_parser, write_outputs
+from training.studies import Recipe, StudyOptions, header, mean_std, recipe_of, resumed, study_parser, write_outputs
 from training.tensors import part_tensors
 
 STUDY_METHODS = ("text-only", "visual-only", "mmap-full")
@@ -68,18 +67,11 @@ def restrict(split: Split, keep: list[str]) -> Split:
 
 
 def _train(cfg: StudyConfig, backbone: Backbone, method: str, split_file: Path, run_dir: Path, seed: int) -> dict:
-    row, r = METHODS[method], cfg.recipe
-    prompt = PromptSpec(row.prompt, row.sharing, n_tokens=r.n_tokens, source_rows=r.source_rows,
-                        source_cols=r.source_cols)
+    row = METHODS[method]
     grouping = GroupingConfig("auto") if method == "mmap-full" else GroupingConfig("all")
-    mt = MultiTaskConfig(split_file=str(split_file), run_dir=str(run_dir), template=cfg.template,
-                         zero_shot_template=cfg.template, backbone=BackboneConfig(cfg.model, Path(cfg.pretrained).name,
-                                                                                  cfg.device),
-                         split=SplitConfig(cfg.shots, 0.5, None, "stem", seed),
-                         optim=OptimConfig(r.optimizer, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs),
-                         prompt=prompt, grouping=grouping, seed=seed, cache_dir=str(run_dir.parent / "tensors"),
-                         progress=cfg.progress, resume=True, eval_each_epoch=False)
-    result = train_multitask(mt, backbone)
+    result = train_multitask(cfg.run_config(split_file, run_dir, cfg.shots, seed, cfg.recipe.optim(),
+                                            cfg.recipe.prompt(row.prompt, row.sharing), grouping,
+                                            run_dir.parent / "tensors"), backbone)
     return {"trainable_params": result.trainable_params, "groups": result.groups}
 
 
@@ -95,6 +87,23 @@ def _served_accuracy(engine: InferenceEngine, task: str | None, images: torch.Te
                 raise RuntimeError(f"task {task}: {outcome.error}")
             hits += outcome.result["label"] == labels[want]
     return hits / len(images)
+
+
+def _run_method(cfg: StudyConfig, backbone: Backbone, method: str, seed: int, split_file: Path, run_dir: Path,
+                base: tuple[dict, list[str]], new: tuple[dict, list[str]]) -> dict:
+    """Train `method` on the base split, then score base and new test images (parts, names) as served."""
+    log(f"base-to-new: {method}, seed {seed}")
+    t0 = time.time()
+    trained = _train(cfg, backbone, method, split_file, run_dir, seed)
+    train_s = time.time() - t0
+    engine = InferenceEngine(backbone, run_dir / "registry")
+    scored = [{s: _served_accuracy(engine, s, p.images, p.targets, names) for s, p in parts.items()}
+              for parts, names in (base, new)]
+    rec = {"method": method, "seed": seed, **_scores(*scored), **trained, "train_s": round(train_s, 1),
+           "machine": machine_info(cfg.device)}
+    log(f"base-to-new: {method} seed {seed}: base {rec['base_mean']:.3f} new {rec['new_mean']:.3f} "
+        f"H {rec['h']:.3f} ({train_s:.0f} s)")
+    return rec
 
 
 def _parts(split: Split, backbone: Backbone, cache_dir: Path) -> dict:
@@ -135,23 +144,10 @@ def run_study(cfg: StudyConfig) -> dict:
             rows.setdefault("zero-shot", {})[None] = {**_scores(zs["base"], zs["new"]), "trainable_params": 0}
         for method in cfg.methods:
             run_dir = runs / f"{method}-k{cfg.shots}-s{seed}"
-            done = run_dir / "result.json"
-            if done.is_file():
-                rows.setdefault(method, {})[seed] = json.loads(done.read_text())
-                continue
-            log(f"base-to-new: {method}, seed {seed}")
-            t0 = time.time()
-            trained = _train(cfg, backbone, method, split_file, run_dir, seed)
-            train_s = time.time() - t0
-            engine = InferenceEngine(backbone, run_dir / "registry")
-            base = {s: _served_accuracy(engine, s, p.images, p.targets, base_names) for s, p in base_parts.items()}
-            new = {s: _served_accuracy(engine, s, p.images, p.targets, new_names) for s, p in new_parts.items()}
-            rec = {"method": method, "seed": seed, **_scores(base, new), **trained, "train_s": round(train_s, 1),
-                   "machine": machine_info(cfg.device)}
-            write_json(done, rec)
-            rows.setdefault(method, {})[seed] = rec
-            log(f"base-to-new: {method} seed {seed}: base {rec['base_mean']:.3f} new {rec['new_mean']:.3f} "
-                f"H {rec['h']:.3f} ({train_s:.0f} s)")
+
+            rows.setdefault(method, {})[seed] = resumed(run_dir, partial(
+                _run_method, cfg, backbone, method, seed, split_file, run_dir, (base_parts, base_names),
+                (new_parts, new_names)))
     report = {"command": cfg.command, "settings": settings, "new": new_ids, "runs_dir": str(runs),
               "styles": list(meta["tasks"]), "rows": {m: {str(k): v for k, v in r.items()} for m, r in rows.items()},
               "machine": describe_machine(machine_info(cfg.device))}

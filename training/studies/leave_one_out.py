@@ -15,7 +15,6 @@ the joint run of five. Resumable: a run whose result.json exists is skipped.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,15 +22,14 @@ from pathlib import Path
 
 from mmserve.backbone import Backbone, load_backbone
 from training.add_task import AddTaskConfig, add_task
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig
 from training.grouping import GroupingConfig
-from training.mmap_trainer import MultiTaskConfig, PromptSpec, train_multitask
+from training.mmap_trainer import train_multitask
 from training.progress import log
 from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
-from training.runs import write_json
 from training.splits import Split, write_split
-from training.studies import Recipe, StudyOptions, header, recipe_of, study_parser, write_outputs
+from training.studies import Recipe, StudyOptions, header, recipe_of, resumed, study_parser, write_outputs
 
 ACCURACY_POINTS = 2.0  # target: the added style within this many points of the joint run
 AGREE_AT_LEAST = 4  # target: styles (of 5) whose group agrees
@@ -62,54 +60,40 @@ def without(groups: list[list[str]], task: str) -> list[list[str]]:
     return sorted(sorted(t for t in g if t != task) for g in groups if any(t != task for t in g))
 
 
-def _optim(r: Recipe) -> OptimConfig:
-    return OptimConfig(r.optimizer, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs)
-
-
 def _joint(cfg: StudyConfig, backbone: Backbone, split_file: Path, run_dir: Path, seed: int) -> dict:
     """A joint auto-grouped MmAP run on `split_file` (resumed from its result when finished)."""
-    done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    r = cfg.recipe
-    mt = MultiTaskConfig(split_file=str(split_file), run_dir=str(run_dir), template=cfg.template,
-                         zero_shot_template=cfg.template,
-                         backbone=BackboneConfig(cfg.model, Path(cfg.pretrained).name, cfg.device),
-                         split=SplitConfig(cfg.shots, 0.5, None, "stem", seed), optim=_optim(r),
-                         prompt=PromptSpec(n_tokens=r.n_tokens, source_rows=r.source_rows, source_cols=r.source_cols),
-                         grouping=GroupingConfig("auto"), seed=seed, cache_dir=str(run_dir.parent / "tensors"),
-                         progress=cfg.progress, resume=True, eval_each_epoch=False)
-    t0 = time.time()
-    result = train_multitask(mt, backbone)
-    rec = {"wall_s": round(time.time() - t0, 3), "groups": result.groups,
-           "accuracy": {s: v["accuracy"] for s, v in result.final["tasks"].items()}}
-    write_json(done, rec)
-    return rec
+    def run() -> dict:
+        t0 = time.time()
+        result = train_multitask(cfg.run_config(split_file, run_dir, cfg.shots, seed, cfg.recipe.optim(),
+                                                cfg.recipe.prompt(), GroupingConfig("auto"),
+                                                run_dir.parent / "tensors"), backbone)
+        return {"wall_s": round(time.time() - t0, 3), "groups": result.groups,
+                "accuracy": {s: v["accuracy"] for s, v in result.final["tasks"].items()}}
+
+    return resumed(run_dir, run)
 
 
 def _added(cfg: StudyConfig, backbone: Backbone, joint4: Path, split_file: Path, run_dir: Path, style: str,
            seed: int) -> dict:
-    """add-task of `style` into a copy of the four-style registry `joint4`/registry."""
-    done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    target = run_dir / "target-registry"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(joint4 / "registry", target)
-    at = AddTaskConfig(registry=str(target), root="", task=style, run_dir=str(run_dir / "run"),
-                       split_file=str(split_file), template=None, zero_shot_template=cfg.template,
-                       backbone=BackboneConfig(cfg.model, Path(cfg.pretrained).name, cfg.device),
-                       split=SplitConfig(cfg.shots, 0.5, None, "stem", seed), optim=_optim(cfg.recipe), seed=seed,
-                       cache_dir=str(run_dir.parent / "tensors"), progress=cfg.progress, eval_each_epoch=False)
-    t0 = time.time()
-    result = add_task(at, backbone)
-    joined = result.metrics["joined"]
-    rec = {"wall_s": max(round(time.time() - t0, 3), 0.001), "accuracy": result.metrics["accuracy"],
-           "group": result.group,
-           "new_group": result.new_group, "group_tasks": sorted(joined["group_tasks"]), "gains": result.gains}
-    write_json(done, rec)
-    return rec
+    """add-task of `style` into a copy of the four-style registry `joint4`/registry, with the joint runs' recipe."""
+    def run() -> dict:
+        target = run_dir / "target-registry"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(joint4 / "registry", target)
+        like = cfg.run_config(split_file, run_dir / "run", cfg.shots, seed, cfg.recipe.optim(), cfg.recipe.prompt(),
+                              GroupingConfig("auto"), run_dir.parent / "tensors")
+        at = AddTaskConfig(registry=str(target), root="", task=style, run_dir=like.run_dir,
+                           split_file=like.split_file, template=None, zero_shot_template=like.zero_shot_template,
+                           backbone=like.backbone, split=like.split, optim=like.optim, seed=seed,
+                           cache_dir=like.cache_dir, progress=like.progress, eval_each_epoch=False)
+        t0 = time.time()
+        result = add_task(at, backbone)
+        return {"wall_s": max(round(time.time() - t0, 3), 0.001), "accuracy": result.metrics["accuracy"],
+                "group": result.group, "new_group": result.new_group,
+                "group_tasks": sorted(result.metrics["joined"]["group_tasks"]), "gains": result.gains}
+
+    return resumed(run_dir, run)
 
 
 def run_study(cfg: StudyConfig) -> dict:

@@ -23,16 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmserve.backbone import Backbone, load_backbone
-from training.config import BackboneConfig, OptimConfig, SplitConfig
+from training.config import BackboneConfig
 from training.grouping import GroupingConfig
-from training.mmap_trainer import MultiTaskConfig, PromptSpec, train_multitask
+from training.mmap_trainer import train_multitask
 from training.progress import log
 from training.results.methods import CLASSIFY_METHODS, METHODS
 from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
-from training.runs import write_json
 from training.splits import validation_split, write_split
-from training.studies import StudyOptions, header, mean_std, study_parser, write_outputs
+from training.studies import Recipe, StudyOptions, header, mean_std, resumed, study_parser, write_outputs
 
 CHOOSE_SHOTS, CHOOSE_SEED = 16, 0
 
@@ -51,13 +50,14 @@ class Point:
         """The point's run-dir name."""
         return f"{self.optimizer}-lr{self.lr:g}-e{self.epochs}-{self.size}"
 
-    def prompt(self, method: str) -> PromptSpec:
-        """The method's prompts at this point's size."""
-        row = METHODS[method]
-        if row.prompt == "mmap":
-            rows, cols = (2, 8) if self.size == "small" else (4, 256)
-            return PromptSpec(row.prompt, row.sharing, n_tokens=4, source_rows=rows, source_cols=cols)
-        return PromptSpec(row.prompt, row.sharing, n_tokens=4 if self.size == "small" else 16)
+    def recipe(self, method: str) -> Recipe:
+        """This point as a recipe for `method`: its size is MmAP's source, or the deep prompts' tokens."""
+        small = self.size == "small"
+        if METHODS[method].prompt == "mmap":
+            sizes = {"n_tokens": 4, "source_rows": 2 if small else 4, "source_cols": 8 if small else 256}
+        else:
+            sizes = {"n_tokens": 4 if small else 16}
+        return Recipe(self.optimizer, self.lr, 0.0 if self.optimizer == "adamw" else 5e-4, self.epochs, **sizes)
 
     def label(self) -> str:
         """As the tables print it."""
@@ -77,29 +77,21 @@ def _grouping(method: str) -> GroupingConfig:
     return GroupingConfig("random", n_groups=2) if method == "mmap-random" else GroupingConfig("all")
 
 
-def train_point(backbone: Backbone, method: str, point: Point, split_file: Path, run_dir: Path, shots: int,
-                seed: int, template: str, pretrained: str, progress: bool) -> dict:
+def train_point(cfg: GridConfig, backbone: Backbone, method: str, point: Point, split_file: Path, run_dir: Path,
+                shots: int, seed: int, tensors: Path) -> dict:
     """One method at one grid point on one split (resumed from its result.json when finished)."""
-    done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    cfg = MultiTaskConfig(split_file=str(split_file), run_dir=str(run_dir), template=template,
-                          zero_shot_template=template,
-                          backbone=BackboneConfig(backbone.spec.model, Path(pretrained).name, str(backbone.device)),
-                          split=SplitConfig(shots, 0.5, None, "stem", seed),
-                          optim=OptimConfig(point.optimizer, lr=point.lr, epochs=point.epochs,
-                                            weight_decay=0.0 if point.optimizer == "adamw" else 5e-4),
-                          prompt=point.prompt(method), grouping=_grouping(method), seed=seed,
-                          cache_dir=str(run_dir.parents[3] / "tensors"), progress=progress, resume=True,
-                          eval_each_epoch=False)
-    t0 = time.time()
-    result = train_multitask(cfg, backbone)
-    tasks = result.final["tasks"]
-    rec = {"method": method, "point": asdict(point), "shots": shots, "seed": seed,
-           "scores": {s: v["accuracy"] for s, v in tasks.items()}, "mean": result.final["accuracy_mean"],
-           "trainable_params": result.trainable_params, "groups": result.groups, "wall_s": round(time.time() - t0, 1)}
-    write_json(done, rec)
-    return rec
+    def run() -> dict:
+        row, recipe = METHODS[method], point.recipe(method)
+        t0 = time.time()
+        result = train_multitask(cfg.run_config(split_file, run_dir, shots, seed, recipe.optim(),
+                                                recipe.prompt(row.prompt, row.sharing), _grouping(method), tensors),
+                                 backbone)
+        return {"method": method, "point": asdict(point), "shots": shots, "seed": seed,
+                "scores": {s: v["accuracy"] for s, v in result.final["tasks"].items()},
+                "mean": result.final["accuracy_mean"], "trainable_params": result.trainable_params,
+                "groups": result.groups, "wall_s": round(time.time() - t0, 1)}
+
+    return resumed(run_dir, run)
 
 
 @dataclass
@@ -143,8 +135,8 @@ def run_grid(cfg: GridConfig) -> dict:
                 missing.append(f"choose {method} {point.key}")
                 continue
             log(f"method-grid: choose {method} at {point.key}")
-            scores[point.key] = train_point(backbone, method, point, val, where, CHOOSE_SHOTS, CHOOSE_SEED,
-                                            cfg.template, cfg.pretrained, cfg.progress)["mean"]
+            scores[point.key] = train_point(cfg, backbone, method, point, val, where, CHOOSE_SHOTS, CHOOSE_SEED,
+                                            runs / "tensors")["mean"]
         complete = len(scores) == len(cfg.grid)
         best = max(scores, key=scores.get) if complete else None
         chosen[method] = {"validation": scores, "best": best, "complete": complete}
@@ -163,8 +155,7 @@ def run_grid(cfg: GridConfig) -> dict:
             split = split_file(f"classify-k{shots}-s{seed}", lambda s=shots, d=seed: emoji_split(cfg.cache, s, d,
                                                                                               styles))
             tested.setdefault(method, {})[f"{shots}/{seed}"] = train_point(
-                backbone, method, points[c["best"]], split, where, shots, seed, cfg.template, cfg.pretrained,
-                cfg.progress)
+                cfg, backbone, method, points[c["best"]], split, where, shots, seed, runs / "tensors")
     paper = json.loads(Path(cfg.paper).read_text()) if cfg.paper else None
     report = {"command": cfg.command, "settings": settings, "runs_dir": str(runs), "chosen": chosen,
               "tested": tested, "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds),
