@@ -118,13 +118,15 @@ def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: P
     for task in val["tasks"]:  # the choice never reads a test image
         seen = {it["image"] for it in val["tasks"][task]["train"] + val["tasks"][task]["test"]}
         assert not seen & {it["image"] for it in test["tasks"][task]["test"]}
-    for method in ("visual-only", "mmap-all"):
-        c = report["chosen"][method]
+    assert set(report["chosen"]) == {"visual-only", "mmap-full"}  # an ablation is not chosen: MmAP full is
+    for method, chosen_by in (("visual-only", "visual-only"), ("mmap-all", "mmap-full")):
+        c = report["chosen"][chosen_by]
         assert c["complete"] and c["best"] == max(c["validation"], key=c["validation"].get)
         rec = report["tested"][method]["2/0"]
         assert Point(**rec["point"]).key == c["best"]
+    assert "mmap-full" not in report["tested"]  # chosen to give its ablation a point, not tested
     md = (tmp_path / "methods.md").read_text()
-    assert "| visual-only prompts (VPT-style) |" in md and "| 25.0 |" in md
+    assert "| visual-only prompts (VPT-style) |" in md and "| 25.0 |" in md and "(mmap-full's) |" in md
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run trained again")
 
