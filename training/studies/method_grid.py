@@ -137,7 +137,7 @@ def run_grid(cfg: GridConfig) -> dict:
     chosen: dict[str, dict] = {}
     for method in dict.fromkeys(chooser(m) for m in cfg.methods):
         scores = {}
-        for point in cfg.grid:
+        for point in sorted(cfg.grid, key=lambda p: p.epochs):  # the short runs first: a budget stops on long ones
             where = runs / "choose" / method / point.key / "run"
             if not (where / "result.json").is_file() and over_budget():
                 missing.append(f"choose {method} {point.key}")
