@@ -138,3 +138,22 @@ def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: P
 def test_without_takes_a_task_out_of_a_partition() -> None:
     assert loo.without([["a", "b"], ["c"]], "c") == [["a", "b"]]
     assert loo.without([["b", "a"], ["c", "d"]], "a") == [["b"], ["c", "d"]]
+
+
+def test_method_grid_command_passes_its_options_to_the_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.studies.method_grid as grid_module
+
+    seen = {}
+
+    def fake_grid(cfg):
+        seen["cfg"] = cfg
+        return {"settings": {"model": cfg.model, "backbone_fingerprint": "f", "template": "{}", "grid": []},
+                "command": cfg.command, "machine": "m", "missing": [], "shots": [], "chosen": {}, "methods": [],
+                "chooser": {}, "tested": {}, "paper": {}}
+
+    monkeypatch.setattr(grid_module, "run_grid", fake_grid)
+    assert main(["method-grid", "--cache", str(tmp_path), "--pretrained", "none", "--methods", "visual-only",
+                 "mmap-all", "--shots", "4", "--budget-minutes", "30", "--seeds", "1"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.methods == ("visual-only", "mmap-all") and cfg.shots == (4,) and cfg.seeds == [1]
+    assert cfg.budget_minutes == 30 and cfg.grid == grid_module.GRID

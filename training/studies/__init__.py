@@ -96,7 +96,7 @@ def study_parser(name: str, doc: str | None, out: str, recipe: Recipe | None = N
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    for key, default in vars(recipe or {}).items():
+    for key, default in (vars(recipe) if recipe is not None else {}).items():
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help="recipe")
     return p
 
