@@ -149,7 +149,7 @@ def test_method_grid_command_passes_its_options_to_the_grid(tmp_path: Path, monk
         seen["cfg"] = cfg
         return {"settings": {"model": cfg.model, "backbone_fingerprint": "f", "template": "{}", "grid": []},
                 "command": cfg.command, "machine": "m", "missing": [], "shots": [], "chosen": {}, "methods": [],
-                "chooser": {}, "tested": {}, "paper": {}}
+                "tested": {}, "paper": {}}
 
     monkeypatch.setattr(grid_module, "run_grid", fake_grid)
     assert main(["method-grid", "--cache", str(tmp_path), "--pretrained", "none", "--methods", "visual-only",

@@ -61,7 +61,6 @@ class StudyOptions:
                    seeds=list(a.seeds), device=a.device, progress=not a.no_progress,
                    command=f"mmserve-train {name} " + " ".join(argv or []), **more)
 
-
     def run_config(self, split_file: Path, run_dir: Path, shots: int, seed: int, optim: OptimConfig,
                    prompt: PromptSpec, grouping: GroupingConfig, tensors: Path) -> MultiTaskConfig:
         """One classification run of the study: resumable, evaluated once at the end, images cached in

@@ -151,9 +151,10 @@ def run_grid(cfg: GridConfig) -> dict:
     tested: dict[str, dict[str, dict]] = {}
     points = {p.key: p for p in cfg.grid}
     for method in cfg.methods:
-        c = chosen[chooser(method)]
+        of = chooser(method)
+        c = chosen[of]
         if c["best"] is None:
-            missing += [f"test {method} ({chooser(method)}'s choice is incomplete)"]
+            missing += [f"test {method} ({of}'s choice is incomplete)"]
             continue
         for shots, seed in itertools.product(cfg.shots, cfg.seeds):
             where = runs / "test" / method / c["best"] / f"k{shots}-s{seed}"
@@ -167,7 +168,7 @@ def run_grid(cfg: GridConfig) -> dict:
                 cfg, backbone, method, points[c["best"]], split, where, shots, seed, runs / "tensors")
     paper = json.loads(Path(cfg.paper).read_text()) if cfg.paper else None
     report = {"command": cfg.command, "settings": settings, "runs_dir": str(runs), "chosen": chosen,
-              "methods": list(cfg.methods), "chooser": {m: chooser(m) for m in cfg.methods},
+              "methods": list(cfg.methods),
               "tested": tested, "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds),
               "machine": describe_machine(machine_info(cfg.device)), "paper": _paper_rows(paper),
               "wall_s": round(time.time() - t_start, 1)}
@@ -201,7 +202,8 @@ def to_markdown(report: dict) -> str:
                   "| method | best recipe (validation) | best recipe: test | seeds | paper recipe: test |",
                   "| --- | --- | ---: | --- | ---: |"]
         for method in sorted(report["methods"], key=GRID_METHODS.index):
-            c, of = report["chosen"][report["chooser"][method]], report["chooser"][method]
+            of = chooser(method)
+            c = report["chosen"][of]
             runs = [r for k, r in report["tested"].get(method, {}).items() if k.startswith(f"{shots}/")]
             best = "—" if c["best"] is None else Point(**runs[0]["point"]).label() if runs else c["best"]
             best += "" if of == method else f" ({of}'s)"
