@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmserve.prompts import TowerPrompts
-from training.classify import Towers, class_tokens, predict
+from training.classify import Towers, class_tokens, image_features, predict
 from training.metrics import accuracy
 from training.tensors import PartTensors
 
@@ -37,12 +37,20 @@ class TaskData:
     test: PartTensors
     tokens: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (template, n_prompt) -> (C, L)
     frozen_text: dict[str, torch.Tensor] = field(default_factory=dict)  # template -> unprompted class features
+    frozen_images: torch.Tensor | None = None  # (N_train, E) unprompted image features, once per run
 
     def class_tokens(self, towers: Towers, template: str, n_prompt: int) -> torch.Tensor:
         """Tokens of "X..X <template>" for every class, cached per template and prompt length."""
         if (template, n_prompt) not in self.tokens:
             self.tokens[template, n_prompt] = class_tokens(towers, self.class_names, template, n_prompt)
         return self.tokens[template, n_prompt]
+
+    def frozen_image_features(self, towers: Towers) -> torch.Tensor:
+        """Unprompted image features (N_train, E) of every train image, computed on first use: a method without
+        visual prompts (text-only) then runs the image tower once per run, not once per step."""
+        if self.frozen_images is None:
+            self.frozen_images = image_features(towers, self.train.images, None)
+        return self.frozen_images
 
 
 class Batcher:
@@ -94,13 +102,13 @@ def multitask_step(towers: Towers, tasks: list[TaskData], prompts: list[TowerPro
                    template: str) -> StepOutput:
     """Forward every task's batch with its own prompts in one pass; return each task's loss."""
     device = towers.device
-    images = torch.cat([t.train.images[idx] for t, idx in zip(tasks, batches, strict=True)]).to(device)
     sample_task = torch.cat([torch.full((len(idx),), i, dtype=torch.long) for i, idx in enumerate(batches)]).to(device)
     vision = _stack([p.vision for p in prompts], "visual")
     if vision is None:
-        with torch.no_grad():
-            img = towers.image(images)
+        img = torch.cat([t.frozen_image_features(towers)[idx.to(device)]
+                         for t, idx in zip(tasks, batches, strict=True)])
     else:
+        images = torch.cat([t.train.images[idx] for t, idx in zip(tasks, batches, strict=True)]).to(device)
         img = towers.image(images, vision[sample_task])
     text = _stack([p.text for p in prompts], "text")
     if text is None:

@@ -148,3 +148,37 @@ def test_ablations_train_save_and_load(kind, sharing, data_root, tiny_backbone):
     tower = {"text": "text", "vision": "vision"}.get(kind)
     if tower:
         assert all(t["prompt_config"]["tower"] == tower for t in manifest["tasks"])
+
+
+def test_text_only_steps_run_the_image_tower_once_per_run_with_the_same_losses(tiny_backbone, monkeypatch):
+    from mmserve.prompts import TowerPrompts
+    from training.multitask import TaskData, multitask_step
+    from training.tensors import PartTensors
+
+    towers = Towers.of(tiny_backbone)
+    gen = torch.Generator().manual_seed(0)
+    tasks = [TaskData(f"t{i}", ["a", "b", "c"], ["cat", "dog", "owl"],
+                      PartTensors(torch.randn(10, 3, 32, 32, generator=gen), torch.arange(10) % 3, [None] * 10),
+                      PartTensors(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), []))
+             for i in range(2)]
+    text = torch.randn(2, 4, 64, generator=gen).requires_grad_()  # (K, P, d) of the tiny text tower
+    prompts = [TowerPrompts(text=text), TowerPrompts(text=-text)]
+    batches = [torch.tensor([3, 1, 7]), torch.tensor([0, 9])]
+
+    def uncached(t: TaskData, idx: torch.Tensor, p: TowerPrompts) -> torch.Tensor:
+        with torch.no_grad():
+            img = towers.image(t.train.images[idx])
+        txt = towers.text(t.class_tokens(towers, "{}", 4), p.text)
+        return torch.nn.functional.cross_entropy(tiny_backbone.logit_scale * img @ txt.T, t.train.targets[idx])
+
+    images_seen = []
+    real_image = towers.image
+    monkeypatch.setattr(towers, "image", lambda x, *a, **k: images_seen.append(len(x)) or real_image(x, *a, **k))
+    for _ in range(3):
+        out = multitask_step(towers, tasks, prompts, batches, "{}")
+    assert images_seen == [10, 10]  # every train image of each task once, over three steps
+    monkeypatch.setattr(towers, "image", real_image)
+    for loss, t, idx, p in zip(out.losses, tasks, batches, prompts, strict=True):
+        assert float(loss) == pytest.approx(float(uncached(t, idx, p)), abs=1e-5)
+    out.losses[0].backward()  # the text prompts still train
+    assert text.grad is not None and float(text.grad.abs().sum()) > 0
