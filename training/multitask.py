@@ -102,14 +102,14 @@ def multitask_step(towers: Towers, tasks: list[TaskData], prompts: list[TowerPro
                    template: str) -> StepOutput:
     """Forward every task's batch with its own prompts in one pass; return each task's loss."""
     device = towers.device
-    sample_task = torch.cat([torch.full((len(idx),), i, dtype=torch.long) for i, idx in enumerate(batches)]).to(device)
     vision = _stack([p.vision for p in prompts], "visual")
     if vision is None:
         img = torch.cat([t.frozen_image_features(towers)[idx.to(device)]
                          for t, idx in zip(tasks, batches, strict=True)])
     else:
         images = torch.cat([t.train.images[idx] for t, idx in zip(tasks, batches, strict=True)]).to(device)
-        img = towers.image(images, vision[sample_task])
+        sample_task = torch.cat([torch.full((len(idx),), i, dtype=torch.long) for i, idx in enumerate(batches)])
+        img = towers.image(images, vision[sample_task.to(device)])
     text = _stack([p.text for p in prompts], "text")
     if text is None:
         txt_parts = []
