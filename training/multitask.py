@@ -52,6 +52,14 @@ class TaskData:
             self.frozen_images = image_features(towers, self.train.images, None)
         return self.frozen_images
 
+    def frozen_text_features(self, towers: Towers, template: str) -> torch.Tensor:
+        """Unprompted class features (C, E) under `template`, computed on first use: a method without text
+        prompts (visual-only) runs the text tower once per run and template, not once per step."""
+        if template not in self.frozen_text:
+            with torch.no_grad():
+                self.frozen_text[template] = towers.text(self.class_tokens(towers, template, 0))
+        return self.frozen_text[template]
+
 
 class Batcher:
     """Seeded per-task shuffles: each call gives one index batch per task; a task that runs out reshuffles."""
@@ -112,13 +120,7 @@ def multitask_step(towers: Towers, tasks: list[TaskData], prompts: list[TowerPro
         img = towers.image(images, vision[sample_task.to(device)])
     text = _stack([p.text for p in prompts], "text")
     if text is None:
-        txt_parts = []
-        for t in tasks:
-            if template not in t.frozen_text:
-                with torch.no_grad():
-                    t.frozen_text[template] = towers.text(t.class_tokens(towers, template, 0))
-            txt_parts.append(t.frozen_text[template])
-        txt = torch.cat(txt_parts)
+        txt = torch.cat([t.frozen_text_features(towers, template) for t in tasks])
     else:
         tokens = torch.cat([t.class_tokens(towers, template, text.shape[-2]) for t in tasks])
         row_task = torch.cat([torch.full((len(t.classes),), i, dtype=torch.long) for i, t in enumerate(tasks)])

@@ -182,3 +182,37 @@ def test_text_only_steps_run_the_image_tower_once_per_run_with_the_same_losses(t
         assert float(loss.detach()) == pytest.approx(float(uncached(t, idx, p).detach()), abs=1e-5)
     out.losses[0].backward()  # the text prompts still train
     assert text.grad is not None and float(text.grad.abs().sum()) > 0
+
+
+def test_visual_only_steps_run_the_text_tower_once_per_run_with_the_same_losses(tiny_backbone, monkeypatch):
+    from mmserve.prompts import TowerPrompts
+    from training.multitask import TaskData, multitask_step
+    from training.tensors import PartTensors
+
+    towers = Towers.of(tiny_backbone)
+    gen = torch.Generator().manual_seed(1)
+    tasks = [TaskData(f"t{i}", ["a", "b", "c"], ["cat", "dog", "owl"],
+                      PartTensors(torch.randn(10, 3, 32, 32, generator=gen), torch.arange(10) % 3, [None] * 10),
+                      PartTensors(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), []))
+             for i in range(2)]
+    vision = torch.randn(2, 4, 64, generator=gen).requires_grad_()  # (K, P, d) of the tiny image tower
+    prompts = [TowerPrompts(vision=vision), TowerPrompts(vision=-vision)]
+    batches = [torch.tensor([3, 1, 7]), torch.tensor([0, 9])]
+
+    def uncached(t: TaskData, idx: torch.Tensor, p: TowerPrompts) -> torch.Tensor:
+        img = towers.image(t.train.images[idx], p.vision)
+        with torch.no_grad():
+            txt = towers.text(t.class_tokens(towers, "{}", 0))
+        return torch.nn.functional.cross_entropy(tiny_backbone.logit_scale * img @ txt.T, t.train.targets[idx])
+
+    rows_seen = []
+    real_forward = towers.text.forward  # patched on the module: class_tokens still needs towers.text.tokenize
+    monkeypatch.setattr(towers.text, "forward", lambda x, *a, **k: rows_seen.append(len(x)) or real_forward(x, *a, **k))
+    for _ in range(3):
+        out = multitask_step(towers, tasks, prompts, batches, "{}")
+    assert rows_seen == [3, 3]  # each task's 3 class prompts once, over three steps
+    monkeypatch.setattr(towers.text, "forward", real_forward)
+    for loss, t, idx, p in zip(out.losses, tasks, batches, prompts, strict=True):
+        assert float(loss.detach()) == pytest.approx(float(uncached(t, idx, p).detach()), abs=1e-5)
+    out.losses[0].backward()  # the visual prompts still train
+    assert vision.grad is not None and float(vision.grad.abs().sum()) > 0
