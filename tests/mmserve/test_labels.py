@@ -102,7 +102,11 @@ def test_a_repeated_label_list_runs_the_text_tower_once(engine: InferenceEngine,
     first = rank_label_requests(engine, cache, [LabelRequest(pic, labels, "colors")])
     assert tower_calls == [3] and cache.computed == 3  # the repeated label once
     again = rank_label_requests(engine, cache, [LabelRequest(pic, labels, "colors")] * 2)
-    assert tower_calls == [3] and first[0].result == again[0].result == again[1].result
+    assert tower_calls == [3]
+    for other in again:  # a batch of two may round differently from a batch of one (float kernels)
+        assert [p["label"] for p in other.result["top_k"]] == [p["label"] for p in first[0].result["top_k"]]
+        assert [p["score"] for p in other.result["top_k"]] == pytest.approx(
+            [p["score"] for p in first[0].result["top_k"]], abs=1e-5)
     rank_label_requests(engine, cache, [LabelRequest(pic, ("grass", "moss"), "colors")])
     assert tower_calls == [3, 1]  # only the new label
     rank_label_requests(engine, cache, [LabelRequest(pic, ("grass",), "warmth"), LabelRequest(pic, ("grass",))])
