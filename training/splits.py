@@ -7,13 +7,14 @@ needs nothing but the file and the images. Drawing is deterministic: each class 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from mmserve.fileio import atomic_write_json
+from mmserve.fileio import atomic_write_json, sha256_file
 from mmserve.strict import from_dict
 from training.config import SplitConfig
 from training.data import ClassTask, Item, default_class_name
@@ -164,6 +165,20 @@ def write_split(path: str | Path, split: Split) -> None:
                   for name, t in split.tasks.items()},
     }
     atomic_write_json(path, data)
+
+
+def split_digest(split: Split) -> str:
+    """SHA-256 of every task's classes and items and of each item's image bytes (not the root): same data, same
+    digest, wherever the cache lives."""
+    h = hashlib.sha256()
+    for name in sorted(split.tasks):
+        t = split.tasks[name]
+        h.update(json.dumps([name, t.classes, t.class_names, t.head]).encode())
+        for part, items in (("train", t.train), ("test", t.test)):
+            for it in items:
+                h.update(json.dumps([part, it.to_dict()]).encode())
+                h.update(sha256_file(Path(split.root) / it.image).encode())
+    return h.hexdigest()
 
 
 def reuse_or_draw(split_file: str | None, run_dir: str | Path, resume: bool, draw: Callable[[], Split]) -> Split:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,8 +101,8 @@ def test_leave_one_out_adds_each_style_to_the_others_and_resumes(tmp_path: Path,
     assert json.loads(out.with_suffix(".json").read_text())["seeds"] == report["seeds"]
 
 
-def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
     import training.studies.method_grid as grid_module
     from training.studies.method_grid import GridConfig, Point, run_grid
 
@@ -135,6 +137,44 @@ def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: P
     assert again["chosen"] == report["chosen"] and again["tested"] == report["tested"]
 
 
+    # a fresh machine: the published page alone restores every run, and nothing trains again
+    page = tmp_path / "methods.json"
+    fresh = run_grid(replace(cfg, runs_dir=str(tmp_path / "fresh"), restore=str(page)))
+    assert fresh["restored"] == {"from": str(page), "runs": 6, "data_checked": True}  # 4 choices, 2 tests
+    assert fresh["data"] == report["data"] and fresh["missing"] == []
+    for method, c in report["chosen"].items():
+        assert fresh["chosen"][method]["validation"] == c["validation"] and fresh["chosen"][method]["best"] == c["best"]
+        for key, run in c["runs"].items():
+            assert fresh["chosen"][method]["runs"][key] == {**run, "restored_from": str(page)}
+    assert fresh["tested"]["mmap-all"]["2/0"] == {**report["tested"]["mmap-all"]["2/0"], "restored_from": str(page)}
+    assert "6 run(s) restored from" in (tmp_path / "methods.md").read_text()
+
+    # an older page (choice means only, no data digest) restores the means and says its data were not checked
+    old = json.loads(page.read_text())
+    old.pop("data")
+    for c in old["chosen"].values():
+        c.pop("runs")
+    page.write_text(json.dumps(old))
+    older = run_grid(replace(cfg, runs_dir=str(tmp_path / "older"), restore=str(page)))
+    assert older["restored"]["data_checked"] is False
+    assert {m: c["validation"] for m, c in older["chosen"].items()} == \
+        {m: c["validation"] for m, c in report["chosen"].items()}
+    assert "data were not checked" in (tmp_path / "methods.md").read_text()
+
+    # refused, with nothing written, when the settings or the validation data differ
+    for field, value, says in (("settings", {**old["settings"], "template": "a {}"}, "differs in ['template']"),
+                               ("data", {"validation_digest": "0" * 64}, "validation split differs")):
+        page.write_text(json.dumps({**old, field: value}))
+        with pytest.raises(ValueError, match=re.escape(says)):
+            run_grid(replace(cfg, runs_dir=str(tmp_path / field), restore=str(page)))
+        assert not (tmp_path / field / "choose").exists()
+    page.write_text("{}")  # the command: one line naming the file, no stack trace
+    with pytest.raises(SystemExit) as exited:
+        main(["method-grid", "--cache", str(cache), "--pretrained", "none", "--model", TINY_MODEL,
+              "--runs-dir", str(tmp_path / "bad"), "--restore", str(page), "--no-progress"])
+    assert exited.value.code == 2 and f"{page}: not a method-grid page" in capsys.readouterr().err
+
+
 def test_without_takes_a_task_out_of_a_partition() -> None:
     assert loo.without([["a", "b"], ["c"]], "c") == [["a", "b"]]
     assert loo.without([["b", "a"], ["c", "d"]], "a") == [["b"], ["c", "d"]]
@@ -157,3 +197,18 @@ def test_method_grid_command_passes_its_options_to_the_grid(tmp_path: Path, monk
     cfg = seen["cfg"]
     assert cfg.methods == ("visual-only", "mmap-all") and cfg.shots == (4,) and cfg.seeds == [1]
     assert cfg.budget_minutes == 30 and cfg.grid == grid_module.GRID
+
+
+def test_split_digest_follows_the_image_bytes_not_where_the_cache_lives(tmp_path: Path) -> None:
+    import shutil
+
+    from training.splits import split_digest
+
+    cache = write_toy_cache(tmp_path / "cache", classes=COLOURS)
+    digest = split_digest(emoji_split(cache, 2, 0))
+    moved = shutil.copytree(cache, tmp_path / "elsewhere")
+    assert split_digest(emoji_split(moved, 2, 0)) == digest
+    split = emoji_split(moved, 2, 0)
+    image = Path(split.root) / next(iter(split.tasks.values())).train[0].image
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert split_digest(split) != digest

@@ -13,7 +13,8 @@
 3. `<out>.md` / `<out>.json`: per shots, each method's best-recipe row beside its paper-recipe row (read from
    `--paper`, the published results table), then every grid point's validation accuracy.
 Resumable: one run dir per (phase, method, point[, shots, seed]); a run whose result.json exists is skipped, and
-`--budget-minutes` stops starting new runs (what is missing is listed).
+`--budget-minutes` stops starting new runs (what is missing is listed). Restorable: `--restore docs/methods.json`
+seeds a fresh runs dir with the published page's finished runs (same settings and validation data, or refused).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from training.progress import log
 from training.results.methods import CLASSIFY_METHODS, METHODS
 from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
-from training.splits import validation_split, write_split
+from training.runs import to_jsonable, write_json
+from training.splits import read_split, split_digest, validation_split, write_split
 from training.studies import Recipe, StudyOptions, header, mean_std, resumed, study_parser, write_outputs
 
 CHOOSE_SHOTS, CHOOSE_SEED = 16, 0
@@ -112,6 +114,52 @@ class GridConfig(StudyOptions):
     grid: tuple[Point, ...] = GRID
     paper: str | None = None  # the published results table (docs/results.json): its paper-recipe rows
     budget_minutes: float | None = None
+    restore: str | None = None  # a published grid (docs/methods.json): its finished runs seed the runs dir
+
+
+def restore_grid(path: Path, runs: Path, settings: dict, data: dict) -> dict:
+    """Seed `runs` with the finished runs of a published grid (`<out>.json`), so the grid survives losing its cache.
+
+    Refused unless its settings (model, weights fingerprint, template, styles, grid) are these and, when it
+    records one, its validation split's digest (items and image bytes) is this cache's. A page published before
+    it recorded the digest restores on its settings alone, and the report says the data were not checked. A page
+    that kept only a choice run's mean restores that (enough to choose). Runs already in `runs` win.
+    """
+    try:
+        published = json.loads(path.read_text())
+        pub_settings, chosen, tested = published["settings"], published["chosen"], published["tested"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a method-grid page ({exc.__class__.__name__}: {exc})") from exc
+    want = to_jsonable(settings)
+    if pub_settings != want:
+        changed = sorted(k for k in set(pub_settings) | set(want) if pub_settings.get(k) != want.get(k))
+        raise ValueError(f"{path}: made with other settings (differs in {changed}); nothing restored")
+    checked = published.get("data") is not None
+    if checked and published["data"] != data:
+        raise ValueError(f"{path}: this cache's validation split differs from the published grid's "
+                         f"(digest {data['validation_digest'][:12]} here, "
+                         f"{published['data'].get('validation_digest', '?')[:12]} there); nothing restored")
+    points = {Point(**p).key: p for p in want["grid"]}
+    todo = []
+    for method, c in chosen.items():
+        for key, mean in c["validation"].items():
+            run = (c.get("runs") or {}).get(key) or {"method": method, "point": points[key], "shots": CHOOSE_SHOTS,
+                                                     "seed": CHOOSE_SEED, "mean": mean}
+            todo.append((runs / "choose" / method / key / "run", run))
+    for method, by_split in tested.items():
+        for run in by_split.values():
+            todo.append((runs / "test" / method / Point(**run["point"]).key / f"k{run['shots']}-s{run['seed']}", run))
+    n = 0
+    for where, run in todo:
+        if not (where / "result.json").is_file():
+            write_json(where / "result.json", {**run, "restored_from": str(path)})
+            n += 1
+    log(f"method-grid: restored {n} run(s) from {path}" + ("" if checked else
+        " (published before it recorded its data digest: restored on its settings alone, data not checked)"))
+    record = {"from": str(path), "runs": n, "data_checked": checked}
+    if n:  # kept beside the runs: a later rerun without --restore still reports where its runs came from
+        write_json(runs / "restored.json", record)
+    return record
 
 
 def run_grid(cfg: GridConfig) -> dict:
@@ -134,20 +182,25 @@ def run_grid(cfg: GridConfig) -> dict:
         return path
 
     val = split_file("validation", lambda: validation_split(emoji_split(cfg.cache, CHOOSE_SHOTS, CHOOSE_SEED, styles)))
+    data = {"validation_digest": split_digest(read_split(val))}
+    if cfg.restore:
+        restore_grid(Path(cfg.restore), runs, settings, data)
+    restored = json.loads((runs / "restored.json").read_text()) if (runs / "restored.json").is_file() else None
     chosen: dict[str, dict] = {}
     for method in dict.fromkeys(chooser(m) for m in cfg.methods):
-        scores = {}
+        scores, done = {}, {}
         for point in sorted(cfg.grid, key=lambda p: p.epochs):  # the short runs first: a budget stops on long ones
             where = runs / "choose" / method / point.key / "run"
             if not (where / "result.json").is_file() and over_budget():
                 missing.append(f"choose {method} {point.key}")
                 continue
             log(f"method-grid: choose {method} at {point.key}")
-            scores[point.key] = train_point(cfg, backbone, method, point, val, where, CHOOSE_SHOTS, CHOOSE_SEED,
-                                            runs / "tensors")["mean"]
+            done[point.key] = train_point(cfg, backbone, method, point, val, where, CHOOSE_SHOTS, CHOOSE_SEED,
+                                          runs / "tensors")
+            scores[point.key] = done[point.key]["mean"]
         complete = len(scores) == len(cfg.grid)
         best = max(scores, key=scores.get) if complete else None
-        chosen[method] = {"validation": scores, "best": best, "complete": complete}
+        chosen[method] = {"validation": scores, "best": best, "complete": complete, "runs": done}
     tested: dict[str, dict[str, dict]] = {}
     points = {p.key: p for p in cfg.grid}
     for method in cfg.methods:
@@ -167,7 +220,8 @@ def run_grid(cfg: GridConfig) -> dict:
             tested.setdefault(method, {})[f"{shots}/{seed}"] = train_point(
                 cfg, backbone, method, points[c["best"]], split, where, shots, seed, runs / "tensors")
     paper = json.loads(Path(cfg.paper).read_text()) if cfg.paper else None
-    report = {"command": cfg.command, "settings": settings, "runs_dir": str(runs), "chosen": chosen,
+    report = {"command": cfg.command, "settings": settings, "data": data, "restored": restored,
+              "runs_dir": str(runs), "chosen": chosen,
               "methods": list(cfg.methods),
               "tested": tested, "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds),
               "machine": describe_machine(machine_info(cfg.device)), "paper": _paper_rows(paper),
@@ -186,6 +240,18 @@ def _paper_rows(published: dict | None) -> dict[str, dict[str, float]]:
     return rows
 
 
+def _provenance(report: dict) -> str:
+    """Which validation data the grid chose on, and how many of its runs a restore brought in."""
+    line = f"- Validation split digest `{(report.get('data') or {}).get('validation_digest', 'unknown')[:12]}`"
+    r = report.get("restored")
+    if r:
+        n = sum("restored_from" in run for c in report["chosen"].values() for run in c["runs"].values())
+        n += sum("restored_from" in run for t in report["tested"].values() for run in t.values())
+        line += (f"; {n} run(s) restored from `{r['from']}`" + ("" if r["data_checked"] else
+                 " on its settings alone (published before it recorded this digest, so its data were not checked)"))
+    return line
+
+
 def to_markdown(report: dict) -> str:
     """Per shots: best-recipe and paper-recipe rows of every method; then the validation grid."""
     s = report["settings"]
@@ -195,6 +261,7 @@ def to_markdown(report: dict) -> str:
              "(5 | 20 epochs) x (small | large prompts: MmAP source 2 x 8 | 4 x 256, deep prompts b = 4 | 16)",
              "- Chosen on the grid: " + ", ".join(CHOSEN) + "; MmAP's ablations are tested at MmAP full's point "
              "(the paper's ablation protocol: one recipe, one part changed)",
+             _provenance(report),
              f"- Missing: {len(report['missing'])} run(s)" + (": " + "; ".join(report["missing"][:20])
                                                                if report["missing"] else ""), ""]
     for shots in report["shots"]:
@@ -229,9 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int, nargs="+", default=[4, 16])
     p.add_argument("--paper", default=None, help="the published results table (docs/results.json)")
     p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument("--restore", default=None, help="a published grid (docs/methods.json): seed its finished runs")
     a = p.parse_args(argv)
     cfg = GridConfig.from_args(a, "method-grid", argv, methods=tuple(a.methods), shots=tuple(a.shots),
-                               paper=a.paper, budget_minutes=a.budget_minutes)
-    report = run_grid(cfg)
+                               paper=a.paper, budget_minutes=a.budget_minutes, restore=a.restore)
+    try:
+        report = run_grid(cfg)
+    except ValueError as exc:
+        p.error(str(exc))
     print(to_markdown(report))
     return 0
