@@ -75,8 +75,8 @@ def test_targets_say_met_or_missed() -> None:
     assert t["speedup"]["value"] == pytest.approx(9.8) and not t["speedup"]["met"]
 
 
-def test_leave_one_out_adds_each_style_to_the_others_and_resumes(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     cache = write_toy_cache(tmp_path / "cache", styles=("noto", "twemoji", "fluent_mono"))
     out = tmp_path / "loo"
     assert main(["leave-one-out", "--cache", str(cache), "--out", str(out), *TINY]) == 0
@@ -99,6 +99,30 @@ def test_leave_one_out_adds_each_style_to_the_others_and_resumes(tmp_path: Path,
     monkeypatch.setattr(loo, "add_task", no_training)
     assert main(["leave-one-out", "--cache", str(cache), "--out", str(out), *TINY]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["seeds"] == report["seeds"]
+
+    # a fresh machine past its budget starts nothing and lists what is missing
+    assert main(["leave-one-out", "--cache", str(cache), "--out", str(tmp_path / "none"), *TINY,
+                 "--runs-dir", str(tmp_path / "fresh0"), "--budget-minutes", "0"]) == 0
+    nothing = json.loads((tmp_path / "none.json").read_text())
+    assert nothing["seeds"] == {} and nothing["targets"] == {} and len(nothing["missing"]) == 1 + 3
+    assert "no style has run yet" in (tmp_path / "none.md").read_text()
+
+    # ... and with --restore the published page alone gives the same page, training nothing
+    page = out.with_suffix(".json")
+    assert main(["leave-one-out", "--cache", str(cache), "--out", str(tmp_path / "again"), *TINY,
+                 "--runs-dir", str(tmp_path / "fresh1"), "--restore", str(page)]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["seeds"] == report["seeds"] and again["targets"] == report["targets"] and again["missing"] == []
+    assert len(again["runs"]) == 1 + 2 * 3
+    assert all(r["restored_from"] == str(page) for r in again["runs"].values())
+
+    # refused, naming the file, when its split of a seed is not this cache's
+    page.write_text(json.dumps({**report, "data": {"splits": {"0": "0" * 64}}}))
+    with pytest.raises(SystemExit) as exited:
+        main(["leave-one-out", "--cache", str(cache), "--out", str(tmp_path / "bad"), *TINY,
+              "--runs-dir", str(tmp_path / "fresh2"), "--restore", str(page)])
+    assert exited.value.code == 2 and "split of seed 0 differs" in capsys.readouterr().err
+    assert not (tmp_path / "fresh2" / "joint-all-s0").exists()
 
 
 def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

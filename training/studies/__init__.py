@@ -14,7 +14,7 @@ from mmserve.fileio import atomic_write_bytes
 from training.config import BackboneConfig, OptimConfig, SplitConfig
 from training.grouping import GroupingConfig
 from training.mmap_trainer import MultiTaskConfig, PromptSpec
-from training.runs import write_json
+from training.runs import to_jsonable, write_json
 
 
 @dataclass
@@ -81,6 +81,32 @@ def resumed(run_dir: Path, make: Callable[[], dict]) -> dict:
     rec = make()
     write_json(done, rec)
     return rec
+
+
+def read_published(path: Path, settings: dict, kind: str) -> dict:
+    """A study's published page (`<out>.json`) made with `settings`, else a ValueError naming the file and the
+    settings that differ (a page from other weights, styles or recipe must not seed these runs)."""
+    try:
+        published = json.loads(path.read_text())
+        theirs = published["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a {kind} page ({exc.__class__.__name__}: {exc})") from exc
+    want = to_jsonable(settings)
+    if theirs != want:
+        changed = sorted(k for k in set(theirs) | set(want) if theirs.get(k) != want.get(k))
+        raise ValueError(f"{path}: made with other settings (differs in {changed}); nothing restored")
+    return published
+
+
+def seed_runs(path: Path, runs: list[tuple[Path, dict]]) -> int:
+    """Write each (run dir, published result) as the run's result.json, marked restored from `path`, unless the
+    run is finished here (its own result wins); the number written."""
+    n = 0
+    for run_dir, result in runs:
+        if not (run_dir / "result.json").is_file():
+            write_json(run_dir / "result.json", {**result, "restored_from": str(path)})
+            n += 1
+    return n
 
 
 def study_parser(name: str, doc: str | None, out: str, recipe: Recipe | None = None) -> argparse.ArgumentParser:

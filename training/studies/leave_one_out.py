@@ -10,11 +10,14 @@ Per seed, on the results table's split (the same k-shot train draw and held-out 
 A style *agrees* when the tasks it shares a group with after add-task are the ones it shares a group with in the
 joint run of five (a new group agrees with being alone). Targets (issue 20): accuracy within 2 points of the
 joint run (mean over styles and seeds), agreement for at least 4 of 5 styles, add-task at least 10x faster than
-the joint run of five. Resumable: a run whose result.json exists is skipped.
+the joint run of five. Resumable: a run whose result.json exists is skipped, and `--budget-minutes` stops starting
+new runs (what is missing is listed; the targets read what has run). Restorable: `--restore docs/leave-one-out.json`
+seeds a fresh runs dir with the published page's finished runs (same settings and splits, or refused).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,8 +31,18 @@ from training.mmap_trainer import train_multitask
 from training.progress import log
 from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
-from training.splits import Split, write_split
-from training.studies import Recipe, StudyOptions, header, recipe_of, resumed, study_parser, write_outputs
+from training.splits import Split, split_digest, write_split
+from training.studies import (
+    Recipe,
+    StudyOptions,
+    header,
+    read_published,
+    recipe_of,
+    resumed,
+    seed_runs,
+    study_parser,
+    write_outputs,
+)
 
 ACCURACY_POINTS = 2.0  # target: the added style within this many points of the joint run
 AGREE_AT_LEAST = 4  # target: styles (of 5) whose group agrees
@@ -43,6 +56,8 @@ class StudyConfig(StudyOptions):
     out: str = "docs/leave-one-out"
     shots: int = 16
     recipe: Recipe = field(default_factory=Recipe)
+    budget_minutes: float | None = None
+    restore: str | None = None  # a published page (docs/leave-one-out.json): its finished runs seed the runs dir
 
 
 def subset(split: Split, tasks: list[str]) -> Split:
@@ -80,6 +95,9 @@ def _added(cfg: StudyConfig, backbone: Backbone, joint4: Path, split_file: Path,
         target = run_dir / "target-registry"
         if target.exists():
             shutil.rmtree(target)
+        if not (joint4 / "registry").is_dir():
+            raise ValueError(f"{joint4}: its result is here but not its registry, which add-task needs; remove "
+                             f"{joint4 / 'result.json'} to train it again")
         shutil.copytree(joint4 / "registry", target)
         like = cfg.run_config(split_file, run_dir / "run", cfg.shots, seed, cfg.recipe.optim(), cfg.recipe.prompt(),
                               GroupingConfig("auto"), run_dir.parent / "tensors")
@@ -96,28 +114,64 @@ def _added(cfg: StudyConfig, backbone: Backbone, joint4: Path, split_file: Path,
     return resumed(run_dir, run)
 
 
+def restore_study(path: Path, runs: Path, settings: dict, data: dict) -> int:
+    """Seed `runs` with a published page's finished runs: refused unless its settings are these and each seed's
+    split it ran has this cache's digest (items and image bytes). A four-style run comes only with its add-task
+    run (add-task needs the four-style registry, which a page does not hold). Runs already here win."""
+    published = read_published(path, settings, "leave-one-out")
+    finished = published.get("runs")
+    if not isinstance(finished, dict):
+        raise ValueError(f"{path}: keeps no finished runs (published before --restore); nothing restored")
+    for seed, digest in (published.get("data") or {}).get("splits", {}).items():
+        if seed in data["splits"] and data["splits"][seed] != digest:
+            raise ValueError(f"{path}: this cache's split of seed {seed} differs from the published one (digest "
+                             f"{data['splits'][seed][:12]} here, {digest[:12]} there); nothing restored")
+    n = seed_runs(path, [(runs / name, r) for name, r in finished.items()])
+    log(f"leave-one-out: restored {n} run(s) from {path}")
+    return n
+
+
 def run_study(cfg: StudyConfig) -> dict:
     """Every (seed, style): the joint run of five, the joint run of the other four, add-task; <out>.json/.md."""
+    t_start = time.time()
     backbone = load_backbone(BackboneConfig(cfg.model, cfg.pretrained, cfg.device).spec())
     styles = list(read_tasks(cfg.cache)["tasks"])
     settings = {"model": cfg.model, "backbone_fingerprint": backbone.fingerprint, "shots": cfg.shots,
                 "template": cfg.template, "recipe": asdict(cfg.recipe), "styles": styles}
     runs = resolve_runs_dir(cfg.runs_dir, cfg.cache, settings, root="leave-one-out")
+    splits = {seed: emoji_split(cfg.cache, cfg.shots, seed, styles) for seed in cfg.seeds}
+    data = {"splits": {str(seed): split_digest(split) for seed, split in splits.items()}}
+    if cfg.restore:
+        restore_study(Path(cfg.restore), runs, settings, data)
+    missing: list[str] = []
+
+    def may_run(*run_dirs: Path) -> bool:
+        """False (and listed as missing) when a run would start past the budget."""
+        if all((d / "result.json").is_file() for d in run_dirs) or cfg.budget_minutes is None or \
+                time.time() - t_start <= cfg.budget_minutes * 60:
+            return True
+        missing.extend(d.name for d in run_dirs if not (d / "result.json").is_file())
+        return False
+
     seeds: dict[str, dict] = {}
-    for seed in cfg.seeds:
-        split = emoji_split(cfg.cache, cfg.shots, seed, styles)
+    for seed, split in splits.items():
         files = {}
         for name, tasks in [("all", styles), *[(f"without-{s}", [t for t in styles if t != s]) for s in styles],
                             *[(f"only-{s}", [s]) for s in styles]]:
             files[name] = runs / "splits" / f"{name}-k{cfg.shots}-s{seed}.json"
             if not files[name].is_file():
                 write_split(files[name], subset(split, tasks))
+        if not may_run(runs / f"joint-all-s{seed}"):
+            missing.extend(f"joint-without-{s}-s{seed}, add-{s}-s{seed}" for s in styles)
+            continue
         log(f"leave-one-out: seed {seed}, joint run of all {len(styles)}")
         joint = _joint(cfg, backbone, files["all"], runs / f"joint-all-s{seed}", seed)
         per_style = {}
         for s in styles:
-            log(f"leave-one-out: seed {seed}, {s}: joint run of the other {len(styles) - 1}, then add-task")
             four_dir = runs / f"joint-without-{s}-s{seed}"
+            if not may_run(four_dir, runs / f"add-{s}-s{seed}"):
+                continue
+            log(f"leave-one-out: seed {seed}, {s}: joint run of the other {len(styles) - 1}, then add-task")
             four = _joint(cfg, backbone, files[f"without-{s}"], four_dir, seed)
             added = _added(cfg, backbone, four_dir, files[f"only-{s}"], runs / f"add-{s}-s{seed}", s, seed)
             want = mates(joint["groups"], s)
@@ -131,15 +185,28 @@ def run_study(cfg: StudyConfig) -> dict:
                             "add_wall_s": added["wall_s"], "four_wall_s": four["wall_s"],
                             "speedup": joint["wall_s"] / added["wall_s"]}
         seeds[str(seed)] = {"joint_wall_s": joint["wall_s"], "joint_groups": joint["groups"], "styles": per_style}
-    report = {"command": cfg.command, "settings": settings, "runs_dir": str(runs), "seeds": seeds,
+    report = {"command": cfg.command, "settings": settings, "data": data, "runs_dir": str(runs), "seeds": seeds,
+              "missing": missing, "runs": _finished(runs, seeds),
               "machine": describe_machine(machine_info(cfg.device)), "targets": targets(seeds)}
     write_outputs(cfg.out, report, to_markdown)
     return report
 
 
+def _finished(runs: Path, seeds: dict[str, dict]) -> dict[str, dict]:
+    """{run dir name: result} of the runs the page reports (each four-style run beside its add-task run), kept so
+    that `--restore` can seed a fresh runs dir."""
+    names = [f"joint-all-s{seed}" for seed in seeds]
+    names += [f"{kind}-{s}-s{seed}" for seed, sd in seeds.items() for s in sd["styles"]
+              for kind in ("joint-without", "add")]
+    return {n: json.loads((runs / n / "result.json").read_text()) for n in names}
+
+
 def targets(seeds: dict[str, dict]) -> dict:
-    """The three targets of issue 20, each with its value and MET / missed (agreement: in every seed)."""
+    """The three targets of issue 20, each with its value and MET / missed (agreement: in every seed); empty before
+    any style has run."""
     cells = [c for s in seeds.values() for c in s["styles"].values()]
+    if not cells:
+        return {}
     delta = sum(c["delta_points"] for c in cells) / len(cells)
     agree = [sum(c["agrees"] for c in s["styles"].values()) for s in seeds.values()]
     speed = sum(c["speedup"] for c in cells) / len(cells)
@@ -165,6 +232,8 @@ def to_markdown(report: dict) -> str:
              f"weight decay {r['weight_decay']}, {r['epochs']} epochs, b = {r['n_tokens']}, source "
              f"{r['source_rows']} x {r['source_cols']}",
              "- Accuracy: top-1 (%) on the style's held-out test identities. Mates: the tasks it shares a group with.",
+             f"- Missing: {len(report.get('missing', []))} run(s)" + (
+                 ": " + "; ".join(report["missing"][:20]) if report.get("missing") else ""),
              "", f"| seed | style | joint of {n} | added alone | Δ points | mates, joint of {n} | mates, added | "
              f"agrees | others grouped as in the joint of {n} | add-task s | joint of {n} s | speed-up |",
              "| ---: | --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"]
@@ -179,6 +248,8 @@ def to_markdown(report: dict) -> str:
         f"seed {seed}: " + " · ".join("{" + ", ".join(g) + "}" for g in sd["joint_groups"])
         for seed, sd in report["seeds"].items()), "", "| target | value | verdict |", "| --- | --- | --- |"]
     t = report["targets"]
+    if not t:
+        return "\n".join(lines + ["| (no style has run yet) | | |"]) + "\n"
     lines += [f"| {t['accuracy']['target']} | {t['accuracy']['value']:+.2f} points (mean added − joint) | "
               f"{_verdict(t['accuracy'])} |",
               f"| {t['agreement']['target']} | {', '.join(map(str, t['agreement']['value']))} (per seed) | "
@@ -191,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     """`mmserve-train leave-one-out`."""
     p = study_parser("leave-one-out", __doc__, StudyConfig.out, Recipe())
     p.add_argument("--shots", type=int, default=StudyConfig.shots)
+    p.add_argument("--budget-minutes", type=float, default=None, help="stop starting runs after this long")
+    p.add_argument("--restore", default=None, help="a published page (docs/leave-one-out.json): seed its runs")
     a = p.parse_args(argv)
-    cfg = StudyConfig.from_args(a, "leave-one-out", argv, shots=a.shots, recipe=recipe_of(a))
-    report = run_study(cfg)
+    cfg = StudyConfig.from_args(a, "leave-one-out", argv, shots=a.shots, recipe=recipe_of(a),
+                                budget_minutes=a.budget_minutes, restore=a.restore)
+    try:
+        report = run_study(cfg)
+    except ValueError as exc:
+        p.error(str(exc))
     print(to_markdown(report))
     return 0

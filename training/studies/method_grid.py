@@ -33,9 +33,19 @@ from training.progress import log
 from training.results.methods import CLASSIFY_METHODS, METHODS
 from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
-from training.runs import to_jsonable, write_json
+from training.runs import write_json
 from training.splits import read_split, split_digest, validation_split, write_split
-from training.studies import Recipe, StudyOptions, header, mean_std, resumed, study_parser, write_outputs
+from training.studies import (
+    Recipe,
+    StudyOptions,
+    header,
+    mean_std,
+    read_published,
+    resumed,
+    seed_runs,
+    study_parser,
+    write_outputs,
+)
 
 CHOOSE_SHOTS, CHOOSE_SEED = 16, 0
 
@@ -125,21 +135,17 @@ def restore_grid(path: Path, runs: Path, settings: dict, data: dict) -> dict:
     it recorded the digest restores on its settings alone, and the report says the data were not checked. A page
     that kept only a choice run's mean restores that (enough to choose). Runs already in `runs` win.
     """
+    published = read_published(path, settings, "method-grid")
     try:
-        published = json.loads(path.read_text())
-        pub_settings, chosen, tested = published["settings"], published["chosen"], published["tested"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a method-grid page ({exc.__class__.__name__}: {exc})") from exc
-    want = to_jsonable(settings)
-    if pub_settings != want:
-        changed = sorted(k for k in set(pub_settings) | set(want) if pub_settings.get(k) != want.get(k))
-        raise ValueError(f"{path}: made with other settings (differs in {changed}); nothing restored")
+        chosen, tested = published["chosen"], published["tested"]
+    except KeyError as exc:
+        raise ValueError(f"{path}: not a method-grid page (KeyError: {exc})") from exc
     checked = published.get("data") is not None
     if checked and published["data"] != data:
         raise ValueError(f"{path}: this cache's validation split differs from the published grid's "
                          f"(digest {data['validation_digest'][:12]} here, "
                          f"{published['data'].get('validation_digest', '?')[:12]} there); nothing restored")
-    points = {Point(**p).key: p for p in want["grid"]}
+    points = {Point(**p).key: p for p in published["settings"]["grid"]}
     todo = []
     for method, c in chosen.items():
         for key, mean in c["validation"].items():
@@ -149,11 +155,7 @@ def restore_grid(path: Path, runs: Path, settings: dict, data: dict) -> dict:
     for method, by_split in tested.items():
         for run in by_split.values():
             todo.append((runs / "test" / method / Point(**run["point"]).key / f"k{run['shots']}-s{run['seed']}", run))
-    n = 0
-    for where, run in todo:
-        if not (where / "result.json").is_file():
-            write_json(where / "result.json", {**run, "restored_from": str(path)})
-            n += 1
+    n = seed_runs(path, todo)
     log(f"method-grid: restored {n} run(s) from {path}" + ("" if checked else
         " (published before it recorded its data digest: restored on its settings alone, data not checked)"))
     record = {"from": str(path), "runs": n, "data_checked": checked}
