@@ -199,6 +199,36 @@ def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: P
     assert exited.value.code == 2 and f"{page}: not a method-grid page" in capsys.readouterr().err
 
 
+def test_method_grid_publishes_after_every_run_so_a_lost_machine_loses_only_the_run_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.studies.method_grid as grid_module
+    from training.studies.method_grid import GridConfig, Point, run_grid
+
+    real, started = grid_module.train_multitask, []
+
+    def machine_lost_on_the_third_run(*args, **kwargs):
+        started.append(1)
+        if len(started) == 3:
+            raise KeyboardInterrupt  # the session's machine goes away mid-run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "train_multitask", machine_lost_on_the_third_run)
+    cache = write_toy_cache(tmp_path / "cache", classes=COLOURS, per_class=8)
+    grid = (Point("sgd", 0.0035, 1, "small"), Point("adamw", 0.05, 1, "small"))
+    cfg = GridConfig(str(cache), "none", TINY_MODEL, str(tmp_path / "methods"), methods=("visual-only",),
+                     seeds=(0,), shots=(2,), grid=grid, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(cfg)
+    page = json.loads((tmp_path / "methods.json").read_text())  # written after the second run, before the third
+    c = page["chosen"]["visual-only"]
+    assert c["complete"] and sorted(c["runs"]) == sorted(p.key for p in grid)
+    assert page["tested"] == {} and page["missing"] == [f"test visual-only at {c['best']}, k=2 seed=0"]
+
+    started.clear()
+    fresh = run_grid(replace(cfg, runs_dir=str(tmp_path / "fresh"), restore=str(tmp_path / "methods.json")))
+    assert len(started) == 1 and fresh["missing"] == [] and list(fresh["tested"]["visual-only"]) == ["2/0"]
+
+
 def test_without_takes_a_task_out_of_a_partition() -> None:
     assert loo.without([["a", "b"], ["c"]], "c") == [["a", "b"]]
     assert loo.without([["b", "a"], ["c", "d"]], "a") == [["b"], ["c", "d"]]

@@ -13,7 +13,8 @@
 3. `<out>.md` / `<out>.json`: per shots, each method's best-recipe row beside its paper-recipe row (read from
    `--paper`, the published results table), then every grid point's validation accuracy.
 Resumable: one run dir per (phase, method, point[, shots, seed]); a run whose result.json exists is skipped, and
-`--budget-minutes` stops starting new runs (what is missing is listed). Restorable: `--restore docs/methods.json`
+`--budget-minutes` stops starting new runs (what is missing is listed); the page is rewritten after every
+finished run. Restorable: `--restore docs/methods.json`
 seeds a fresh runs dir with the published page's finished runs (same settings and validation data, or refused).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -164,72 +166,93 @@ def restore_grid(path: Path, runs: Path, settings: dict, data: dict) -> dict:
     return record
 
 
+def _sweep(cfg: GridConfig, backbone: Backbone, runs: Path, val: Path, styles: list[str], may_train: Callable[[], bool],
+           after_run: Callable[[], None]) -> tuple[dict[str, dict], dict[str, dict[str, dict]], list[str]]:
+    """One pass over the grid: a finished run is read; a missing one trains when `may_train()` (then `after_run()`
+    is called), else it is listed missing. Returns (chosen, tested, missing)."""
+    missing: list[str] = []
+
+    def one(label: str, method: str, point: Point, split: Callable[[], Path], where: Path, shots: int,
+            seed: int) -> dict | None:
+        if (where / "result.json").is_file():
+            return json.loads((where / "result.json").read_text())
+        if not may_train():
+            missing.append(label)
+            return None
+        log(f"method-grid: {label}")
+        result = train_point(cfg, backbone, method, point, split(), where, shots, seed, runs / "tensors")
+        after_run()
+        return result
+
+    chosen: dict[str, dict] = {}
+    for method in dict.fromkeys(chooser(m) for m in cfg.methods):
+        done = {}
+        for point in sorted(cfg.grid, key=lambda p: p.epochs):  # the short runs first: a budget stops on long ones
+            r = one(f"choose {method} {point.key}", method, point, lambda: val,
+                    runs / "choose" / method / point.key / "run", CHOOSE_SHOTS, CHOOSE_SEED)
+            if r is not None:
+                done[point.key] = r
+        scores = {k: r["mean"] for k, r in done.items()}
+        complete = len(scores) == len(cfg.grid)
+        chosen[method] = {"validation": scores, "best": max(scores, key=scores.get) if complete else None,
+                          "complete": complete, "runs": done}
+    tested: dict[str, dict[str, dict]] = {}
+    points = {p.key: p for p in cfg.grid}
+    for method in cfg.methods:
+        of = chooser(method)
+        best = chosen[of]["best"]
+        if best is None:
+            missing.append(f"test {method} ({of}'s choice is incomplete)")
+            continue
+        for shots, seed in itertools.product(cfg.shots, cfg.seeds):
+            def split(s: int = shots, d: int = seed) -> Path:
+                path = runs / "splits" / f"classify-k{s}-s{d}.json"
+                if not path.is_file():
+                    write_split(path, emoji_split(cfg.cache, s, d, styles))
+                return path
+
+            r = one(f"test {method} at {best}, k={shots} seed={seed}", method, points[best], split,
+                    runs / "test" / method / best / f"k{shots}-s{seed}", shots, seed)
+            if r is not None:
+                tested.setdefault(method, {})[f"{shots}/{seed}"] = r
+    return chosen, tested, missing
+
+
 def run_grid(cfg: GridConfig) -> dict:
-    """Choose each method's point on validation, test it over shots and seeds; write <out>.json and <out>.md."""
+    """Choose each method's point on validation, test it over shots and seeds; write <out>.json and <out>.md.
+
+    The page is rewritten after every run that finishes, so a machine lost mid-grid loses only the run in flight
+    (and `--restore <out>.json` picks up from there)."""
     t_start = time.time()
     backbone = load_backbone(BackboneConfig(cfg.model, cfg.pretrained, cfg.device).spec())
     styles = list(read_tasks(cfg.cache)["tasks"])
     settings = {"model": cfg.model, "backbone_fingerprint": backbone.fingerprint, "template": cfg.template,
                 "styles": styles, "grid": [asdict(p) for p in cfg.grid]}
     runs = resolve_runs_dir(cfg.runs_dir, cfg.cache, settings, root="method-grid")
-    missing: list[str] = []
-
-    def over_budget() -> bool:
-        return cfg.budget_minutes is not None and time.time() - t_start > cfg.budget_minutes * 60
-
-    def split_file(name: str, make) -> Path:
-        path = runs / "splits" / f"{name}.json"
-        if not path.is_file():
-            write_split(path, make())
-        return path
-
-    val = split_file("validation", lambda: validation_split(emoji_split(cfg.cache, CHOOSE_SHOTS, CHOOSE_SEED, styles)))
+    val = runs / "splits" / "validation.json"
+    if not val.is_file():
+        write_split(val, validation_split(emoji_split(cfg.cache, CHOOSE_SHOTS, CHOOSE_SEED, styles)))
     data = {"validation_digest": split_digest(read_split(val))}
     if cfg.restore:
         restore_grid(Path(cfg.restore), runs, settings, data)
     restored = json.loads((runs / "restored.json").read_text()) if (runs / "restored.json").is_file() else None
-    chosen: dict[str, dict] = {}
-    for method in dict.fromkeys(chooser(m) for m in cfg.methods):
-        scores, done = {}, {}
-        for point in sorted(cfg.grid, key=lambda p: p.epochs):  # the short runs first: a budget stops on long ones
-            where = runs / "choose" / method / point.key / "run"
-            if not (where / "result.json").is_file() and over_budget():
-                missing.append(f"choose {method} {point.key}")
-                continue
-            log(f"method-grid: choose {method} at {point.key}")
-            done[point.key] = train_point(cfg, backbone, method, point, val, where, CHOOSE_SHOTS, CHOOSE_SEED,
-                                          runs / "tensors")
-            scores[point.key] = done[point.key]["mean"]
-        complete = len(scores) == len(cfg.grid)
-        best = max(scores, key=scores.get) if complete else None
-        chosen[method] = {"validation": scores, "best": best, "complete": complete, "runs": done}
-    tested: dict[str, dict[str, dict]] = {}
-    points = {p.key: p for p in cfg.grid}
-    for method in cfg.methods:
-        of = chooser(method)
-        c = chosen[of]
-        if c["best"] is None:
-            missing += [f"test {method} ({of}'s choice is incomplete)"]
-            continue
-        for shots, seed in itertools.product(cfg.shots, cfg.seeds):
-            where = runs / "test" / method / c["best"] / f"k{shots}-s{seed}"
-            if not (where / "result.json").is_file() and over_budget():
-                missing.append(f"test {method} k={shots} seed={seed}")
-                continue
-            log(f"method-grid: test {method} at {c['best']}, k={shots} seed={seed}")
-            split = split_file(f"classify-k{shots}-s{seed}", lambda s=shots, d=seed: emoji_split(cfg.cache, s, d,
-                                                                                              styles))
-            tested.setdefault(method, {})[f"{shots}/{seed}"] = train_point(
-                cfg, backbone, method, points[c["best"]], split, where, shots, seed, runs / "tensors")
-    paper = json.loads(Path(cfg.paper).read_text()) if cfg.paper else None
-    report = {"command": cfg.command, "settings": settings, "data": data, "restored": restored,
-              "runs_dir": str(runs), "chosen": chosen,
-              "methods": list(cfg.methods),
-              "tested": tested, "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds),
-              "machine": describe_machine(machine_info(cfg.device)), "paper": _paper_rows(paper),
-              "wall_s": round(time.time() - t_start, 1)}
-    write_outputs(cfg.out, report, to_markdown)
-    return report
+    paper = _paper_rows(json.loads(Path(cfg.paper).read_text()) if cfg.paper else None)
+    machine = describe_machine(machine_info(cfg.device))
+
+    def publish() -> dict:
+        chosen, tested, missing = _sweep(cfg, backbone, runs, val, styles, lambda: False, lambda: None)
+        report = {"command": cfg.command, "settings": settings, "data": data, "restored": restored,
+                  "runs_dir": str(runs), "chosen": chosen, "methods": list(cfg.methods), "tested": tested,
+                  "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds), "machine": machine,
+                  "paper": paper, "wall_s": round(time.time() - t_start, 1)}
+        write_outputs(cfg.out, report, to_markdown)
+        return report
+
+    def may_train() -> bool:  # --budget-minutes stops starting runs, never a run in flight
+        return cfg.budget_minutes is None or time.time() - t_start <= cfg.budget_minutes * 60
+
+    _sweep(cfg, backbone, runs, val, styles, may_train, publish)
+    return publish()
 
 
 def _paper_rows(published: dict | None) -> dict[str, dict[str, float]]:
