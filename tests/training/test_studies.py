@@ -125,6 +125,41 @@ def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(
     assert not (tmp_path / "fresh2" / "joint-all-s0").exists()
 
 
+def test_leave_one_out_publishes_after_every_style_so_a_lost_machine_loses_only_the_one_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_add, real_joint, adds, joints, lost = loo.add_task, loo.train_multitask, [], [], []
+
+    def machine_lost_in_the_second_add(*args, **kwargs):
+        adds.append(1)
+        if len(adds) == 2 and not lost:
+            lost.append(1)
+            raise KeyboardInterrupt  # the session's machine goes away mid-run
+        return real_add(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        joints.append(1)
+        return real_joint(*args, **kwargs)
+
+    monkeypatch.setattr(loo, "add_task", machine_lost_in_the_second_add)
+    monkeypatch.setattr(loo, "train_multitask", counted)
+    cache = write_toy_cache(tmp_path / "cache", styles=("noto", "twemoji", "fluent_mono"))
+    out = tmp_path / "loo"
+    with pytest.raises(KeyboardInterrupt):
+        main(["leave-one-out", "--cache", str(cache), "--out", str(out), *TINY])
+    page = json.loads(out.with_suffix(".json").read_text())  # written after the first style, before the second
+    first = list(page["seeds"]["0"]["styles"])
+    assert len(first) == 1 and sorted(page["runs"]) == sorted(["joint-all-s0", f"joint-without-{first[0]}-s0",
+                                                               f"add-{first[0]}-s0"])
+
+    adds.clear()
+    joints.clear()
+    assert main(["leave-one-out", "--cache", str(cache), "--out", str(tmp_path / "fresh"), *TINY,
+                 "--runs-dir", str(tmp_path / "fresh-runs"), "--restore", str(out.with_suffix(".json"))]) == 0
+    fresh = json.loads((tmp_path / "fresh.json").read_text())
+    assert len(adds) == 2 and len(joints) == 2 and fresh["missing"] == []  # only the two styles not yet published
+    assert fresh["seeds"]["0"]["styles"][first[0]] == page["seeds"]["0"]["styles"][first[0]]
+
+
 def test_method_grid_chooses_on_validation_then_tests_the_best_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture) -> None:
     import training.studies.method_grid as grid_module

@@ -11,7 +11,8 @@ A style *agrees* when the tasks it shares a group with after add-task are the on
 joint run of five (a new group agrees with being alone). Targets (issue 20): accuracy within 2 points of the
 joint run (mean over styles and seeds), agreement for at least 4 of 5 styles, add-task at least 10x faster than
 the joint run of five. Resumable: a run whose result.json exists is skipped, and `--budget-minutes` stops starting
-new runs (what is missing is listed; the targets read what has run). Restorable: `--restore docs/leave-one-out.json`
+new runs (what is missing is listed; the targets read what has run); the page is rewritten after each joint run
+and each style's (four-style run, add-task) pair. Restorable: `--restore docs/leave-one-out.json`
 seeds a fresh runs dir with the published page's finished runs (same settings and splits, or refused).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,37 +145,68 @@ def run_study(cfg: StudyConfig) -> dict:
     data = {"splits": {str(seed): split_digest(split) for seed, split in splits.items()}}
     if cfg.restore:
         restore_study(Path(cfg.restore), runs, settings, data)
+    files: dict[int, dict[str, Path]] = {}
+    for seed, split in splits.items():
+        for name, tasks in [("all", styles), *[(f"without-{s}", [t for t in styles if t != s]) for s in styles],
+                            *[(f"only-{s}", [s]) for s in styles]]:
+            files.setdefault(seed, {})[name] = runs / "splits" / f"{name}-k{cfg.shots}-s{seed}.json"
+            if not files[seed][name].is_file():
+                write_split(files[seed][name], subset(split, tasks))
+    machine = describe_machine(machine_info(cfg.device))
+
+    def publish() -> dict:
+        seeds, missing = _sweep(cfg, backbone, runs, files, styles, lambda: False, lambda: None)
+        report = {"command": cfg.command, "settings": settings, "data": data, "runs_dir": str(runs),
+                  "seeds": seeds, "missing": missing, "runs": _finished(runs, seeds), "machine": machine,
+                  "targets": targets(seeds)}
+        write_outputs(cfg.out, report, to_markdown)
+        return report
+
+    def may_start() -> bool:  # --budget-minutes stops starting runs, never a run in flight
+        return cfg.budget_minutes is None or time.time() - t_start <= cfg.budget_minutes * 60
+
+    _sweep(cfg, backbone, runs, files, styles, may_start, publish)
+    return publish()
+
+
+def _sweep(cfg: StudyConfig, backbone: Backbone, runs: Path, files: dict[int, dict[str, Path]], styles: list[str],
+           may_start: Callable[[], bool], after_run: Callable[[], None]) -> tuple[dict[str, dict], list[str]]:
+    """One pass over (seed, style): finished runs are read; missing ones train when `may_start()` (then
+    `after_run()` is called, so the page follows every finished step), else are listed. Returns (seeds, missing)."""
     missing: list[str] = []
 
     def may_run(*run_dirs: Path) -> bool:
-        """False (and listed as missing) when a run would start past the budget."""
-        if all((d / "result.json").is_file() for d in run_dirs) or cfg.budget_minutes is None or \
-                time.time() - t_start <= cfg.budget_minutes * 60:
+        """True when every run is finished or may start now; else False, and the unfinished ones are listed."""
+        if all((d / "result.json").is_file() for d in run_dirs) or may_start():
             return True
         missing.extend(d.name for d in run_dirs if not (d / "result.json").is_file())
         return False
 
+    def trains(*run_dirs: Path) -> bool:
+        return not all((d / "result.json").is_file() for d in run_dirs)
+
     seeds: dict[str, dict] = {}
-    for seed, split in splits.items():
-        files = {}
-        for name, tasks in [("all", styles), *[(f"without-{s}", [t for t in styles if t != s]) for s in styles],
-                            *[(f"only-{s}", [s]) for s in styles]]:
-            files[name] = runs / "splits" / f"{name}-k{cfg.shots}-s{seed}.json"
-            if not files[name].is_file():
-                write_split(files[name], subset(split, tasks))
-        if not may_run(runs / f"joint-all-s{seed}"):
+    for seed, f in files.items():
+        all_dir = runs / f"joint-all-s{seed}"
+        if not may_run(all_dir):
             missing.extend(f"joint-without-{s}-s{seed}, add-{s}-s{seed}" for s in styles)
             continue
-        log(f"leave-one-out: seed {seed}, joint run of all {len(styles)}")
-        joint = _joint(cfg, backbone, files["all"], runs / f"joint-all-s{seed}", seed)
+        fresh = trains(all_dir)
+        if fresh:
+            log(f"leave-one-out: seed {seed}, joint run of all {len(styles)}")
+        joint = _joint(cfg, backbone, f["all"], all_dir, seed)
+        if fresh:
+            after_run()
         per_style = {}
         for s in styles:
-            four_dir = runs / f"joint-without-{s}-s{seed}"
-            if not may_run(four_dir, runs / f"add-{s}-s{seed}"):
+            four_dir, add_dir = runs / f"joint-without-{s}-s{seed}", runs / f"add-{s}-s{seed}"
+            if not may_run(four_dir, add_dir):
                 continue
-            log(f"leave-one-out: seed {seed}, {s}: joint run of the other {len(styles) - 1}, then add-task")
-            four = _joint(cfg, backbone, files[f"without-{s}"], four_dir, seed)
-            added = _added(cfg, backbone, four_dir, files[f"only-{s}"], runs / f"add-{s}-s{seed}", s, seed)
+            fresh = trains(four_dir, add_dir)
+            if fresh:
+                log(f"leave-one-out: seed {seed}, {s}: joint run of the other {len(styles) - 1}, then add-task")
+            four = _joint(cfg, backbone, f[f"without-{s}"], four_dir, seed)
+            added = _added(cfg, backbone, four_dir, f[f"only-{s}"], add_dir, s, seed)
             want = mates(joint["groups"], s)
             per_style[s] = {"joint_accuracy": joint["accuracy"][s], "added_accuracy": added["accuracy"],
                             "delta_points": 100 * (added["accuracy"] - joint["accuracy"][s]),
@@ -184,12 +217,10 @@ def run_study(cfg: StudyConfig) -> dict:
                             "four_as_in_joint": without(four["groups"], s) == without(joint["groups"], s),
                             "add_wall_s": added["wall_s"], "four_wall_s": four["wall_s"],
                             "speedup": joint["wall_s"] / added["wall_s"]}
+            if fresh:
+                after_run()  # the page now holds this style: a published four-style run comes with its add run
         seeds[str(seed)] = {"joint_wall_s": joint["wall_s"], "joint_groups": joint["groups"], "styles": per_style}
-    report = {"command": cfg.command, "settings": settings, "data": data, "runs_dir": str(runs), "seeds": seeds,
-              "missing": missing, "runs": _finished(runs, seeds),
-              "machine": describe_machine(machine_info(cfg.device)), "targets": targets(seeds)}
-    write_outputs(cfg.out, report, to_markdown)
-    return report
+    return seeds, missing
 
 
 def _finished(runs: Path, seeds: dict[str, dict]) -> dict[str, dict]:
