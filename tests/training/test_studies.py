@@ -264,6 +264,29 @@ def test_method_grid_publishes_after_every_run_so_a_lost_machine_loses_only_the_
     assert len(started) == 1 and fresh["missing"] == [] and list(fresh["tested"]["visual-only"]) == ["2/0"]
 
 
+def test_method_grid_tests_seed_major_so_a_budget_leaves_every_method_a_comparable_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.studies.method_grid as grid_module
+    from training.studies.method_grid import GridConfig, Point
+
+    order: list[tuple[str, int, int]] = []
+
+    def fake_point(cfg, backbone, method, point, split_file, run_dir, shots, seed, tensors):
+        order.append((method, shots, seed))
+        return {"mean": {"sgd": 0.2, "adamw": 0.3}[point.optimizer]}
+
+    monkeypatch.setattr(grid_module, "train_point", fake_point)
+    monkeypatch.setattr(grid_module, "emoji_split", lambda *a: None)
+    monkeypatch.setattr(grid_module, "write_split", lambda *a: None)
+    grid = (Point("sgd", 0.0035, 1, "small"), Point("adamw", 0.05, 1, "small"))
+    cfg = GridConfig(str(tmp_path), "none", TINY_MODEL, methods=("visual-only", "mmap-all"), seeds=(0, 1),
+                     shots=(4, 16), grid=grid)
+    chosen, tested, missing = grid_module._sweep(cfg, None, tmp_path, tmp_path / "val.json", ["a"], lambda: True,
+                                                 lambda: None)
+    assert missing == [] and chosen["mmap-full"]["best"] == grid[1].key
+    assert order[4:] == [(m, k, seed) for seed in (0, 1) for m in ("visual-only", "mmap-all") for k in (4, 16)]
+
+
 def test_without_takes_a_task_out_of_a_partition() -> None:
     assert loo.without([["a", "b"], ["c"]], "c") == [["a", "b"]]
     assert loo.without([["b", "a"], ["c", "d"]], "a") == [["b"], ["c", "d"]]

@@ -198,23 +198,24 @@ def _sweep(cfg: GridConfig, backbone: Backbone, runs: Path, val: Path, styles: l
                           "complete": complete, "runs": done}
     tested: dict[str, dict[str, dict]] = {}
     points = {p.key: p for p in cfg.grid}
-    for method in cfg.methods:
-        of = chooser(method)
-        best = chosen[of]["best"]
-        if best is None:
-            missing.append(f"test {method} ({of}'s choice is incomplete)")
-            continue
-        for shots, seed in itertools.product(cfg.shots, cfg.seeds):
-            def split(s: int = shots, d: int = seed) -> Path:
-                path = runs / "splits" / f"classify-k{s}-s{d}.json"
-                if not path.is_file():
-                    write_split(path, emoji_split(cfg.cache, s, d, styles))
-                return path
+    incomplete = [m for m in cfg.methods if chosen[chooser(m)]["best"] is None]
+    missing += [f"test {m} ({chooser(m)}'s choice is incomplete)" for m in incomplete]
+    # seed-major: every method's first seed (both shots) before any method's second, so that a budget that stops
+    # part-way leaves a table where every chosen method has a comparable row
+    for seed, method, shots in itertools.product(cfg.seeds, [m for m in cfg.methods if m not in incomplete],
+                                                 cfg.shots):
+        best = chosen[chooser(method)]["best"]
 
-            r = one(f"test {method} at {best}, k={shots} seed={seed}", method, points[best], split,
-                    runs / "test" / method / best / f"k{shots}-s{seed}", shots, seed)
-            if r is not None:
-                tested.setdefault(method, {})[f"{shots}/{seed}"] = r
+        def split(s: int = shots, d: int = seed) -> Path:
+            path = runs / "splits" / f"classify-k{s}-s{d}.json"
+            if not path.is_file():
+                write_split(path, emoji_split(cfg.cache, s, d, styles))
+            return path
+
+        r = one(f"test {method} at {best}, k={shots} seed={seed}", method, points[best], split,
+                runs / "test" / method / best / f"k{shots}-s{seed}", shots, seed)
+        if r is not None:
+            tested.setdefault(method, {})[f"{shots}/{seed}"] = r
     return chosen, tested, missing
 
 
