@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,3 +155,21 @@ def write_outputs(out: str, report: dict, markdown: Callable[[dict], str]) -> No
     path = Path(out)
     write_json(path.with_suffix(".json"), report)
     atomic_write_bytes(path.with_suffix(".md"), markdown(report).encode())
+
+
+def sweep_and_publish(sweep: Callable[[Callable[[], bool], Callable[[], None]], dict], out: str,
+                      markdown: Callable[[dict], str], budget_minutes: float | None, t_start: float) -> dict:
+    """Run a study's `sweep(may_start, after_run)`, rewriting its page after every run that finishes; the page.
+
+    `sweep` reads finished runs, trains a missing one while `may_start()` (then calls `after_run()`) and returns
+    the report; with `may_start` always False it only reads. `budget_minutes`, counted from `t_start` (the
+    command's start), stops starting runs, never one in flight. A machine lost mid-study so loses only the run in
+    flight (`--restore <out>.json` picks up there).
+    """
+    def publish() -> dict:
+        report = sweep(lambda: False, lambda: None)
+        write_outputs(out, report, markdown)
+        return report
+
+    sweep(lambda: budget_minutes is None or time.time() - t_start <= budget_minutes * 60, publish)
+    return publish()

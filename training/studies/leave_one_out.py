@@ -43,7 +43,7 @@ from training.studies import (
     resumed,
     seed_runs,
     study_parser,
-    write_outputs,
+    sweep_and_publish,
 )
 
 ACCURACY_POINTS = 2.0  # target: the added style within this many points of the joint run
@@ -154,19 +154,13 @@ def run_study(cfg: StudyConfig) -> dict:
                 write_split(files[seed][name], subset(split, tasks))
     machine = describe_machine(machine_info(cfg.device))
 
-    def publish() -> dict:
-        seeds, missing = _sweep(cfg, backbone, runs, files, styles, lambda: False, lambda: None)
-        report = {"command": cfg.command, "settings": settings, "data": data, "runs_dir": str(runs),
-                  "seeds": seeds, "missing": missing, "runs": _finished(runs, seeds), "machine": machine,
-                  "targets": targets(seeds)}
-        write_outputs(cfg.out, report, to_markdown)
-        return report
+    def sweep(may_start: Callable[[], bool], after_run: Callable[[], None]) -> dict:
+        seeds, missing = _sweep(cfg, backbone, runs, files, styles, may_start, after_run)
+        return {"command": cfg.command, "settings": settings, "data": data, "runs_dir": str(runs),
+                "seeds": seeds, "missing": missing, "runs": _finished(runs, seeds), "machine": machine,
+                "targets": targets(seeds)}
 
-    def may_start() -> bool:  # --budget-minutes stops starting runs, never a run in flight
-        return cfg.budget_minutes is None or time.time() - t_start <= cfg.budget_minutes * 60
-
-    _sweep(cfg, backbone, runs, files, styles, may_start, publish)
-    return publish()
+    return sweep_and_publish(sweep, cfg.out, to_markdown, cfg.budget_minutes, t_start)
 
 
 def _sweep(cfg: StudyConfig, backbone: Backbone, runs: Path, files: dict[int, dict[str, Path]], styles: list[str],
@@ -175,15 +169,15 @@ def _sweep(cfg: StudyConfig, backbone: Backbone, runs: Path, files: dict[int, di
     `after_run()` is called, so the page follows every finished step), else are listed. Returns (seeds, missing)."""
     missing: list[str] = []
 
-    def may_run(*run_dirs: Path) -> bool:
-        """True when every run is finished or may start now; else False, and the unfinished ones are listed."""
-        if all((d / "result.json").is_file() for d in run_dirs) or may_start():
-            return True
-        missing.extend(d.name for d in run_dirs if not (d / "result.json").is_file())
-        return False
-
     def trains(*run_dirs: Path) -> bool:
         return not all((d / "result.json").is_file() for d in run_dirs)
+
+    def may_run(*run_dirs: Path) -> bool:
+        """True when every run is finished or may start now; else False, and the unfinished ones are listed."""
+        if not trains(*run_dirs) or may_start():
+            return True
+        missing.extend(d.name for d in run_dirs if trains(d))
+        return False
 
     seeds: dict[str, dict] = {}
     for seed, f in files.items():

@@ -33,7 +33,7 @@ from training.grouping import GroupingConfig
 from training.mmap_trainer import train_multitask
 from training.progress import log
 from training.results.methods import CLASSIFY_METHODS, METHODS
-from training.results.rundir import describe_machine, machine_info, resolve_runs_dir
+from training.results.rundir import describe_machine, machine_info, read_result, resolve_runs_dir
 from training.results.tasks import emoji_split, read_tasks
 from training.runs import write_json
 from training.splits import read_split, split_digest, validation_split, write_split
@@ -46,7 +46,7 @@ from training.studies import (
     resumed,
     seed_runs,
     study_parser,
-    write_outputs,
+    sweep_and_publish,
 )
 
 CHOOSE_SHOTS, CHOOSE_SEED = 16, 0
@@ -166,17 +166,17 @@ def restore_grid(path: Path, runs: Path, settings: dict, data: dict) -> dict:
     return record
 
 
-def _sweep(cfg: GridConfig, backbone: Backbone, runs: Path, val: Path, styles: list[str], may_train: Callable[[], bool],
+def _sweep(cfg: GridConfig, backbone: Backbone, runs: Path, val: Path, styles: list[str], may_start: Callable[[], bool],
            after_run: Callable[[], None]) -> tuple[dict[str, dict], dict[str, dict[str, dict]], list[str]]:
-    """One pass over the grid: a finished run is read; a missing one trains when `may_train()` (then `after_run()`
+    """One pass over the grid: a finished run is read; a missing one trains when `may_start()` (then `after_run()`
     is called), else it is listed missing. Returns (chosen, tested, missing)."""
     missing: list[str] = []
 
     def one(label: str, method: str, point: Point, split: Callable[[], Path], where: Path, shots: int,
             seed: int) -> dict | None:
-        if (where / "result.json").is_file():
-            return json.loads((where / "result.json").read_text())
-        if not may_train():
+        if (finished := read_result(where)) is not None:
+            return finished
+        if not may_start():
             missing.append(label)
             return None
         log(f"method-grid: {label}")
@@ -220,10 +220,8 @@ def _sweep(cfg: GridConfig, backbone: Backbone, runs: Path, val: Path, styles: l
 
 
 def run_grid(cfg: GridConfig) -> dict:
-    """Choose each method's point on validation, test it over shots and seeds; write <out>.json and <out>.md.
-
-    The page is rewritten after every run that finishes, so a machine lost mid-grid loses only the run in flight
-    (and `--restore <out>.json` picks up from there)."""
+    """Choose each method's point on validation, test it over shots and seeds; write <out>.json and <out>.md after
+    every run that finishes (`sweep_and_publish`)."""
     t_start = time.time()
     backbone = load_backbone(BackboneConfig(cfg.model, cfg.pretrained, cfg.device).spec())
     styles = list(read_tasks(cfg.cache)["tasks"])
@@ -240,20 +238,14 @@ def run_grid(cfg: GridConfig) -> dict:
     paper = _paper_rows(json.loads(Path(cfg.paper).read_text()) if cfg.paper else None)
     machine = describe_machine(machine_info(cfg.device))
 
-    def publish() -> dict:
-        chosen, tested, missing = _sweep(cfg, backbone, runs, val, styles, lambda: False, lambda: None)
-        report = {"command": cfg.command, "settings": settings, "data": data, "restored": restored,
-                  "runs_dir": str(runs), "chosen": chosen, "methods": list(cfg.methods), "tested": tested,
-                  "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds), "machine": machine,
-                  "paper": paper, "wall_s": round(time.time() - t_start, 1)}
-        write_outputs(cfg.out, report, to_markdown)
-        return report
+    def sweep(may_start: Callable[[], bool], after_run: Callable[[], None]) -> dict:
+        chosen, tested, missing = _sweep(cfg, backbone, runs, val, styles, may_start, after_run)
+        return {"command": cfg.command, "settings": settings, "data": data, "restored": restored,
+                "runs_dir": str(runs), "chosen": chosen, "methods": list(cfg.methods), "tested": tested,
+                "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds), "machine": machine,
+                "paper": paper, "wall_s": round(time.time() - t_start, 1)}
 
-    def may_train() -> bool:  # --budget-minutes stops starting runs, never a run in flight
-        return cfg.budget_minutes is None or time.time() - t_start <= cfg.budget_minutes * 60
-
-    _sweep(cfg, backbone, runs, val, styles, may_train, publish)
-    return publish()
+    return sweep_and_publish(sweep, cfg.out, to_markdown, cfg.budget_minutes, t_start)
 
 
 def _paper_rows(published: dict | None) -> dict[str, dict[str, float]]:
