@@ -145,6 +145,42 @@ def test_a_grouping_scored_another_way_is_set_aside_with_the_cells_trained_on_it
     assert (runs / "classify" / "mmap-full" / "k2-s0" / "result.json").is_file()
 
 
+def test_the_table_is_written_after_every_cell_so_a_lost_machine_loses_only_the_cell_in_flight(
+        toy_cache: Path, tmp_path: Path, monkeypatch):
+    import training.results.cells as results  # where the cells call the trainers
+
+    real_linear = results.run_linear
+
+    def machine_lost(*args, **kwargs):
+        raise KeyboardInterrupt  # the session's machine goes away mid-run
+
+    monkeypatch.setattr(results, "run_linear", machine_lost)
+    out = tmp_path / "r"
+    argv = ["results", "--cache", str(toy_cache), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+            "--methods", "zero-shot", "mmap-full", "image-only", *TINY]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    page = json.loads(out.with_suffix(".json").read_text())  # written after mmap-full, before image-only
+    assert "mmap-full k=2 seed=0" not in page["missing"] and "image-only k=2 seed=0" in page["missing"]
+    assert page["session"]["ran"] == ["zero-shot", "mmap-full k=2 seed=0"]
+    assert "| MmAP" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a published run was trained again")
+
+    monkeypatch.setattr(results, "run_linear", real_linear)
+    monkeypatch.setattr(results, "train_multitask", must_not_train)
+    fresh = tmp_path / "fresh"
+    argv2 = [*argv, "--restore", str(out.with_suffix(".json"))]
+    argv2[argv2.index(str(out))] = str(fresh)
+    argv2[argv2.index(str(tmp_path / "runs"))] = str(tmp_path / "fresh-runs")
+    assert main(argv2) == 0
+    again = json.loads(fresh.with_suffix(".json").read_text())
+    assert again["session"]["ran"] == ["zero-shot", "image-only k=2 seed=0"]  # zero-shot: the data check
+    assert again["session"]["skipped"] == ["mmap-full k=2 seed=0"]
+    assert not {"mmap-full k=2 seed=0", "image-only k=2 seed=0"} & set(again["missing"])
+
+
 def _ship_report(settings: dict, styles: list[str]) -> dict:
     """A ship.json as `ship` writes it (only the keys the table reads): one group, a fusion entry."""
     evals = {t: {"kind": "classify", "score": 0.25 + 0.1 * i, "trainable_params": 100, "params_used": 130}

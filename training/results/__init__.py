@@ -7,7 +7,8 @@ writes `<out>.md` (Markdown tables: the command, machine, wall time, and every c
 `<out>.json` (every number behind them) and `<out>.png` (accuracy vs shots per method).
 
 Resumable: every (method, shots, seed) is one run directory under the runs dir, and a run whose `result.json`
-exists is skipped, so the table can be built across sessions (`--budget-minutes` stops starting new runs);
+exists is skipped, so the table can be built across sessions (`--budget-minutes` stops starting new runs; the
+outputs are rewritten after every cell, so a lost machine loses only the cell in flight);
 an interrupted trainer run resumes from its last epoch checkpoint. The runs dir defaults to
 `<cache>/results/<model>-<backbone fingerprint>-<settings hash>`: other weights or other settings (epochs,
 grouping steps, ...) start a fresh table instead of mixing numbers.

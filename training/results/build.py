@@ -1,9 +1,10 @@
-"""`mmserve-train results`: run every missing cell within the budget, then write the report."""
+"""`mmserve-train results`: run every missing cell within the budget, rewriting the report after each one."""
 
 from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mmserve.backbone import Backbone, load_backbone
 from training.classify import Towers
 from training.config import BackboneConfig
 from training.progress import log
+from training.studies import sweep_and_publish
 from training.templates import AUTO, choose_template
 
 from .cells import Context, run_cell, stale_cell
@@ -31,7 +33,7 @@ def plan_cells(rc: ResultsConfig, methods: list[str]) -> list[tuple[str, int | N
 
 
 def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
-    """Run every missing cell (within the budget), then write <out>.md, <out>.json and <out>.png."""
+    """Run every missing cell (within the budget); <out>.md, <out>.json and <out>.png are rewritten after each."""
     t_start = time.time()
     methods = selected_methods(rc.methods)
     if backbone is None:
@@ -48,41 +50,49 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
     runs = resolve_runs_dir(rc.runs_dir, rc.cache, settings)
     ctx = Context(rc, backbone, Towers.of(backbone), runs, styles, machine_info(rc.device))
     log(f"results: runs dir {runs}")
-    ran, skipped, failed, not_started, restored = [], [], [], [], []
+    ran, failed, restored = [], [], []  # this command's, across passes
     if rc.restore:
         restored, measured = restore_published(ctx, Path(rc.restore), settings)
         ran += ["zero-shot"] if measured else []
-    for method, shots, seed in plan_cells(rc, methods):
-        where = cell_dir(runs, method, shots, seed)
-        label = f"{method} k={shots} seed={seed}" if shots is not None else method
-        rec = read_result(where)
-        if rec is not None and (why := stale_cell(ctx, method, shots, seed, rec)) is not None:
-            log(f"results: {label} is stale ({why})")
-            set_aside(runs, where)
-            rec = None
-        if rec is not None:
-            if label not in ran:
-                skipped.append(label)
-            continue
-        if rc.budget_minutes is not None and time.time() - t_start > rc.budget_minutes * 60:
-            not_started.append(label)
-            continue
-        log(f"results: running {label}")
-        try:
-            run_cell(ctx, method, shots, seed)
-            ran.append(label)
-        except Exception as exc:  # one failed cell must not lose the others; it is reported in the table
-            if rc.stop_on_error:
-                raise
-            log(f"results: {label} failed: {exc.__class__.__name__}: {exc}")
-            failed.append({"cell": label, "error": f"{exc.__class__.__name__}: {exc}",
-                           "traceback": traceback.format_exc(limit=4)})
-    session = {"ran": ran, "skipped": skipped, "failed": failed, "not_started": not_started, "restored": restored,
-               "wall_s": round(time.time() - t_start, 1), "machine": ctx.machine, "command": rc.command}
-    report = collect(runs, rc, styles, settings, session)
-    report["n_classes"] = len(read_tasks(rc.cache)["classes"])
-    report["template_choice"] = template_choice.as_dict() if template_choice else None
-    report["shipped"] = shipped
-    report["restored_from"] = rc.restore
-    write_outputs(report, Path(rc.out))
-    return report
+
+    def sweep(may_start: Callable[[], bool], after_run: Callable[[], None]) -> dict:
+        skipped, not_started = [], []
+        for method, shots, seed in plan_cells(rc, methods):
+            where = cell_dir(runs, method, shots, seed)
+            label = f"{method} k={shots} seed={seed}" if shots is not None else method
+            rec = read_result(where)
+            if rec is not None and (why := stale_cell(ctx, method, shots, seed, rec)) is not None:
+                log(f"results: {label} is stale ({why})")
+                set_aside(runs, where)
+                rec = None
+            if rec is not None:
+                if label not in ran:
+                    skipped.append(label)
+                continue
+            if any(f["cell"] == label for f in failed):
+                continue
+            if not may_start():
+                not_started.append(label)
+                continue
+            log(f"results: running {label}")
+            try:
+                run_cell(ctx, method, shots, seed)
+                ran.append(label)
+            except Exception as exc:  # one failed cell must not lose the others; it is reported in the table
+                if rc.stop_on_error:
+                    raise
+                log(f"results: {label} failed: {exc.__class__.__name__}: {exc}")
+                failed.append({"cell": label, "error": f"{exc.__class__.__name__}: {exc}",
+                               "traceback": traceback.format_exc(limit=4)})
+            after_run()
+        session = {"ran": list(ran), "skipped": skipped, "failed": list(failed), "not_started": not_started,
+                   "restored": restored, "wall_s": round(time.time() - t_start, 1), "machine": ctx.machine,
+                   "command": rc.command}
+        report = collect(runs, rc, styles, settings, session)
+        report["n_classes"] = len(read_tasks(rc.cache)["classes"])
+        report["template_choice"] = template_choice.as_dict() if template_choice else None
+        report["shipped"] = shipped
+        report["restored_from"] = rc.restore
+        return report
+
+    return sweep_and_publish(sweep, lambda r: write_outputs(r, Path(rc.out)), rc.budget_minutes, t_start)

@@ -157,9 +157,9 @@ def write_outputs(out: str, report: dict, markdown: Callable[[dict], str]) -> No
     atomic_write_bytes(path.with_suffix(".md"), markdown(report).encode())
 
 
-def sweep_and_publish(sweep: Callable[[Callable[[], bool], Callable[[], None]], dict], out: str,
-                      markdown: Callable[[dict], str], budget_minutes: float | None, t_start: float) -> dict:
-    """Run a study's `sweep(may_start, after_run)`, rewriting its page after every run that finishes; the page.
+def sweep_and_publish(sweep: Callable[[Callable[[], bool], Callable[[], None]], dict],
+                      write: Callable[[dict], None], budget_minutes: float | None, t_start: float) -> dict:
+    """Run a study's `sweep(may_start, after_run)`, `write`-ing its report after every run that finishes; the report.
 
     `sweep` reads finished runs, trains a missing one while `may_start()` (then calls `after_run()`) and returns
     the report; with `may_start` always False it only reads. `budget_minutes`, counted from `t_start` (the
@@ -168,7 +168,7 @@ def sweep_and_publish(sweep: Callable[[Callable[[], bool], Callable[[], None]], 
     """
     def publish() -> dict:
         report = sweep(lambda: False, lambda: None)
-        write_outputs(out, report, markdown)
+        write(report)
         return report
 
     sweep(lambda: budget_minutes is None or time.time() - t_start <= budget_minutes * 60, publish)

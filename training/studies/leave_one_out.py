@@ -44,6 +44,7 @@ from training.studies import (
     seed_runs,
     study_parser,
     sweep_and_publish,
+    write_outputs,
 )
 
 ACCURACY_POINTS = 2.0  # target: the added style within this many points of the joint run
@@ -160,7 +161,7 @@ def run_study(cfg: StudyConfig) -> dict:
                 "seeds": seeds, "missing": missing, "runs": _finished(runs, seeds), "machine": machine,
                 "targets": targets(seeds)}
 
-    return sweep_and_publish(sweep, cfg.out, to_markdown, cfg.budget_minutes, t_start)
+    return sweep_and_publish(sweep, lambda r: write_outputs(cfg.out, r, to_markdown), cfg.budget_minutes, t_start)
 
 
 def _sweep(cfg: StudyConfig, backbone: Backbone, runs: Path, files: dict[int, dict[str, Path]], styles: list[str],

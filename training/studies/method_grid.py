@@ -47,6 +47,7 @@ from training.studies import (
     seed_runs,
     study_parser,
     sweep_and_publish,
+    write_outputs,
 )
 
 CHOOSE_SHOTS, CHOOSE_SEED = 16, 0
@@ -245,7 +246,7 @@ def run_grid(cfg: GridConfig) -> dict:
                 "missing": missing, "shots": list(cfg.shots), "seeds": list(cfg.seeds), "machine": machine,
                 "paper": paper, "wall_s": round(time.time() - t_start, 1)}
 
-    return sweep_and_publish(sweep, cfg.out, to_markdown, cfg.budget_minutes, t_start)
+    return sweep_and_publish(sweep, lambda r: write_outputs(cfg.out, r, to_markdown), cfg.budget_minutes, t_start)
 
 
 def _paper_rows(published: dict | None) -> dict[str, dict[str, float]]:
