@@ -54,18 +54,20 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
     if rc.restore:
         restored, measured = restore_published(ctx, Path(rc.restore), settings)
         ran += ["zero-shot"] if measured else []
+    cells = plan_cells(rc, methods)
+    for method, shots, seed in cells:  # once, before any pass: the passes below only read and train
+        where = cell_dir(runs, method, shots, seed)
+        rec = read_result(where)
+        if rec is not None and (why := stale_cell(ctx, method, shots, seed, rec)) is not None:
+            log(f"results: {method} k={shots} seed={seed} is stale ({why})")
+            set_aside(runs, where)
+    n_classes = len(read_tasks(rc.cache)["classes"])
 
     def sweep(may_start: Callable[[], bool], after_run: Callable[[], None]) -> dict:
         skipped, not_started = [], []
-        for method, shots, seed in plan_cells(rc, methods):
-            where = cell_dir(runs, method, shots, seed)
+        for method, shots, seed in cells:
             label = f"{method} k={shots} seed={seed}" if shots is not None else method
-            rec = read_result(where)
-            if rec is not None and (why := stale_cell(ctx, method, shots, seed, rec)) is not None:
-                log(f"results: {label} is stale ({why})")
-                set_aside(runs, where)
-                rec = None
-            if rec is not None:
+            if read_result(cell_dir(runs, method, shots, seed)) is not None:
                 if label not in ran:
                     skipped.append(label)
                 continue
@@ -89,7 +91,7 @@ def build_results(rc: ResultsConfig, backbone: Backbone | None = None) -> dict:
                    "restored": restored, "wall_s": round(time.time() - t_start, 1), "machine": ctx.machine,
                    "command": rc.command}
         report = collect(runs, rc, styles, settings, session)
-        report["n_classes"] = len(read_tasks(rc.cache)["classes"])
+        report["n_classes"] = n_classes
         report["template_choice"] = template_choice.as_dict() if template_choice else None
         report["shipped"] = shipped
         report["restored_from"] = rc.restore
