@@ -258,6 +258,8 @@ def test_method_grid_publishes_after_every_run_so_a_lost_machine_loses_only_the_
     c = page["chosen"]["visual-only"]
     assert c["complete"] and sorted(c["runs"]) == sorted(p.key for p in grid)
     assert page["tested"] == {} and page["missing"] == [f"test visual-only at {c['best']}, k=2 seed=0"]
+    best = next(p for p in grid if p.key == c["best"])  # an untested row names its recipe as a tested one does
+    assert f"| visual-only prompts (VPT-style) | {best.label()} | — | 0 |" in (tmp_path / "methods.md").read_text()
 
     started.clear()
     fresh = run_grid(replace(cfg, runs_dir=str(tmp_path / "fresh"), restore=str(tmp_path / "methods.json")))

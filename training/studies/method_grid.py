@@ -283,6 +283,7 @@ def to_markdown(report: dict) -> str:
              _provenance(report),
              f"- Missing: {len(report['missing'])} run(s)" + (": " + "; ".join(report["missing"][:20])
                                                                if report["missing"] else ""), ""]
+    points = {Point(**p).key: Point(**p) for p in s["grid"]}
     for shots in report["shots"]:
         lines += [f"## k = {shots} shots: mean top-1 (%) over the styles on held-out test identities", "",
                   "| method | best recipe (validation) | best recipe: test | seeds | paper recipe: test |",
@@ -291,14 +292,15 @@ def to_markdown(report: dict) -> str:
             of = chooser(method)
             c = report["chosen"][of]
             runs = [r for k, r in report["tested"].get(method, {}).items() if k.startswith(f"{shots}/")]
-            best = "—" if c["best"] is None else Point(**runs[0]["point"]).label() if runs else c["best"]
+            best = ("—" if c["best"] is None else Point(**runs[0]["point"]).label() if runs
+                    else points[c["best"]].label())
             best += "" if of == method else f" ({of}'s)"
             paper = report["paper"].get(method, {}).get(str(shots))
             lines.append(f"| {METHODS[method].label} | {best} | "
                          f"{mean_std([r['mean'] for r in runs]) if runs else '—'} | {len(runs)} | "
                          f"{'—' if paper is None else f'{100 * paper:.1f}'} |")
         lines.append("")
-    keys = [Point(**p).key for p in s["grid"]]
+    keys = list(points)
     lines += ["## Validation accuracy (%) of every grid point", "",
               "| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
     for method, c in report["chosen"].items():
