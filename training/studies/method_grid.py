@@ -283,7 +283,7 @@ def to_markdown(report: dict) -> str:
              _provenance(report),
              f"- Missing: {len(report['missing'])} run(s)" + (": " + "; ".join(report["missing"][:20])
                                                                if report["missing"] else ""), ""]
-    points = {Point(**p).key: Point(**p) for p in s["grid"]}
+    points = {pt.key: pt for pt in (Point(**p) for p in s["grid"])}
     for shots in report["shots"]:
         lines += [f"## k = {shots} shots: mean top-1 (%) over the styles on held-out test identities", "",
                   "| method | best recipe (validation) | best recipe: test | seeds | paper recipe: test |",
