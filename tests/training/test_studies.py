@@ -66,6 +66,7 @@ def test_targets_say_met_or_missed() -> None:
     cell = {"delta_points": -1.0, "agrees": True, "speedup": 12.0}
     seeds = {"0": {"styles": {s: dict(cell) for s in "abcde"}}}
     t = loo.targets(seeds)
+    assert t["accuracy"]["target"] == "|mean (added - joint)| <= 2.0 points"
     assert t["accuracy"]["met"] and t["agreement"]["value"] == [5] and t["agreement"]["met"] and t["speedup"]["met"]
     seeds["0"]["styles"]["a"] |= {"agrees": False, "delta_points": -20.0}
     seeds["0"]["styles"]["b"] |= {"agrees": False, "speedup": 1.0}
@@ -104,7 +105,8 @@ def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(
     assert main(["leave-one-out", "--cache", str(cache), "--out", str(tmp_path / "none"), *TINY,
                  "--runs-dir", str(tmp_path / "fresh0"), "--budget-minutes", "0"]) == 0
     nothing = json.loads((tmp_path / "none.json").read_text())
-    assert nothing["seeds"] == {} and nothing["targets"] == {} and len(nothing["missing"]) == 1 + 3
+    assert nothing["seeds"] == {} and nothing["targets"] == {} and len(nothing["missing"]) == 1 + 2 * 3
+    assert "Missing: 7 run(s): joint-all-s0; joint-without-noto-s0; add-noto-s0;" in (tmp_path / "none.md").read_text()
     assert "no style has run yet" in (tmp_path / "none.md").read_text()
 
     # ... and with --restore the published page alone gives the same page, training nothing
