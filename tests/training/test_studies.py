@@ -74,6 +74,9 @@ def test_targets_say_met_or_missed() -> None:
     assert t["agreement"]["value"] == [3] and not t["agreement"]["met"]
     assert t["accuracy"]["value"] == pytest.approx(-4.8) and not t["accuracy"]["met"]
     assert t["speedup"]["value"] == pytest.approx(9.8) and not t["speedup"]["met"]
+    # a seed whose joint run of five is done but no style yet is not a seed that agreed for 0 styles
+    seeds["1"] = {"styles": {}}
+    assert loo.targets(seeds)["agreement"]["value"] == [3]
 
 
 def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(

@@ -234,7 +234,7 @@ def targets(seeds: dict[str, dict]) -> dict:
     if not cells:
         return {}
     delta = sum(c["delta_points"] for c in cells) / len(cells)
-    agree = [sum(c["agrees"] for c in s["styles"].values()) for s in seeds.values()]
+    agree = [sum(c["agrees"] for c in s["styles"].values()) for s in seeds.values() if s["styles"]]  # seeds begun
     speed = sum(c["speedup"] for c in cells) / len(cells)
     return {"accuracy": {"value": delta, "met": abs(delta) <= ACCURACY_POINTS,
                          "target": f"|mean (added - joint)| <= {ACCURACY_POINTS} points"},
