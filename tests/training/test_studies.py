@@ -77,6 +77,8 @@ def test_targets_say_met_or_missed() -> None:
     # a seed whose joint run of five is done but no style yet is not a seed that agreed for 0 styles
     seeds["1"] = {"styles": {}}
     assert loo.targets(seeds)["agreement"]["value"] == [3]
+    seeds["1"] = {"styles": {"a": dict(cell)}}
+    assert loo._per_seed(loo.targets(seeds)["agreement"]) == "3 of 5, 1 of 1 (per seed)"
 
 
 def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(
