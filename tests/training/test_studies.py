@@ -81,6 +81,13 @@ def test_targets_say_met_or_missed() -> None:
     assert loo._per_seed(loo.targets(seeds)["agreement"]) == "3 of 5, 1 of 1 (per seed)"
 
 
+def test_missing_line_counts_every_run_and_says_when_it_cuts_the_list() -> None:
+    runs = [f"r{i}" for i in range(22)]
+    assert loo._missing_line(runs) == "- Missing: 22 run(s): " + "; ".join(runs[:20]) + "; ... (2 more)"
+    assert loo._missing_line(runs[:2]) == "- Missing: 2 run(s): r0; r1"
+    assert loo._missing_line([]) == "- Missing: 0 run(s)"
+
+
 def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     cache = write_toy_cache(tmp_path / "cache", styles=("noto", "twemoji", "fluent_mono"))
