@@ -14,6 +14,7 @@ from mmserve.backbone import TINY_MODEL
 from training.cli import main
 from training.results.tasks import emoji_split
 from training.results.toy import write_toy_cache
+from training.studies import missing_line
 from training.studies.base_to_new import base_and_new, restrict
 
 TINY = ["--pretrained", "none", "--model", TINY_MODEL, "--seeds", "0", "--shots", "2", "--epochs", "1",
@@ -83,9 +84,9 @@ def test_targets_say_met_or_missed() -> None:
 
 def test_missing_line_counts_every_run_and_says_when_it_cuts_the_list() -> None:
     runs = [f"r{i}" for i in range(22)]
-    assert loo._missing_line(runs) == "- Missing: 22 run(s): " + "; ".join(runs[:20]) + "; ... (2 more)"
-    assert loo._missing_line(runs[:2]) == "- Missing: 2 run(s): r0; r1"
-    assert loo._missing_line([]) == "- Missing: 0 run(s)"
+    assert missing_line(runs) == "- Missing: 22 run(s): " + "; ".join(runs[:20]) + "; ... (2 more)"
+    assert missing_line(runs[:2]) == "- Missing: 2 run(s): r0; r1"
+    assert missing_line([]) == "- Missing: 0 run(s)"
 
 
 def test_leave_one_out_adds_each_style_to_the_others_resumes_and_restores(

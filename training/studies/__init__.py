@@ -150,6 +150,12 @@ def header(title: str, name: str, report: dict) -> list[str]:
             f"machine: {report['machine']}"]
 
 
+def missing_line(missing: list[str], show: int = 20) -> str:
+    """A study page's "Missing" line: how many runs, then the first `show` of them by name."""
+    named = "; ".join(missing[:show]) + (f"; ... ({len(missing) - show} more)" if len(missing) > show else "")
+    return f"- Missing: {len(missing)} run(s)" + (f": {named}" if missing else "")
+
+
 def write_outputs(out: str, report: dict, markdown: Callable[[dict], str]) -> None:
     """<out>.json (the report) and <out>.md (its page), each written whole."""
     path = Path(out)

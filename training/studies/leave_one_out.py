@@ -38,6 +38,7 @@ from training.studies import (
     Recipe,
     StudyOptions,
     header,
+    missing_line,
     read_published,
     recipe_of,
     resumed,
@@ -255,12 +256,6 @@ def _verdict(t: dict) -> str:
     return "MET" if t["met"] else "missed"
 
 
-def _missing_line(missing: list[str], show: int = 20) -> str:
-    """The page's "Missing" line: how many runs, then the first `show` of them by name."""
-    named = "; ".join(missing[:show]) + (f"; ... ({len(missing) - show} more)" if len(missing) > show else "")
-    return f"- Missing: {len(missing)} run(s)" + (f": {named}" if missing else "")
-
-
 def to_markdown(report: dict) -> str:
     """Per (seed, style): joint vs added accuracy, groups, wall times; then the targets."""
     s, r = report["settings"], report["settings"]["recipe"]
@@ -272,7 +267,7 @@ def to_markdown(report: dict) -> str:
              f"weight decay {r['weight_decay']}, {r['epochs']} epochs, b = {r['n_tokens']}, source "
              f"{r['source_rows']} x {r['source_cols']}",
              "- Accuracy: top-1 (%) on the style's held-out test identities. Mates: the tasks it shares a group with.",
-             _missing_line(report.get("missing", [])),
+             missing_line(report.get("missing", [])),
              "", f"| seed | style | joint of {n} | added alone | Δ points | mates, joint of {n} | mates, added | "
              f"agrees | others grouped as in the joint of {n} | add-task s | joint of {n} s | speed-up |",
              "| ---: | --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"]

@@ -42,6 +42,7 @@ from training.studies import (
     StudyOptions,
     header,
     mean_std,
+    missing_line,
     read_published,
     resumed,
     seed_runs,
@@ -281,8 +282,7 @@ def to_markdown(report: dict) -> str:
              "- Chosen on the grid: " + ", ".join(CHOSEN) + "; MmAP's ablations are tested at MmAP full's point "
              "(the paper's ablation protocol: one recipe, one part changed)",
              _provenance(report),
-             f"- Missing: {len(report['missing'])} run(s)" + (": " + "; ".join(report["missing"][:20])
-                                                               if report["missing"] else ""), ""]
+             missing_line(report["missing"]), ""]
     points = {pt.key: pt for pt in (Point(**p) for p in s["grid"])}
     for shots in report["shots"]:
         lines += [f"## k = {shots} shots: mean top-1 (%) over the styles on held-out test identities", "",
